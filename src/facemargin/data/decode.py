@@ -1,0 +1,119 @@
+"""Image bytes -> uint8 RGB arrays -> normalised float tensors.
+
+JPEG goes through simplejpeg (libjpeg-turbo, accurate DCT and fancy upsampling, the same
+defaults OpenCV/MXNet use, so pixels match insightface's pipeline); PNG and anything
+simplejpeg refuses go through Pillow. Channel order is always RGB.
+
+The tensor conversion keeps the image uint8 until the very last step (flip and the HWC->CHW
+permute are done on uint8; one fused conversion to float32 at the end).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHANNEL_ORDER",
+    "MEAN",
+    "STD",
+    "CorruptImageError",
+    "decode_image",
+    "to_tensor",
+    "normalize_uint8",
+    "normalization_metadata",
+]
+
+#: Channel order of every decoded image and every tensor this package feeds a model.
+CHANNEL_ORDER = "RGB"
+#: Normalisation ``(x / 255 - MEAN) / STD`` (same scalar for all channels).
+MEAN = 0.5
+STD = 0.5
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class CorruptImageError(ValueError):
+    """Raised when image bytes cannot be decoded. Callers re-raise it naming file and key."""
+
+
+def normalization_metadata() -> dict[str, object]:
+    """What a checkpoint / exported model must record to reproduce the input pipeline."""
+    return {"channel_order": CHANNEL_ORDER, "mean": [MEAN] * 3, "std": [STD] * 3, "scale": 255.0}
+
+
+def _as_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise CorruptImageError(f"decoded image has unexpected shape {arr.shape}")
+    c = arr.shape[2]
+    if c == 3:
+        return arr
+    if c == 1:
+        return np.repeat(arr, 3, axis=2)
+    if c == 4:
+        return np.ascontiguousarray(arr[:, :, :3])
+    raise CorruptImageError(f"decoded image has {c} channels")
+
+
+def _decode_pil(data: bytes) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise CorruptImageError(f"cannot decode image ({len(data)} bytes): {e}") from e
+    return _as_rgb(arr)
+
+
+def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Decode JPEG/PNG (or any Pillow format) bytes to a ``uint8 [H, W, 3]`` RGB array.
+
+    Raises :class:`CorruptImageError` if the bytes are empty, truncated or not an image.
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    if len(data) == 0:
+        raise CorruptImageError("empty image payload (0 bytes)")
+    if data.startswith(_JPEG_MAGIC):
+        import simplejpeg
+
+        try:
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except (ValueError, RuntimeError) as e:  # truncated / CMYK / exotic: let Pillow try
+            try:
+                return _decode_pil(data)
+            except CorruptImageError:
+                raise CorruptImageError(f"cannot decode JPEG ({len(data)} bytes): {e}") from e
+        return _as_rgb(arr)
+    if data.startswith(_PNG_MAGIC):
+        return _decode_pil(data)
+    # unknown signature: Pillow knows more formats (BMP, WebP, ...) and fails cleanly otherwise
+    return _decode_pil(data)
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``uint8`` tensor (any shape) -> float32 ``(x / 255 - MEAN) / STD``."""
+    # (x/255 - 0.5)/0.5 == x/127.5 - 1; 127.5 is exact in float32, so 0 -> -1 and 255 -> 1 exactly
+    return images.to(torch.float32).div_(255.0 * STD).sub_(MEAN / STD)
+
+
+def to_tensor(img: np.ndarray, flip: bool = False) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` RGB -> normalised ``float32 [3, H, W]``; ``flip`` mirrors horizontally.
+
+    Flip and the layout change are done on uint8; the float conversion is the last step.
+    """
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected uint8 [H, W, 3] image, got {img.dtype} {img.shape}")
+    if flip:
+        img = img[:, ::-1]
+    chw = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    return normalize_uint8(chw)
