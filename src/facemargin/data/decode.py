@@ -22,6 +22,7 @@ __all__ = [
     "CorruptImageError",
     "decode_image",
     "to_tensor",
+    "to_uint8_chw",
     "normalize_uint8",
     "normalization_metadata",
 ]
@@ -106,14 +107,22 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(255.0 * STD).sub_(MEAN / STD)
 
 
-def to_tensor(img: np.ndarray, flip: bool = False) -> torch.Tensor:
-    """``uint8 [H, W, 3]`` RGB -> normalised ``float32 [3, H, W]``; ``flip`` mirrors horizontally.
+def to_uint8_chw(img: np.ndarray, flip: bool = False) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` RGB -> ``uint8 [3, H, W]`` tensor (mirrored when ``flip``); not normalised.
 
-    Flip and the layout change are done on uint8; the float conversion is the last step.
+    Shipping uint8 batches and calling :func:`normalize_uint8` on the device moves 4x fewer bytes
+    through DataLoader workers and the host-to-device copy.
     """
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected uint8 [H, W, 3] image, got {img.dtype} {img.shape}")
     if flip:
         img = img[:, ::-1]
-    chw = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-    return normalize_uint8(chw)
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def to_tensor(img: np.ndarray, flip: bool = False) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` RGB -> normalised ``float32 [3, H, W]``; ``flip`` mirrors horizontally.
+
+    Flip and the layout change are done on uint8; the float conversion is the last step.
+    """
+    return normalize_uint8(to_uint8_chw(img, flip))

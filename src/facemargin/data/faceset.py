@@ -121,7 +121,8 @@ class FaceRecordSet:
     def __len__(self) -> int:
         return int(self.image_keys.size)
 
-    def _check_label(self, value: float, key: int) -> int:
+    def check_label(self, value: float, key: int) -> int:
+        """Validate a stored float label of ``key``: an integer in ``[0, num_classes)``; returns it as int."""
         if not math.isfinite(value) or value != int(value):
             raise RecordIOError(f"{self.rec_path} (key {key}): label {value!r} is not an integer")
         label = int(value)
@@ -131,6 +132,8 @@ class FaceRecordSet:
                 f"(num_classes from {self.property_path})"
             )
         return label
+
+    _check_label = check_label  # older spelling, kept for callers
 
     def read(self, key: int) -> tuple[int, bytes]:
         """``(identity label, encoded image bytes)`` for the record under ``key``."""
@@ -142,12 +145,15 @@ class FaceRecordSet:
         except ValueError as exc:
             raise RecordIOError(f"{self.rec_path} (key {key}): {exc}") from None
         value = float(labels) if header.flag == 0 else float(labels[0])
-        return self._check_label(value, key), image
+        return self.check_label(value, key), image
 
     def label(self, key: int) -> int:
         """Identity label of ``key`` (reads only the record header)."""
         key = int(key)
-        head = self.reader.read_head(key, _HEAD_BYTES)
+        return self.label_from_head(self.reader.read_head(key, _HEAD_BYTES), key)
+
+    def label_from_head(self, head: bytes, key: int) -> int:
+        """Identity label from the first 28 bytes of ``key``'s payload (validated)."""
         if len(head) < 24:
             raise RecordIOError(f"{self.rec_path} (key {key}): record payload truncated ({len(head)} bytes)")
         flag, value = struct.unpack_from("<If", head, 0)
@@ -155,7 +161,7 @@ class FaceRecordSet:
             if len(head) < _HEAD_BYTES:
                 raise RecordIOError(f"{self.rec_path} (key {key}): record payload truncated ({len(head)} bytes)")
             (value,) = struct.unpack_from("<f", head, 24)
-        return self._check_label(float(value), key)
+        return self.check_label(float(value), key)
 
     # ---- label table
     @property

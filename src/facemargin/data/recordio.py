@@ -134,6 +134,10 @@ class RecordIOWriter:
         key = int(key)
         if key in self._keys:
             raise ValueError(f"duplicate key {key} written to {self.idx_path}")
+        if len(payload) >= MAX_RECORD_LENGTH:
+            raise ValueError(
+                f"record {key} of {len(payload)} bytes is too large for RecordIO (limit {MAX_RECORD_LENGTH - 1})"
+            )
         data = _encode_parts(bytes(payload))
         offset = self._rec.tell()
         self._rec.write(data)
@@ -278,6 +282,11 @@ class RecordIOReader:
     def _handle(self) -> int:
         pid = os.getpid()
         if self._fd is None or self._pid != pid:
+            if self._fd is not None:  # inherited across fork: close this process's copy only
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
             self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._pid = pid
             self._size = os.fstat(self._fd).st_size

@@ -1,0 +1,103 @@
+"""Face backbones registered in timm, and ``build_embedder`` (images -> embeddings).
+
+Importing this package registers ``iresnet18/34/50/100/200``, ``iresnet_demo``,
+``mobilefacenet`` and ``mobilefacenet_large`` in timm's model registry, so
+``timm.create_model("iresnet100")`` works afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from . import iresnet as _iresnet
+from . import mobilefacenet as _mobilefacenet
+from .iresnet import IBasicBlock, IResNet
+from .mobilefacenet import MobileFaceNet
+from .neck import EmbeddingNeck
+
+__all__ = [
+    "FACE_BACKBONES",
+    "EmbeddingNeck",
+    "IBasicBlock",
+    "IResNet",
+    "MobileFaceNet",
+    "TimmEmbedder",
+    "build_embedder",
+]
+
+#: Face backbones defined here (they output the embedding themselves; no neck is added).
+FACE_BACKBONES: tuple[str, ...] = tuple(_iresnet.default_cfgs) + tuple(_mobilefacenet.default_cfgs)
+
+
+class TimmEmbedder(nn.Module):
+    """A generic timm backbone (``num_classes=0``, pooled features) followed by an ``EmbeddingNeck``."""
+
+    def __init__(self, backbone: nn.Module, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112):
+        super().__init__()
+        in_features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.backbone = backbone
+        self.neck = EmbeddingNeck(in_features, embedding_size, dropout)
+        self.embedding_size = embedding_size
+        self.input_size = input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.backbone(x))
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers / mappings -> plain dicts and lists (timm wants plain Python)."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(obj):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency, but stay importable without
+        pass
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def build_embedder(
+    name: str,
+    embedding_size: int = 512,
+    input_size: int = 112,
+    dropout: float = 0.0,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """Build a model mapping images ``[B, 3, input_size, input_size]`` to ``[B, embedding_size]``.
+
+    Face backbones (``FACE_BACKBONES``) are created through timm with the embedding size, dropout
+    and input size passed through. Any other timm model is created with ``pretrained=False,
+    num_classes=0`` (``img_size=input_size`` where the model has a fixed input size, e.g. ViTs) and
+    followed by an ``EmbeddingNeck``. A ``kwargs`` mapping (the Hydra config's field) is merged into
+    ``timm_kwargs``. The returned module has ``.embedding_size`` and ``.input_size``.
+    """
+    kw: dict[str, Any] = _plain(timm_kwargs)
+    nested = kw.pop("kwargs", None)
+    if nested:
+        kw = {**_plain(nested), **kw}
+    pretrained = bool(kw.pop("pretrained", False))
+    kw.pop("num_classes", None)  # an embedder never has a classifier
+
+    if name in FACE_BACKBONES:
+        kw.setdefault("img_size", input_size)
+        model = timm.create_model(
+            name, pretrained=pretrained, num_classes=0, embedding_size=embedding_size, dropout=dropout, **kw
+        )
+        model.input_size = input_size
+        return model
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown backbone {name!r}: face backbones are {', '.join(FACE_BACKBONES)}; "
+            "any other timm architecture also works, see timm.list_models()"
+        )
+    if timm.get_pretrained_cfg_value(name, "fixed_input_size"):
+        kw.setdefault("img_size", input_size)
+    backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kw)
+    return TimmEmbedder(backbone, embedding_size, dropout, input_size)

@@ -1,0 +1,189 @@
+"""Face verification protocol (insightface's LFW/CFP/AgeDB evaluation) and a torchmetrics Metric.
+
+Protocol, identical to insightface ``verification.evaluate`` so figures compare with published
+ones: the caller passes each image's embedding summed with its horizontal flip's; XNorm is the
+mean L2 norm of those rows; rows are L2-normalised; pair ``i`` is rows ``(2i, 2i+1)``; distance is
+the squared L2 distance; a pair is predicted "same" when ``dist < threshold``. Accuracy uses
+thresholds ``arange(0, 4, 0.01)`` and 10 ordered folds (sklearn ``KFold(10, shuffle=False)``):
+the threshold maximising accuracy on the 9 training folds (first maximum) scores the held-out
+fold. TAR@FAR follows ``calculate_val`` (thresholds ``arange(0, 4, 0.001)``): per fold, the
+threshold reaching the target FAR on the training folds is found by linear interpolation of
+(FAR, threshold) and the TAR of the held-out fold at that threshold is averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+__all__ = ["VerificationAccuracy", "kfold_splits", "verification_scores"]
+
+ACC_THRESHOLDS = np.arange(0, 4, 0.01)
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)
+FAR_TARGETS = {"tar@far=1e-3": 1e-3, "tar@far=1e-4": 1e-4}
+
+
+def kfold_splits(n: int, nfolds: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Ordered (train, test) index splits as sklearn ``KFold(nfolds, shuffle=False)``.
+
+    The first ``n % nfolds`` folds hold one extra item. ``nfolds == 1`` trains and tests on all
+    items (insightface's ``LFold``).
+    """
+    idx = np.arange(n)
+    if nfolds == 1:
+        return [(idx, idx)]
+    if not 1 < nfolds <= n:
+        raise ValueError(f"need 1 <= nfolds <= number of pairs, got nfolds={nfolds}, pairs={n}")
+    sizes = np.full(nfolds, n // nfolds)
+    sizes[: n % nfolds] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [
+        (np.concatenate([idx[: bounds[k]], idx[bounds[k + 1] :]]), idx[bounds[k] : bounds[k + 1]])
+        for k in range(nfolds)
+    ]
+
+
+def _count_below(sorted_values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Number of values strictly below each threshold (``sorted_values`` ascending)."""
+    return np.searchsorted(sorted_values, thresholds, side="left")
+
+
+def _accuracy_curve(dist: np.ndarray, same: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Accuracy of ``dist < t`` as a 'same' prediction, for every threshold ``t``."""
+    pos, neg = np.sort(dist[same]), np.sort(dist[~same])
+    true_accept = _count_below(pos, thresholds)
+    true_reject = neg.size - _count_below(neg, thresholds)
+    return (true_accept + true_reject) / dist.size
+
+
+def _far_curve(dist: np.ndarray, same: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """False accept rate of ``dist < t`` for every threshold (0 when there is no negative pair)."""
+    neg = np.sort(dist[~same])
+    if neg.size == 0:
+        return np.zeros(thresholds.size)
+    return _count_below(neg, thresholds) / neg.size
+
+
+def _threshold_at_far(far: np.ndarray, thresholds: np.ndarray, far_target: float) -> float:
+    """Threshold where the non-decreasing ``far`` curve reaches ``far_target``.
+
+    Reproduces ``scipy.interpolate.interp1d(far, thresholds, kind="slinear")(far_target)`` on a
+    monotone curve with repeated values: linear between the last point at or below the target and
+    the next point; on an exact hit the last point with that FAR (the first one at the top end).
+    Returns 0.0 when the target FAR is never reached (insightface).
+    """
+    if far.max() < far_target:
+        return 0.0
+    hits = np.flatnonzero(far == far_target)
+    if hits.size:
+        return float(thresholds[hits[0] if far_target == far[-1] else hits[-1]])
+    i = int(np.searchsorted(far, far_target, side="right")) - 1  # last far < target
+    x0, x1, y0, y1 = far[i], far[i + 1], thresholds[i], thresholds[i + 1]
+    return float(y0 + (far_target - x0) * (y1 - y0) / (x1 - x0))
+
+
+def _tar_far(dist: np.ndarray, same: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(TAR, FAR) on these pairs at ``dist < threshold``; NaN where a class is absent."""
+    accept = dist < threshold
+    n_same, n_diff = int(same.sum()), int((~same).sum())
+    tar = float((accept & same).sum()) / n_same if n_same else float("nan")
+    far = float((accept & ~same).sum()) / n_diff if n_diff else float("nan")
+    return tar, far
+
+
+def verification_scores(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> dict[str, float]:
+    """insightface verification figures for ``embeddings [2N, D]`` (image + flip summed, not normalised).
+
+    Returns ``acc`` (mean of the fold accuracies), ``acc_std``, ``threshold`` (mean best threshold
+    over folds), ``xnorm``, ``tar@far=1e-3`` and ``tar@far=1e-4`` (mean TAR over folds; NaN when the
+    training folds hold fewer than ``1/FAR`` negative pairs, too few to resolve that FAR).
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    if emb.ndim != 2 or emb.shape[0] != 2 * same.size:
+        raise ValueError(f"need embeddings [2N, D] for N={same.size} pairs, got {tuple(emb.shape)}")
+    norms = np.linalg.norm(emb, axis=1)
+    xnorm = float(norms.mean())
+    emb = emb / np.where(norms == 0, 1.0, norms)[:, None]  # like sklearn.preprocessing.normalize
+    dist = np.square(emb[0::2] - emb[1::2]).sum(axis=1)
+
+    folds = kfold_splits(same.size, nfolds)
+    accs, best_thresholds = [], []
+    for train, test in folds:
+        best = int(np.argmax(_accuracy_curve(dist[train], same[train], ACC_THRESHOLDS)))
+        best_thresholds.append(ACC_THRESHOLDS[best])
+        accs.append(_accuracy_curve(dist[test], same[test], ACC_THRESHOLDS[best : best + 1])[0])
+
+    scores: dict[str, float] = {
+        "acc": float(np.mean(accs)),
+        "acc_std": float(np.std(accs)),
+        "threshold": float(np.mean(best_thresholds)),
+        "xnorm": xnorm,
+    }
+    min_train_negatives = min(int((~same[train]).sum()) for train, _ in folds)
+    for key, far_target in FAR_TARGETS.items():
+        if min_train_negatives < round(1.0 / far_target):
+            scores[key] = float("nan")
+            continue
+        tars = []
+        for train, test in folds:
+            far_train = _far_curve(dist[train], same[train], VAL_THRESHOLDS)
+            threshold = _threshold_at_far(far_train, VAL_THRESHOLDS, far_target)
+            tars.append(_tar_far(dist[test], same[test], threshold)[0])
+        scores[key] = float(np.mean(tars))
+    return scores
+
+
+class VerificationAccuracy(Metric):
+    """Collects embeddings by global image index and computes ``verification_scores``.
+
+    ``update(embeddings [B, D], indices [B])``: ``indices`` are the images' positions in the
+    verification set (pair ``i`` = images ``2i, 2i+1``). States are gathered across ranks; images
+    seen twice (the DistributedSampler pads the last batch) are counted once.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, issame: Any, nfolds: int = 10, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.issame = np.asarray(issame, dtype=bool).reshape(-1)
+        self.nfolds = nfolds
+        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
+        self.add_state("indices", default=[], dist_reduce_fx="cat")
+
+    def update(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
+        if embeddings.ndim != 2 or indices.ndim != 1 or embeddings.shape[0] != indices.shape[0]:
+            raise ValueError(
+                f"need embeddings [B, D] and indices [B], got {tuple(embeddings.shape)} and {tuple(indices.shape)}"
+            )
+        self.embeddings.append(embeddings.detach().float())
+        self.indices.append(indices.detach().long())
+
+    def forward(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
+        """Same as ``update``: a batch alone has no meaningful verification score."""
+        self.update(embeddings, indices)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Gathered, de-duplicated, index-ordered embeddings -> ``verification_scores`` as tensors."""
+        n_images = 2 * self.issame.size
+        if isinstance(self.indices, list) and not self.indices:
+            raise RuntimeError("VerificationAccuracy.compute() called before any update()")
+        emb = dim_zero_cat(self.embeddings).cpu().numpy()
+        idx = dim_zero_cat(self.indices).cpu().numpy()
+        uniq, first = np.unique(idx, return_index=True)  # sorted indices, first occurrence of each
+        if uniq.size != n_images or uniq[0] != 0 or uniq[-1] != n_images - 1:
+            missing = np.setdiff1d(np.arange(n_images), uniq)
+            extra = uniq[(uniq < 0) | (uniq >= n_images)]
+            raise RuntimeError(
+                f"verification set has {n_images} images but {uniq.size} distinct indices were seen; "
+                f"missing {missing[:10].tolist()}{'...' if missing.size > 10 else ''} "
+                f"({missing.size} in all), out of range {extra[:10].tolist()}"
+            )
+        scores = verification_scores(emb[first], self.issame, self.nfolds)
+        return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}

@@ -1,0 +1,84 @@
+"""Every Hydra config group composes; bad names fail listing the valid choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from facemargin.margins import Margin
+from facemargin.train import config_dir
+
+CONF = config_dir()
+GROUPS = ["backbone", "loss", "head", "data", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_with(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_config_dir_is_the_repository_conf():
+    assert (CONF / "config.yaml").is_file()
+    assert Path(CONF).name == "conf"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_composes(group):
+    names = options(group)
+    assert names, f"config group {group!r} is empty"
+    for name in names:
+        cfg = compose_with(f"{group}={name}")
+        OmegaConf.resolve(cfg.hydra)  # interpolations of the hydra node resolve too
+        assert cfg.get(group) is not None or group == "experiment"
+
+
+def test_defaults_are_the_cpu_demo():
+    cfg = compose_with()
+    assert cfg.loss.name == "expface" and cfg.loss.m == 0.7 and cfg.loss.s == 64.0
+    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.data.demo is True
+    assert cfg.head.partial_fc is False
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sphereface", "cosface", "arcface", "combined", "expface"])
+def test_loss_configs_instantiate_to_margins_with_paper_defaults(loss):
+    cfg = compose_with(f"loss={loss}")
+    margin = instantiate(cfg.loss)
+    assert isinstance(margin, Margin) and margin.name == loss
+    assert margin.params == Margin(loss).params and margin.s == Margin(loss).s
+
+
+def test_margin_sweep_override_reaches_the_margin():
+    cfg = compose_with("loss=expface", "loss.m=0.5")
+    assert instantiate(cfg.loss).params == {"m": 0.5}
+
+
+@pytest.mark.parametrize("group", ["loss", "backbone"])
+def test_unknown_group_option_lists_the_valid_ones(group):
+    with pytest.raises(MissingConfigException) as err:
+        compose_with(f"{group}=definitely_not_there")
+    message = str(err.value)
+    for name in options(group)[:3]:
+        assert name in message
+
+
+def test_unknown_margin_name_in_a_config_lists_valid_margins():
+    cfg = compose_with("loss.name=arcfase")
+    with pytest.raises(Exception, match="valid margins: softmax, sphereface, cosface, arcface, combined, expface"):
+        instantiate(cfg.loss)
+
+
+def test_experiments_set_the_papers_settings():
+    cfg = compose_with("experiment=ms1mv3_r100")
+    assert cfg.backbone.name == "iresnet100" and cfg.optimizer.lr == 0.1 and cfg.trainer.max_epochs == 20
+    cfg = compose_with("experiment=glint360k_r100")
+    assert cfg.head.partial_fc is True and cfg.backbone.name == "iresnet100"

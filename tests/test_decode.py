@@ -1,0 +1,99 @@
+"""decode.py: RGB order, flip, exact normalisation, corrupt bytes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+from PIL import Image
+
+from facemargin.data.decode import (
+    CHANNEL_ORDER,
+    MEAN,
+    STD,
+    CorruptImageError,
+    decode_image,
+    normalize_uint8,
+    to_tensor,
+)
+
+
+def _red_left_blue_right(h: int = 32, w: int = 32) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2, 0] = 255  # red on the left
+    img[:, w // 2 :, 2] = 255  # blue on the right
+    return img
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_constants() -> None:
+    assert CHANNEL_ORDER == "RGB" and MEAN == 0.5 and STD == 0.5
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_decode_is_rgb(fmt: str) -> None:
+    src = _red_left_blue_right()
+    data = simplejpeg.encode_jpeg(src, quality=95, colorspace="RGB") if fmt == "jpeg" else _png(src)
+    img = decode_image(data)
+    assert img.dtype == np.uint8 and img.shape == (32, 32, 3)
+    left, right = img[:, 2:12].reshape(-1, 3).mean(0), img[:, 20:30].reshape(-1, 3).mean(0)
+    assert left[0] > 200 and left[2] < 50  # red is channel 0
+    assert right[2] > 200 and right[0] < 50  # blue is channel 2
+    if fmt == "png":
+        np.testing.assert_array_equal(img, src)
+
+
+def test_decode_grayscale_jpeg_gives_three_channels() -> None:
+    gray = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (16, 1, 1))
+    img = decode_image(simplejpeg.encode_jpeg(gray, quality=100, colorspace="GRAY"))
+    assert img.shape == (16, 16, 3)
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+
+
+def test_to_tensor_flip_and_normalisation_exact() -> None:
+    src = _red_left_blue_right(4, 4)
+    t = to_tensor(src, flip=False)
+    assert t.dtype == torch.float32 and t.shape == (3, 4, 4)
+    assert torch.all(t[0, :, :2] == 1.0) and torch.all(t[0, :, 2:] == -1.0)
+    tf = to_tensor(src, flip=True)
+    assert torch.equal(tf, torch.flip(t, dims=[2]))
+    assert torch.all(tf[2, :, :2] == 1.0) and torch.all(tf[0, :, :2] == -1.0)
+    # every uint8 value: identical to (x/255 - 0.5)/0.5 in float32, exact endpoints
+    x = torch.arange(256, dtype=torch.uint8)
+    ref = (x.to(torch.float32) / 255 - 0.5) / 0.5
+    out = normalize_uint8(x)
+    assert torch.equal(out, ref)
+    assert out[0] == -1.0 and out[255] == 1.0
+    np.testing.assert_allclose(out.double().numpy(), np.arange(256) / 127.5 - 1.0, atol=1e-7)
+    assert src.flags.writeable and src[0, 0, 0] == 255  # input untouched
+
+
+def test_to_tensor_rejects_wrong_dtype() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        to_tensor(np.zeros((4, 4, 3), np.float32), flip=False)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not an image at all", b"\xff\xd8\xff\xe0" + b"\x00" * 50, b"\x89PNG\r\n\x1a\n" + b"\x01" * 30],
+    ids=["empty", "garbage", "truncated-jpeg", "truncated-png"],
+)
+def test_corrupt_bytes_raise(data: bytes) -> None:
+    with pytest.raises(CorruptImageError):
+        decode_image(data)
+    assert issubclass(CorruptImageError, ValueError)
+
+
+def test_truncated_real_jpeg_raises() -> None:
+    rng = np.random.default_rng(0)
+    data = simplejpeg.encode_jpeg(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), quality=90)
+    with pytest.raises(CorruptImageError):
+        decode_image(data[: len(data) // 3])

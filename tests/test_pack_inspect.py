@@ -1,0 +1,198 @@
+"""pack (image tree -> insightface RecordIO) and inspect (check a set) CLIs."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simplejpeg
+from conftest import TINY_LABELS
+from PIL import Image
+
+from facemargin.data.faceset import FaceRecordSet
+from facemargin.data.inspect import inspect_dir
+from facemargin.data.inspect import main as inspect_main
+from facemargin.data.pack import main as pack_main
+from facemargin.data.pack import pack_images
+from facemargin.data.recordio import RecordIOReader
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def jpeg(seed: int, h: int = 16, w: int = 16) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    return simplejpeg.encode_jpeg(img, quality=85, colorspace="RGB")
+
+
+def png(seed: int, h: int = 16, w: int = 16) -> bytes:
+    img = np.full((h, w, 3), seed * 20 % 256, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def image_tree(tmp_path: Path) -> dict[str, list[bytes]]:
+    """carol/ (2 jpeg), alice/ (1 jpeg, 1 png), empty/ (nothing), bob/ (1 jpeg + notes.txt)."""
+    root = tmp_path / "images"
+    files = {
+        "carol": {"b.jpg": jpeg(1), "a.jpg": jpeg(2)},
+        "alice": {"2.png": png(3), "1.JPG": jpeg(4)},
+        "bob": {"x.jpeg": jpeg(5), "notes.txt": b"not an image"},
+        "empty": {},
+    }
+    for folder, content in files.items():
+        (root / folder).mkdir(parents=True)
+        for name, data in content.items():
+            (root / folder / name).write_bytes(data)
+    return root
+
+
+def test_pack_insightface_layout(image_tree, tmp_path):
+    out = tmp_path / "rec"
+    info = pack_images(image_tree, out, progress=False)
+    assert info["num_images"] == 5 and info["num_classes"] == 3 and info["identities"] == ["alice", "bob", "carol"]
+    assert (out / "property").read_text() == "3,16,16"
+    reader = RecordIOReader(out / "train.rec", out / "train.idx")
+    a, b = 6, 9
+    assert reader.keys == list(range(b))
+    f32 = lambda *xs: struct.pack(f"<{len(xs)}f", *xs)  # noqa: E731
+    assert reader.read(0) == struct.pack("<IfQQ", 2, 0.0, 0, 0) + f32(a, b)
+    src = image_tree
+    expected = [  # (label, exact bytes or None for re-encoded)
+        (0, (src / "alice" / "1.JPG").read_bytes()),
+        (0, None),  # alice/2.png re-encoded
+        (1, (src / "bob" / "x.jpeg").read_bytes()),
+        (2, (src / "carol" / "a.jpg").read_bytes()),
+        (2, (src / "carol" / "b.jpg").read_bytes()),
+    ]
+    for key, (label, data) in enumerate(expected, start=1):
+        payload = reader.read(key)
+        assert payload[:24] == struct.pack("<IfQQ", 0, float(label), key, 0)
+        if data is not None:
+            assert payload[24:] == data
+    png_jpeg = reader.read(2)[24:]
+    assert png_jpeg[:3] == b"\xff\xd8\xff"
+    decoded = simplejpeg.decode_jpeg(png_jpeg, colorspace="RGB")
+    assert decoded.shape == (16, 16, 3) and np.abs(decoded.astype(int) - 60).max() <= 3
+    for c, (lo, hi) in enumerate([(1, 3), (3, 4), (4, 6)]):
+        assert reader.read(a + c) == struct.pack("<IfQQ", 2, 0.0, a + c, 0) + f32(lo, hi)
+    fs = FaceRecordSet(out)
+    assert fs.layout == "insightface" and fs.labels().tolist() == [0, 0, 1, 2, 2]
+
+
+def test_pack_resize(image_tree, tmp_path):
+    pack_images(image_tree, tmp_path / "r8", resize=8, progress=False)
+    fs = FaceRecordSet(tmp_path / "r8")
+    assert fs.image_size == (8, 8) and (tmp_path / "r8" / "property").read_text() == "3,8,8"
+    for key in fs.image_keys.tolist():
+        assert simplejpeg.decode_jpeg(fs.read(key)[1]).shape == (8, 8, 3)
+
+
+def test_pack_rejects_mixed_sizes(image_tree, tmp_path):
+    (image_tree / "bob" / "y.jpg").write_bytes(jpeg(9, 20, 16))
+    with pytest.raises(ValueError, match=r"bob/y\.jpg is 16x20 but earlier images are 16x16; use --resize"):
+        pack_images(image_tree, tmp_path / "rec", progress=False)
+
+
+def test_pack_refuses_to_overwrite(image_tree, tmp_path):
+    pack_images(image_tree, tmp_path / "rec", progress=False)
+    with pytest.raises(FileExistsError, match="train.rec exists"):
+        pack_images(image_tree, tmp_path / "rec", progress=False)
+    pack_images(image_tree, tmp_path / "rec", progress=False, overwrite=True)
+
+
+def test_pack_cli_and_inspect_cli(image_tree, tmp_path, capsys):
+    out = tmp_path / "rec"
+    assert pack_main([str(image_tree), str(out), "--quiet"]) == 0
+    assert "wrote 5 images of 3 identities (16x16)" in capsys.readouterr().out
+    assert inspect_main([str(out), "--decode", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "layout: insightface" in text and "num_images: 5" in text and "decoded: 3" in text and "OK" in text
+    assert pack_main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 1
+    assert "image root is not a directory" in capsys.readouterr().err
+
+
+def test_module_entry_points(image_tree, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "rec"
+    pack_images(image_tree, out, progress=False)  # `-m facemargin.data.pack` runs the same main()
+    (out / "property").unlink()
+    res = subprocess.run([sys.executable, "-m", "facemargin.data.inspect", str(out)], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 1
+    assert f"ERROR: property file not found: {out / 'property'}" in res.stderr
+
+
+def test_inspect_dir_summary(tiny_recdir):
+    info = inspect_dir(tiny_recdir, decode=10)
+    assert info["ok"] and info["problems"] == []
+    assert info["layout"] == "insightface" and info["num_records"] == 11 and info["num_images"] == 7
+    assert info["num_classes"] == 3 and info["image_size"] == (8, 8) and info["identity_range"] == (8, 11)
+    assert (info["label_min"], info["label_max"], info["num_labels_seen"]) == (0, 2, 3)
+    assert info["decoded"] == 7
+
+
+def test_inspect_detects_bad_magic(tiny_recdir):
+    fs = FaceRecordSet(tiny_recdir)
+    off = fs.reader.offset(4)
+    rec = tiny_recdir / "train.rec"
+    data = bytearray(rec.read_bytes())
+    data[off:off + 4] = b"XXXX"
+    rec.write_bytes(bytes(data))
+    info = inspect_dir(tiny_recdir)
+    assert not info["ok"]
+    joined = "\n".join(info["problems"])
+    assert f"train.rec at offset {off}: bad magic" in joined
+    assert f"key 4 -> offset {off}" in joined
+
+
+def test_inspect_detects_offset_past_end_and_mid_record(tiny_recdir):
+    lines = (tiny_recdir / "train.idx").read_text().splitlines()
+    k2, off2 = lines[2].split("\t")
+    lines[2] = f"{k2}\t{int(off2) + 4}"  # points inside record 1's bytes... its own header
+    lines[5] = lines[5].split("\t")[0] + "\t999999"
+    (tiny_recdir / "train.idx").write_text("\n".join(lines) + "\n")
+    info = inspect_dir(tiny_recdir)
+    joined = "\n".join(info["problems"])
+    assert not info["ok"]
+    assert f"key 2 -> offset {int(off2) + 4}" in joined and "bad magic" in joined
+    assert "key 5 -> offset 999999" in joined and "offset 999999 (key" not in joined
+    assert "past the end of the file" in joined
+
+
+def test_inspect_detects_label_out_of_range(tiny_recdir):
+    (tiny_recdir / "property").write_text("2,8,8")  # identity 2 no longer exists
+    info = inspect_dir(tiny_recdir)
+    assert not info["ok"]
+    assert [p.split(": ", 1)[1] for p in info["problems"]] == [
+        "label 2 is outside [0, 2) (num_classes from " + str(tiny_recdir / "property") + ")"] * 2
+    assert all(f"{tiny_recdir / 'train.rec'} (key {k})" in p for k, p in zip((6, 7), info["problems"]))
+    assert TINY_LABELS[5:] == [2, 2]
+
+
+def test_inspect_detects_wrong_image_size(tiny_recdir):
+    (tiny_recdir / "property").write_text("3,112,112")
+    info = inspect_dir(tiny_recdir, decode=1)
+    assert info["problems"] == [f"{tiny_recdir / 'train.rec'} (key 1): image is 8x8, property says 112x112"]
+
+
+def test_inspect_missing_files(tmp_path):
+    info = inspect_dir(tmp_path)
+    assert not info["ok"] and "index not found" in info["problems"][0] and str(tmp_path / "train.idx") in info["problems"][0]
+
+
+def test_inspect_truncated_file(tiny_recdir):
+    rec = tiny_recdir / "train.rec"
+    size = rec.stat().st_size
+    rec.write_bytes(rec.read_bytes()[: size - 6])
+    info = inspect_dir(tiny_recdir)
+    assert not info["ok"]
+    off10 = FaceRecordSet(tiny_recdir).reader.offset(10)
+    assert any(f"train.rec at offset {off10}: truncated record" in p for p in info["problems"])

@@ -1,0 +1,121 @@
+"""End to end: the Hydra entry point, a multirun sweep with its summary, exact resume, CPU DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from facemargin.train import build, config_dir
+
+# a short run: 3 training steps an epoch, no progress bar; validation scores the whole demo .bin
+QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "data.num_workers=0", "~callbacks.progress_bar"]
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory) -> dict[str, str]:
+    cache = tmp_path_factory.mktemp("facemargin-cache")
+    os.environ["FACEMARGIN_CACHE"] = str(cache)  # in-process runs share the generated demo set
+    return {**os.environ, "FACEMARGIN_CACHE": str(cache), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+def train(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "facemargin.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def test_default_run_fast_dev_run(demo_env, tmp_path):
+    run_dir = tmp_path / "run"
+    train(["trainer.fast_dev_run=true", f"hydra.run.dir={run_dir}", "~callbacks.progress_bar"], demo_env, tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 1.0
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_multirun_over_the_margin_writes_a_summary(demo_env, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = train(["-m", "loss=expface", "loss.m=0.6,0.8", *QUICK, f"hydra.sweep.dir={sweep}"], demo_env, tmp_path)
+    with open(sweep / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(float(r["loss.m"]) for r in rows) == [0.6, 0.8]
+    assert all(0.0 <= float(r["val/acc"]) <= 1.0 for r in rows)
+    assert len({r["job"] for r in rows}) == 2  # each job in its own folder
+    assert (sweep / "summary.png").stat().st_size > 1000
+    assert "| job | loss.m |" in (sweep / "summary.md").read_text()
+    assert "sweep summary of 2 jobs" in proc.stdout
+
+
+def test_resume_restores_step_optimizer_and_scheduler(demo_env, tmp_path):
+    def cfg_for(out: Path, *extra: str):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(
+                "config",
+                overrides=[f"output_dir={out}", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
+                           "trainer.limit_val_batches=0", "data.num_workers=0", "~callbacks.progress_bar",
+                           "callbacks.checkpoint.monitor=null", "logger=none", *extra],
+            )
+
+    first_dir = tmp_path / "first"
+    trainer, model, dm = build(cfg_for(first_dir))
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 4
+    ckpt_path = first_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    saved_lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    class CheckRestored(pl.Callback):
+        seen = False
+
+        def on_train_start(self, trainer, pl_module):
+            CheckRestored.seen = True
+            assert trainer.global_step == 4
+            assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
+            assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(saved_lr)
+            state = trainer.optimizers[0].state_dict()["state"]
+            for idx, buf in saved["optimizer_states"][0]["state"].items():
+                torch.testing.assert_close(state[idx]["momentum_buffer"], buf["momentum_buffer"])
+            torch.testing.assert_close(pl_module.head.weight.detach(), saved["state_dict"]["head.weight"])
+
+    cfg = cfg_for(tmp_path / "second", "trainer.max_epochs=3", f"ckpt_path={ckpt_path}")
+    trainer2, model2, dm2 = build(cfg)
+    trainer2.callbacks.append(CheckRestored())
+    trainer2.fit(model2, datamodule=dm2, ckpt_path=cfg.ckpt_path)
+    assert CheckRestored.seen
+    assert trainer2.global_step == 6 and trainer2.current_epoch == 3
+    assert saved["facemargin"]["channel_order"] == "RGB"
+
+
+def test_two_process_cpu_ddp_with_partial_fc_then_resume_on_one_process(demo_env, tmp_path):
+    """2 gloo ranks, class centres sharded (Partial FC); the checkpoint re-shards 2 -> 1 on resume."""
+    run_dir = tmp_path / "ddp"
+    train(
+        ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "head=partial_fc", *QUICK,
+         "logger=none", f"hydra.run.dir={run_dir}"],
+        demo_env, tmp_path,
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 3.0
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"]["head.weight"].shape[0] == 200  # every shard of the demo's 200 identities
+
+    resumed = tmp_path / "resumed"
+    train(
+        ["head=partial_fc", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "data.num_workers=0",
+         "~callbacks.progress_bar", "logger=none", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+         f"hydra.run.dir={resumed}"],
+        demo_env, tmp_path,
+    )
+    assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 6.0
