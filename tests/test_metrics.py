@@ -215,3 +215,21 @@ def test_metric_syncs_across_two_gloo_ranks(tmp_path: Path) -> None:
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got == pytest.approx(want, rel=1e-6, nan_ok=True), rank
+
+
+def test_xnorm_is_insightfaces_mean_of_view_norms():
+    """insightface's XNorm averages the norms of the image and flip embeddings, not of their sum."""
+    import torch
+
+    from facemargin.metrics import VerificationAccuracy
+
+    rng = np.random.default_rng(3)
+    views = rng.normal(size=(2, 40, 8))  # [view, image, D]
+    issame = np.array([True, False] * 10)
+    metric = VerificationAccuracy(issame)
+    summed = torch.tensor(views.sum(0), dtype=torch.float32)
+    norms = torch.tensor(np.linalg.norm(views, axis=2).mean(0), dtype=torch.float32)
+    metric.update(summed, torch.arange(40), norms)
+    want = float(np.mean([np.linalg.norm(views[v, i]) for v in range(2) for i in range(40)]))
+    assert float(metric.compute()["xnorm"]) == pytest.approx(want, rel=1e-5)
+    assert want < float(np.linalg.norm(views.sum(0), axis=1).mean())  # differs from the norm of the sum

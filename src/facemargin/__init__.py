@@ -1,5 +1,6 @@
 """facemargin: margin-based softmax losses for face recognition, as a PyTorch Lightning plug-in."""
 
+from . import backbones  # registers iresnet*, mobilefacenet in timm
 from .heads import MarginHead
 from .margins import Margin, available_margins, build_margin
 

@@ -193,13 +193,21 @@ class Margin(nn.Module):
                 f"expected cos [B, C] and labels [B]; got {tuple(cos.shape)} and {tuple(labels.shape)}"
             )
         with torch.autocast(device_type=cos.device.type, enabled=False):
-            logits = cos.float()
+            # Scale first (a fresh tensor), then add s * (psi - cos) to the target entries in place:
+            # the backward over the [B, C] block stays the identity, with no extra full-size copy.
+            logits = cos.float() * self.s
             rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
-            if rows.numel() > 0:
-                cols = labels[rows].long()
-                new = self.target_logit(logits[rows, cols])
-                logits = logits.index_put((rows, cols), new)
-            return logits * self.s
+            if rows.numel() == 0:
+                return logits
+            cols = labels[rows].long()
+            if self.grad == "detached":
+                with torch.no_grad():
+                    target = cos[rows, cols].float()
+                    delta = self.target_logit(target) - target
+            else:
+                target = cos[rows, cols].float()
+                delta = self.target_logit(target) - target
+            return logits.index_put_((rows, cols), delta * self.s, accumulate=True)
 
     def forward(self, cos: Tensor, labels: Tensor) -> Tensor:
         return self.logits(cos, labels)

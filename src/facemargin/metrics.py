@@ -95,8 +95,13 @@ def _tar_far(dist: np.ndarray, same: np.ndarray, threshold: float) -> tuple[floa
     return tar, far
 
 
-def verification_scores(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> dict[str, float]:
+def verification_scores(
+    embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10, view_norms: np.ndarray | None = None
+) -> dict[str, float]:
     """insightface verification figures for ``embeddings [2N, D]`` (image + flip summed, not normalised).
+
+    ``view_norms [2N]``: each image's mean L2 norm over its views (image and flip) before they were
+    summed; insightface's XNorm is their mean. Without it, XNorm is the mean norm of ``embeddings``.
 
     Returns ``acc`` (mean of the fold accuracies), ``acc_std``, ``threshold`` (mean best threshold
     over folds), ``xnorm``, ``tar@far=1e-3`` and ``tar@far=1e-4`` (mean TAR over folds; NaN when the
@@ -107,7 +112,7 @@ def verification_scores(embeddings: np.ndarray, issame: np.ndarray, nfolds: int 
     if emb.ndim != 2 or emb.shape[0] != 2 * same.size:
         raise ValueError(f"need embeddings [2N, D] for N={same.size} pairs, got {tuple(emb.shape)}")
     norms = np.linalg.norm(emb, axis=1)
-    xnorm = float(norms.mean())
+    xnorm = float(norms.mean() if view_norms is None else np.asarray(view_norms, dtype=np.float64).mean())
     emb = emb / np.where(norms == 0, 1.0, norms)[:, None]  # like sklearn.preprocessing.normalize
     dist = np.square(emb[0::2] - emb[1::2]).sum(axis=1)
 
@@ -156,18 +161,29 @@ class VerificationAccuracy(Metric):
         self.nfolds = nfolds
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
         self.add_state("indices", default=[], dist_reduce_fx="cat")
+        self.add_state("view_norms", default=[], dist_reduce_fx="cat")
 
-    def update(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
+    def update(
+        self, embeddings: torch.Tensor, indices: torch.Tensor, view_norms: torch.Tensor | None = None
+    ) -> None:
+        """``view_norms [B]``: mean norm of each image's views before summing (insightface's XNorm)."""
         if embeddings.ndim != 2 or indices.ndim != 1 or embeddings.shape[0] != indices.shape[0]:
             raise ValueError(
                 f"need embeddings [B, D] and indices [B], got {tuple(embeddings.shape)} and {tuple(indices.shape)}"
             )
+        if view_norms is None:
+            view_norms = embeddings.detach().float().norm(dim=1)
+        if view_norms.shape != indices.shape:
+            raise ValueError(f"need view_norms [B], got {tuple(view_norms.shape)}")
         self.embeddings.append(embeddings.detach().float())
         self.indices.append(indices.detach().long())
+        self.view_norms.append(view_norms.detach().float())
 
-    def forward(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
+    def forward(
+        self, embeddings: torch.Tensor, indices: torch.Tensor, view_norms: torch.Tensor | None = None
+    ) -> None:
         """Same as ``update``: a batch alone has no meaningful verification score."""
-        self.update(embeddings, indices)
+        self.update(embeddings, indices, view_norms)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Gathered, de-duplicated, index-ordered embeddings -> ``verification_scores`` as tensors."""
@@ -185,5 +201,6 @@ class VerificationAccuracy(Metric):
                 f"missing {missing[:10].tolist()}{'...' if missing.size > 10 else ''} "
                 f"({missing.size} in all), out of range {extra[:10].tolist()}"
             )
-        scores = verification_scores(emb[first], self.issame, self.nfolds)
+        norms = dim_zero_cat(self.view_norms).cpu().numpy()
+        scores = verification_scores(emb[first], self.issame, self.nfolds, view_norms=norms[first])
         return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}

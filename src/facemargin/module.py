@@ -153,10 +153,16 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def embed(self, images: Tensor) -> Tensor:
         """Embedding used for verification: image (+ its horizontal flip when ``flip_test``), summed."""
+        return self._embed_views(images)[0]
+
+    def _embed_views(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed embedding of the views and each image's mean view norm (insightface's XNorm)."""
         emb = self(images).float()
+        norms = emb.norm(dim=1)
         if self.flip_test:
-            emb = emb + self(torch.flip(images, dims=[3])).float()
-        return emb
+            flipped = self(torch.flip(images, dims=[3])).float()
+            emb, norms = emb + flipped, (norms + flipped.norm(dim=1)) / 2
+        return emb, norms
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -173,7 +179,8 @@ class FaceRecognitionModule(pl.LightningModule):
                 f"validation loader {dataloader_idx} has no verification set; pass verification_sets or "
                 "use a DataModule with a `verification_sets` property"
             )
-        self.val_metrics[dataloader_idx].update(self.embed(images), indices)
+        embeddings, view_norms = self._embed_views(images)
+        self.val_metrics[dataloader_idx].update(embeddings, indices, view_norms)
 
     def _validated_whole_set(self, dataloader_idx: int) -> bool:
         """False when the Trainer limited this loader (fast_dev_run, limit_val_batches)."""
