@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from facemargin.module import FaceRecognitionModule
 from facemargin.train import build, config_dir
 
 # a short run: 3 training steps an epoch, no progress bar; validation scores the whole demo .bin
@@ -95,6 +96,16 @@ def test_resume_restores_step_optimizer_and_scheduler(demo_env, tmp_path):
     assert CheckRestored.seen
     assert trainer2.global_step == 6 and trainer2.current_epoch == 3
     assert saved["facemargin"]["channel_order"] == "RGB"
+
+    # the checkpoint alone rebuilds the model; predict_step gives L2-normalised embeddings
+    reloaded = FaceRecognitionModule.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    images = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        emb = reloaded.predict_step((images, torch.zeros(3)), 0)
+        want = reloaded(images) + reloaded(torch.flip(images, dims=[3]))
+    assert emb.shape == (3, model.embedding_size)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(emb, torch.nn.functional.normalize(want, dim=1))
 
 
 def test_two_process_cpu_ddp_with_partial_fc_then_resume_on_one_process(demo_env, tmp_path):

@@ -14,26 +14,16 @@ from torch import Tensor, nn
 
 from .backbones import build_embedder
 from .data.decode import CHANNEL_ORDER, MEAN, STD
+from .config import to_plain
 from .heads import MarginHead
 from .margins import Margin
 from .metrics import VerificationAccuracy
+from .partial_fc import PartialFCHead, consolidate_checkpoint, setup_partial_fc, shard_checkpoint
 from .optim import build_optimizer, build_scheduler
 
 __all__ = ["FaceRecognitionModule"]
 
 VerificationSets = Sequence[tuple[str, np.ndarray]]
-
-
-def _plain(cfg: Any) -> Any:
-    """OmegaConf nodes -> plain containers, so hyper-parameters pickle and print cleanly."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg) if isinstance(cfg, Mapping) else cfg
 
 
 def build_margin_from_config(loss: str | Mapping | Margin) -> Margin:
@@ -42,7 +32,7 @@ def build_margin_from_config(loss: str | Mapping | Margin) -> Margin:
         return loss
     if isinstance(loss, str):
         return Margin(loss)
-    params = {k: v for k, v in _plain(loss).items() if k != "_target_"}
+    params = {k: v for k, v in to_plain(loss).items() if k != "_target_"}
     return Margin(**params)
 
 
@@ -80,12 +70,12 @@ class FaceRecognitionModule(pl.LightningModule):
         backbone = {"name": "iresnet50"} if backbone is None else backbone
         self.save_hyperparameters(
             {
-                "backbone": _plain(backbone) if not isinstance(backbone, nn.Module) else type(backbone).__name__,
+                "backbone": to_plain(backbone) if not isinstance(backbone, nn.Module) else type(backbone).__name__,
                 "num_classes": num_classes,
-                "loss": _plain(loss) if not isinstance(loss, Margin) else {"name": loss.name, "s": loss.s, "grad": loss.grad, **loss.params},
-                "head": _plain(head or {}),
-                "optimizer": _plain(optimizer or {}),
-                "scheduler": _plain(scheduler or {}),
+                "loss": to_plain(loss) if not isinstance(loss, Margin) else {"name": loss.name, "s": loss.s, "grad": loss.grad, **loss.params},
+                "head": to_plain(head or {}),
+                "optimizer": to_plain(optimizer or {}),
+                "scheduler": to_plain(scheduler or {}),
                 "flip_test": flip_test,
                 "nfolds": nfolds,
             }
@@ -94,7 +84,7 @@ class FaceRecognitionModule(pl.LightningModule):
             self.backbone = backbone
             self.embedding_size = int(getattr(backbone, "embedding_size", 512))
         else:
-            cfg = _plain(backbone)
+            cfg = to_plain(backbone)
             kwargs = dict(cfg.get("kwargs") or {})
             self.backbone = build_embedder(
                 cfg["name"],
@@ -104,7 +94,7 @@ class FaceRecognitionModule(pl.LightningModule):
                 **kwargs,
             )
             self.embedding_size = self.backbone.embedding_size
-        self.head = self._build_head(build_margin_from_config(loss), num_classes, _plain(head or {}))
+        self.head = self._build_head(build_margin_from_config(loss), num_classes, to_plain(head or {}))
         self.num_classes = num_classes
         self.flip_test = flip_test
         self.nfolds = nfolds
@@ -117,8 +107,6 @@ class FaceRecognitionModule(pl.LightningModule):
     # ------------------------------------------------------------------ building
     def _build_head(self, margin: Margin, num_classes: int, head: dict) -> nn.Module:
         if head.get("partial_fc", False):
-            from .partial_fc import PartialFCHead
-
             return PartialFCHead(
                 self.embedding_size, num_classes, margin=margin, sample_rate=head.get("sample_rate", 1.0)
             )
@@ -132,12 +120,10 @@ class FaceRecognitionModule(pl.LightningModule):
 
     @property
     def uses_partial_fc(self) -> bool:
-        return type(self.head).__name__ == "PartialFCHead"
+        return isinstance(self.head, PartialFCHead)
 
     def setup(self, stage: str) -> None:
         if self.uses_partial_fc:
-            from .partial_fc import setup_partial_fc
-
             setup_partial_fc(self)  # shard the centres for this process group; keep DDP off them
         if self._verification_sets is None and self.trainer is not None:
             datamodule = getattr(self.trainer, "datamodule", None)
@@ -249,8 +235,6 @@ class FaceRecognitionModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.uses_partial_fc:  # every rank: gather all centre shards (and their optimizer rows)
-            from .partial_fc import consolidate_checkpoint
-
             consolidate_checkpoint(checkpoint, self, self.trainer.optimizers)
         # what a consumer of the checkpoint or an exported model must know about the inputs
         checkpoint["facemargin"] = {
@@ -264,6 +248,4 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.uses_partial_fc:  # slice the full centres for this rank, at any world size
-            from .partial_fc import shard_checkpoint
-
             shard_checkpoint(checkpoint, self)

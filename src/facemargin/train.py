@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from .module import FaceRecognitionModule
@@ -46,6 +48,11 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, FaceRecognitionModule, pl.Lightn
     )
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node]
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node]
+    if not loggers:  # nothing to log learning rates to (logger=none)
+        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+        callbacks = [c for c in callbacks if c not in dropped]
+        if dropped:
+            log.info("logger=none: LearningRateMonitor left out")
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return trainer, model, datamodule
 
@@ -63,7 +70,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        finite = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # strict JSON: NaN -> null
+        (out / METRICS_FILE).write_text(json.dumps(finite, indent=2, sort_keys=True))
         log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     return metrics
 

@@ -7,7 +7,6 @@ Importing this package registers ``iresnet18/34/50/100/200``, ``iresnet_demo``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import timm
@@ -16,6 +15,7 @@ from torch import nn
 
 from . import iresnet as _iresnet
 from . import mobilefacenet as _mobilefacenet
+from ..config import to_plain
 from .iresnet import IBasicBlock, IResNet
 from .mobilefacenet import MobileFaceNet
 from .neck import EmbeddingNeck
@@ -49,20 +49,6 @@ class TimmEmbedder(nn.Module):
         return self.neck(self.backbone(x))
 
 
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers / mappings -> plain dicts and lists (timm wants plain Python)."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(obj):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency, but stay importable without
-        pass
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
-
-
 def build_embedder(
     name: str,
     embedding_size: int = 512,
@@ -78,10 +64,10 @@ def build_embedder(
     followed by an ``EmbeddingNeck``. A ``kwargs`` mapping (the Hydra config's field) is merged into
     ``timm_kwargs``. The returned module has ``.embedding_size`` and ``.input_size``.
     """
-    kw: dict[str, Any] = _plain(timm_kwargs)
+    kw: dict[str, Any] = to_plain(timm_kwargs)
     nested = kw.pop("kwargs", None)
     if nested:
-        kw = {**_plain(nested), **kw}
+        kw = {**to_plain(nested), **kw}
     pretrained = bool(kw.pop("pretrained", False))
     kw.pop("num_classes", None)  # an embedder never has a classifier
 
