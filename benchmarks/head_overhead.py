@@ -7,17 +7,14 @@ so machine noise hits both sides alike. Reported per loss: median times, the rat
 and the median of the per-pair ratios (the more robust figure on a noisy machine).
 
     python benchmarks/head_overhead.py                 # all cores, Markdown table on stdout
-    python benchmarks/head_overhead.py --threads 2 --repeats 15 --prototypes
+    python benchmarks/head_overhead.py --threads 2 --repeats 15
 
-``--prototypes`` also times candidate implementations of the margin step (subclasses of
-``MarginHead`` defined here; the library is not modified), ``--profile NAME`` prints a
-``torch.profiler`` table of one forward+backward of that variant.
+``--profile NAME`` prints a ``torch.profiler`` table of one forward+backward of that variant.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import time
@@ -29,14 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facemargin import MarginHead
-from facemargin.heads import normalized_cosine
-from facemargin.margins import target_logit
 
 Step = Callable[[], None]
 
 
 # ---------------------------------------------------------------------------------------------
-# baseline and prototypes
+# baseline
 # ---------------------------------------------------------------------------------------------
 
 
@@ -46,82 +41,6 @@ def baseline_loss(x: Tensor, weight: Tensor, labels: Tensor, s: float) -> Tensor
     return F.cross_entropy(logits * s, labels)
 
 
-class InplaceDeltaHead(MarginHead):
-    """Prototype: scale first, then add ``s * (psi - cos)`` to the target entries IN PLACE.
-
-    ``logits = cos * s`` is a fresh tensor owned by the head (the baseline pays for it too), so
-    ``index_put_(..., accumulate=True)`` on it is safe and its backward is the identity for the
-    ``[B, C]`` block (no clone of the logits in the forward, none of the gradient in the backward).
-    ``detached``: the target cosines are read under ``no_grad`` (the gradient d psi/d cos = 1 is
-    the identity path). ``exact``: the target cosines keep their graph, so the correction
-    ``psi - cos`` contributes ``psi' - 1`` on top of the identity.
-    """
-
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
-        cos = normalized_cosine(embeddings, self.weight)
-        s = self.margin.s
-        if labels is None:
-            return cos * s
-        self._check_labels(labels, cos.shape[0])
-        logits = cos * s
-        rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
-        if rows.numel() == 0:
-            return logits
-        cols = labels[rows].long()
-        m = self.margin
-        if m.grad == "detached":
-            with torch.no_grad():
-                c_t = cos[rows, cols]
-                delta = target_logit(m.name, c_t, "detached", **m.params) - c_t
-        else:
-            c_t = cos[rows, cols]
-            delta = target_logit(m.name, c_t, "exact", **m.params) - c_t
-        return logits.index_put_((rows, cols), delta * s, accumulate=True)
-
-
-class _MarginLogitsFn(torch.autograd.Function):
-    """``s * cos`` with the target entries replaced by ``s * psi``; backward scales the target
-    entries of the incoming gradient by ``dpsi/dcos`` (1 when detached) in place."""
-
-    @staticmethod
-    def forward(ctx, cos: Tensor, rows: Tensor, cols: Tensor, psi: Tensor, dpsi: Tensor, s: float) -> Tensor:  # type: ignore[override]
-        out = cos * s
-        out.index_put_((rows, cols), psi * s)
-        ctx.save_for_backward(rows, cols, dpsi)
-        ctx.s = s
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        rows, cols, dpsi = ctx.saved_tensors
-        g = grad * ctx.s
-        g.index_put_((rows, cols), g[rows, cols] * dpsi)
-        return g, None, None, None, None, None
-
-
-class FusedFnHead(MarginHead):
-    """Prototype: one custom autograd Function for the margin step; ``dpsi/dcos`` is computed on
-    the ``B`` target cosines only (autograd through ``target_logit(grad=...)``)."""
-
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
-        cos = normalized_cosine(embeddings, self.weight)
-        s = self.margin.s
-        if labels is None:
-            return cos * s
-        self._check_labels(labels, cos.shape[0])
-        rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
-        if rows.numel() == 0:
-            return cos * s
-        cols = labels[rows].long()
-        m = self.margin
-        with torch.enable_grad():
-            c_t = cos.detach()[rows, cols].requires_grad_(True)
-            psi = target_logit(m.name, c_t, m.grad, **m.params)
-            (dpsi,) = torch.autograd.grad(psi.sum(), c_t)
-        return _MarginLogitsFn.apply(cos, rows, cols, psi.detach(), dpsi, s)
-
-
-PROTOTYPES: dict[str, type[MarginHead]] = {"inplace": InplaceDeltaHead, "fused-fn": FusedFnHead}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,42 +110,16 @@ def interleaved(name: str, head_step: Step, base_step: Step, repeats: int, warmu
     return row
 
 
-def build_variants(
-    weight: nn.Parameter, dim: int, classes: int, prototypes: bool
-) -> dict[str, MarginHead]:
-    """``name -> head`` sharing ``weight``; library heads first, then the prototypes."""
+def build_variants(weight: nn.Parameter, dim: int, classes: int) -> dict[str, MarginHead]:
+    """``name -> MarginHead`` for each measured loss, all sharing ``weight``."""
     configs = [("expface", "detached"), ("expface", "exact"), ("cosface", "detached"), ("arcface", "detached")]
-    classes_to_build: dict[str, type[MarginHead]] = {"MarginHead": MarginHead}
-    if prototypes:
-        classes_to_build.update(PROTOTYPES)
     heads: dict[str, MarginHead] = {}
-    for cls_name, cls in classes_to_build.items():
-        for loss, grad in configs:
-            if cls_name != "MarginHead" and loss == "cosface":
-                continue  # prototypes: expface (both modes) + arcface are enough
-            head = cls(dim, 1, margin=loss, grad=grad)
-            head.num_classes = classes
-            head.weight = weight  # share the centres: same memory, same data for every variant
-            heads[f"{cls_name} {loss}/{grad}"] = head
+    for loss, grad in configs:
+        head = MarginHead(dim, 1, margin=loss, grad=grad)
+        head.num_classes = classes
+        head.weight = weight  # share the centres: same memory, same data for every variant
+        heads[f"MarginHead {loss}/{grad}"] = head
     return heads
-
-
-def check_prototypes(heads: dict[str, MarginHead], x: Tensor, labels: Tensor) -> None:
-    """Prototypes must give the library's loss and gradients (else their timing means nothing)."""
-    ref: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-    for name, head in heads.items():
-        cls_name, cfg = name.split(" ")
-        xs = x[:16].detach().clone().requires_grad_(True)
-        head.weight.grad = None
-        loss = head.loss(xs, labels[:16])
-        loss.backward()
-        got = (loss.detach(), xs.grad.clone(), head.weight.grad.clone())
-        if cls_name == "MarginHead":
-            ref[cfg] = got
-        elif cfg in ref:
-            for a, b in zip(got, ref[cfg]):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    heads[next(iter(heads))].weight.grad = None
 
 
 def profile(step: Step, rows: int = 15) -> None:
@@ -267,7 +160,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--prototypes", action="store_true", help="also time the prototype heads")
     p.add_argument("--only", default="", help="comma-separated substrings: time only matching variants")
     p.add_argument("--profile", default="", help="profile the variant whose name contains this")
     p.add_argument("--seed", type=int, default=0)
@@ -278,9 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     weight = nn.Parameter(torch.randn(args.classes, args.dim) * 0.01)
     x = torch.randn(args.batch, args.dim, requires_grad=True)
     labels = torch.randint(0, args.classes, (args.batch,))
-    heads = build_variants(weight, args.dim, args.classes, args.prototypes)
-    if args.prototypes:
-        check_prototypes(heads, x, labels)
+    heads = build_variants(weight, args.dim, args.classes)
     if args.only:
         keys = args.only.split(",")
         heads = {k: h for k, h in heads.items() if any(q in k for q in keys)}

@@ -108,6 +108,27 @@ def test_resume_restores_step_optimizer_and_scheduler(demo_env, tmp_path):
     torch.testing.assert_close(emb, torch.nn.functional.normalize(want, dim=1))
 
 
+def test_bf16_mixed_precision_trains_with_float32_margin_math(demo_env, tmp_path):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"output_dir={tmp_path}", "trainer.precision=bf16-mixed", "trainer.max_steps=2",
+            "trainer.limit_val_batches=0", "data.num_workers=0", "~callbacks.progress_bar", "logger=none",
+            "callbacks.checkpoint.monitor=null",
+        ])
+    trainer, model, dm = build(cfg)
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["loss_dtype"] = outputs["loss"].dtype
+            seen["finite"] = bool(torch.isfinite(outputs["loss"]))
+
+    trainer.callbacks.append(Spy())
+    trainer.fit(model, datamodule=dm)
+    assert trainer.precision == "bf16-mixed" and trainer.global_step == 2
+    assert seen == {"loss_dtype": torch.float32, "finite": True}
+
+
 def test_two_process_cpu_ddp_with_partial_fc_then_resume_on_one_process(demo_env, tmp_path):
     """2 gloo ranks, class centres sharded (Partial FC); the checkpoint re-shards 2 -> 1 on resume."""
     run_dir = tmp_path / "ddp"
