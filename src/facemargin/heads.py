@@ -14,7 +14,19 @@ from torch import Tensor, nn
 
 from .margins import Margin
 
-__all__ = ["MarginHead", "normalized_cosine"]
+__all__ = ["MarginHead", "check_labels", "normalized_cosine"]
+
+
+def check_labels(labels: Tensor, batch: int, num_classes: int) -> None:
+    """Labels must be an integer ``[batch]`` tensor in ``[0, num_classes)`` or ``-1`` (no target)."""
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},); got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise TypeError("labels must be an integer tensor (cast RecordIO float labels with .long())")
+    if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or be -1; got range [{int(labels.min())}, {int(labels.max())}]"
+        )
 
 
 def normalized_cosine(embeddings: Tensor, weight: Tensor) -> Tensor:
@@ -62,23 +74,12 @@ class MarginHead(nn.Module):
         cos = normalized_cosine(embeddings, self.weight)
         if labels is None:
             return cos * self.margin.s
-        self._check_labels(labels, cos.shape[0])
+        check_labels(labels, cos.shape[0], self.num_classes)
         return self.margin.logits(cos, labels)
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over rows whose label is not ``-1``."""
         return F.cross_entropy(self(embeddings, labels), labels.long(), ignore_index=-1)
-
-    def _check_labels(self, labels: Tensor, batch: int) -> None:
-        if labels.shape != (batch,):
-            raise ValueError(f"labels must have shape ({batch},); got {tuple(labels.shape)}")
-        if labels.is_floating_point():
-            raise TypeError("labels must be an integer tensor (cast RecordIO float labels with .long())")
-        if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}) or be -1; got range "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}"

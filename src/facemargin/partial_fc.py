@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from .heads import MarginHead
+from .heads import MarginHead, check_labels
 from .margins import Margin
 
 __all__ = [
@@ -364,17 +364,6 @@ class PartialFCHead(nn.Module):
                 "(LightningModule.setup) after the process group exists"
             )
 
-    def _check_labels(self, labels: Tensor, batch: int) -> None:
-        if labels.shape != (batch,):
-            raise ValueError(f"labels must have shape ({batch},); got {tuple(labels.shape)}")
-        if labels.is_floating_point():
-            raise TypeError("labels must be an integer tensor (cast RecordIO float labels with .long())")
-        if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}) or be -1; got range "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
-
     # ---- optimizer integration (sample_rate < 1)
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Register ``optimizer`` (call once, e.g. in ``configure_optimizers``).
@@ -468,7 +457,7 @@ class PartialFCHead(nn.Module):
             raise ValueError(
                 f"embeddings must be [B, {self.embedding_size}]; got {tuple(embeddings.shape)}"
             )
-        self._check_labels(labels, embeddings.shape[0])
+        check_labels(labels, embeddings.shape[0], self.num_classes)
         self._check_world()
         world = self.world_size
         training = self.training and torch.is_grad_enabled()

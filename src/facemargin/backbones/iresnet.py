@@ -22,6 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.models import build_model_with_cfg, register_model
 
+from .cfg import face_cfg
+
 __all__ = ["IBasicBlock", "IResNet"]
 
 _BN_EPS = 1e-5
@@ -188,24 +190,8 @@ class IResNet(nn.Module):
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    """Pretrained-cfg for a face model: 112x112, mean/std 0.5, no weights, embedding output."""
-    cfg = dict(
-        url="",
-        num_classes=0,
-        input_size=(3, 112, 112),
-        pool_size=None,
-        fixed_input_size=False,
-        interpolation="bilinear",
-        crop_pct=1.0,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        first_conv="conv1",
-        classifier="head",
-        license="apache-2.0",
-        origin_url="https://github.com/deepinsight/insightface",
-    )
-    cfg.update(kwargs)
-    return cfg
+    kwargs = {"license": "apache-2.0", "origin_url": "https://github.com/deepinsight/insightface", **kwargs}
+    return face_cfg("conv1", **kwargs)
 
 
 IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {

@@ -16,6 +16,8 @@ from torch import nn
 
 from timm.models import build_model_with_cfg, register_model
 
+from .cfg import face_cfg
+
 __all__ = ["MobileFaceNet"]
 
 
@@ -163,21 +165,7 @@ class MobileFaceNet(nn.Module):
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    cfg = dict(
-        url="",
-        num_classes=0,
-        input_size=(3, 112, 112),
-        pool_size=None,
-        interpolation="bilinear",
-        crop_pct=1.0,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        first_conv="stem.0",
-        classifier="head",
-        paper_ids="arXiv:1804.07573",
-    )
-    cfg.update(kwargs)
-    return cfg
+    return face_cfg("stem.0", **{"paper_ids": "arXiv:1804.07573", **kwargs})
 
 
 default_cfgs: dict[str, dict[str, Any]] = {"mobilefacenet": _cfg(), "mobilefacenet_large": _cfg()}
