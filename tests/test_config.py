@@ -47,6 +47,14 @@ def test_defaults_are_the_cpu_demo():
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.data.demo is True
     assert cfg.head.partial_fc is False
+    assert cfg.trainer.max_epochs == 6 and cfg.scheduler.warmup_epochs == 1
+
+
+def test_demo_settings_do_not_leak_into_a_chosen_trainer():
+    """Choosing a trainer or an experiment gets its own schedule, not the CPU demo's."""
+    assert compose_with("data=ms1mv3", "trainer=gpu").trainer.max_epochs == 20
+    cfg = compose_with("experiment=ms1mv3_r100")
+    assert cfg.trainer.max_epochs == 20 and cfg.scheduler.warmup_epochs == 0
 
 
 @pytest.mark.parametrize("loss", ["softmax", "sphereface", "cosface", "arcface", "combined", "expface"])
