@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .margins import Margin
+from .margins import Margin, as_margin
 
 __all__ = ["MarginHead", "check_labels", "normalized_cosine"]
 
@@ -61,12 +61,7 @@ class MarginHead(nn.Module):
             )
         self.embedding_size = embedding_size
         self.num_classes = num_classes
-        if isinstance(margin, Margin):
-            if s is not None or margin_params:
-                raise ValueError("pass s and margin parameters to Margin(...), not to MarginHead, when margin is a Margin")
-            self.margin = margin
-        else:
-            self.margin = Margin(margin, s=s, grad=grad, **margin_params)
+        self.margin = as_margin(margin, s=s, grad=grad, **margin_params)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.normal_(self.weight, std=0.01)
 

@@ -37,6 +37,7 @@ __all__ = [
     "GRAD_MODES",
     "Margin",
     "MarginSpec",
+    "as_margin",
     "available_margins",
     "build_margin",
     "target_logit",
@@ -215,6 +216,18 @@ class Margin(nn.Module):
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.name}, s={self.s}, grad={self.grad}" + (f", {params}" if params else "")
+
+
+def as_margin(
+    margin: "str | Margin", s: float | None = None, grad: str = "detached", **params: float | bool
+) -> "Margin":
+    """A head's ``margin`` argument -> :class:`Margin`: a name is built with ``s``, ``grad`` and the
+    parameters; a ready Margin is used as is (then ``s`` and parameters must not be given)."""
+    if isinstance(margin, Margin):
+        if s is not None or params:
+            raise ValueError("pass s and margin parameters to Margin(...), not to the head, when margin is a Margin")
+        return margin
+    return Margin(margin, s=s, grad=grad, **params)
 
 
 def build_margin(name: str = "expface", **kwargs: float | bool | str | None) -> Margin:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from .heads import MarginHead, check_labels
-from .margins import Margin
+from .margins import Margin, as_margin
 
 __all__ = [
     "PartialFCHead",
@@ -270,12 +270,7 @@ class PartialFCHead(nn.Module):
         self.num_classes = num_classes
         self.sample_rate = float(sample_rate)
         self.ddp_grad_scale = ddp_grad_scale
-        if isinstance(margin, Margin):
-            if s is not None or margin_params:
-                raise ValueError("pass s and margin parameters to Margin(...) when margin is a Margin")
-            self.margin = margin
-        else:
-            self.margin = Margin(margin, s=s, grad=grad, **margin_params)
+        self.margin = as_margin(margin, s=s, grad=grad, **margin_params)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
         self.seed = self._sync_seed(seed)

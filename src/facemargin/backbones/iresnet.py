@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.models import build_model_with_cfg, register_model
 
-from .cfg import face_cfg
+from .timm_api import FaceEmbedderTimmAPI, face_cfg
 
 __all__ = ["IBasicBlock", "IResNet"]
 
@@ -59,7 +59,7 @@ class IBasicBlock(nn.Module):
         return out + shortcut
 
 
-class IResNet(nn.Module):
+class IResNet(FaceEmbedderTimmAPI, nn.Module):
     """IResNet face backbone; ``num_classes=0`` returns the ``embedding_size``-d embedding.
 
     Args:
@@ -159,15 +159,6 @@ class IResNet(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^conv1|^bn1|^prelu", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier; ``num_classes=0`` makes the model return embeddings."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embedding_size, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> final feature map [B, widths[-1], H/16, W/16] (after BN2d)."""
         x = self.prelu(self.bn1(self.conv1(x)))
@@ -184,9 +175,6 @@ class IResNet(nn.Module):
         x = self.dropout(x)
         x = self.features(self.fc(torch.flatten(x, 1)))
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

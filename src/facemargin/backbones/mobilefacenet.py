@@ -16,7 +16,7 @@ from torch import nn
 
 from timm.models import build_model_with_cfg, register_model
 
-from .cfg import face_cfg
+from .timm_api import FaceEmbedderTimmAPI, face_cfg
 
 __all__ = ["MobileFaceNet"]
 
@@ -56,7 +56,7 @@ def _residual_stage(chs: int, mid: int, n: int) -> nn.Sequential:
     return nn.Sequential(*[DepthwiseUnit(chs, chs, mid, residual=True) for _ in range(n)])
 
 
-class MobileFaceNet(nn.Module):
+class MobileFaceNet(FaceEmbedderTimmAPI, nn.Module):
     """MobileFaceNet; ``num_classes=0`` returns the ``embedding_size``-d embedding.
 
     Args:
@@ -137,15 +137,6 @@ class MobileFaceNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     # --- timm conventions -------------------------------------------------------------------
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier; ``num_classes=0`` makes the model return embeddings."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embedding_size, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> feature map [B, 512, H/16, W/16]."""
         x = self.stage1(self.stem(x))
@@ -159,9 +150,6 @@ class MobileFaceNet(nn.Module):
         x = torch.flatten(self.gdc(x), 1)
         x = self.features(self.fc(self.dropout(x)))
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
