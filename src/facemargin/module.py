@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from .backbones import build_embedder
 from .data.decode import CHANNEL_ORDER, MEAN, STD
 from .config import to_plain
-from .heads import MarginHead
-from .margins import Margin
+from .distributed import exclude_from_ddp
+from .heads import MarginHead, PartialFCHead
+from .margins import BaseMargin, Margin, build_margin
 from .metrics import VerificationAccuracy
-from .partial_fc import PartialFCHead, consolidate_checkpoint, setup_partial_fc, shard_checkpoint
 from .optim import build_optimizer, build_scheduler
 
 __all__ = ["FaceRecognitionModule"]
@@ -26,13 +26,17 @@ __all__ = ["FaceRecognitionModule"]
 VerificationSets = Sequence[tuple[str, np.ndarray]]
 
 
-def build_margin_from_config(loss: str | Mapping | Margin) -> Margin:
-    """``"expface"``, ``{"name": "expface", "m": 0.7, ...}`` (a ``conf/loss`` node) or a Margin."""
-    if isinstance(loss, Margin):
+def build_margin_from_config(loss: str | Mapping | BaseMargin) -> BaseMargin:
+    """``"expface"``, a ``conf/loss`` node (``_target_`` + parameters) or a margin module."""
+    if isinstance(loss, BaseMargin):
         return loss
     if isinstance(loss, str):
-        return Margin(loss)
-    params = {k: v for k, v in to_plain(loss).items() if k != "_target_"}
+        return build_margin(loss)
+    params = to_plain(loss)
+    if "_target_" in params:
+        from hydra.utils import instantiate
+
+        return instantiate(params)
     return Margin(**params)
 
 
@@ -72,7 +76,7 @@ class FaceRecognitionModule(pl.LightningModule):
             {
                 "backbone": to_plain(backbone) if not isinstance(backbone, nn.Module) else type(backbone).__name__,
                 "num_classes": num_classes,
-                "loss": to_plain(loss) if not isinstance(loss, Margin) else {"name": loss.name, "s": loss.s, "grad": loss.grad, **loss.params},
+                "loss": to_plain(loss) if not isinstance(loss, BaseMargin) else {"name": loss.name, "s": loss.s, **loss.params},
                 "head": to_plain(head or {}),
                 "optimizer": to_plain(optimizer or {}),
                 "scheduler": to_plain(scheduler or {}),
@@ -105,7 +109,7 @@ class FaceRecognitionModule(pl.LightningModule):
             self._build_val_metrics(self._verification_sets)
 
     # ------------------------------------------------------------------ building
-    def _build_head(self, margin: Margin, num_classes: int, head: dict) -> nn.Module:
+    def _build_head(self, margin: BaseMargin, num_classes: int, head: dict) -> nn.Module:
         if head.get("partial_fc", False):
             return PartialFCHead(
                 self.embedding_size, num_classes, margin=margin, sample_rate=head.get("sample_rate", 1.0)
@@ -124,7 +128,8 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.uses_partial_fc:
-            setup_partial_fc(self)  # shard the centres for this process group; keep DDP off them
+            self.head.setup_distributed()  # shard the centres for this process group; keep DDP off them
+            exclude_from_ddp(self, [f"head.{n}" for n in self.head.ddp_ignored_parameters()])
         if self._verification_sets is None and self.trainer is not None:
             datamodule = getattr(self.trainer, "datamodule", None)
             sets = getattr(datamodule, "verification_sets", None)
@@ -235,7 +240,7 @@ class FaceRecognitionModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.uses_partial_fc:  # every rank: gather all centre shards (and their optimizer rows)
-            consolidate_checkpoint(checkpoint, self, self.trainer.optimizers)
+            self.head.on_save_checkpoint(checkpoint, "head.", self.trainer.optimizers)
         # what a consumer of the checkpoint or an exported model must know about the inputs
         checkpoint["facemargin"] = {
             "channel_order": CHANNEL_ORDER,
@@ -248,4 +253,4 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.uses_partial_fc:  # slice the full centres for this rank, at any world size
-            shard_checkpoint(checkpoint, self)
+            self.head.on_load_checkpoint(checkpoint, "head.")
