@@ -30,6 +30,24 @@ def _ema_(buffer: Tensor, value: float, weight: float) -> None:
     buffer.mul_(1.0 - weight).add_(weight * value)
 
 
+class _HardNegatives(torch.autograd.Function):
+    """``s * c * (t + c)`` where ``c > threshold`` (per row), ``s * c`` elsewhere, with the exact
+    gradient ``s * (t + 2c)`` / ``s``. Saves only ``c``; one full-size temporary each way."""
+
+    @staticmethod
+    def forward(ctx, cos: Tensor, threshold: Tensor, t: float, scale: float) -> Tensor:  # type: ignore[override]
+        factor = torch.add(cos, t).masked_fill_(cos <= threshold.unsqueeze(1), 1.0)
+        ctx.save_for_backward(cos, threshold)
+        ctx.t, ctx.scale = t, scale
+        return factor.mul_(cos).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        cos, threshold = ctx.saved_tensors
+        slope = torch.add(cos, cos, alpha=1.0).add_(ctx.t).masked_fill_(cos <= threshold.unsqueeze(1), 1.0)
+        return slope.mul_(grad).mul_(ctx.scale), None, None, None
+
+
 class CurricularFace(BaseMargin):
     """CurricularFace (Huang et al., CVPR 2020), following ``head/metrics.py`` of HuangYG123/CurricularFace.
 
@@ -66,8 +84,7 @@ class CurricularFace(BaseMargin):
             with torch.no_grad():  # cos(theta_i + m) per row; rows without a label get no hard negatives
                 threshold = cos_theta_plus(target_all, self.m)
                 threshold = torch.where(inp.valid, threshold, torch.full_like(threshold, math.inf))
-            hard = cos > threshold.unsqueeze(1)
-            logits = torch.where(hard, cos * (t + cos), cos) * self.s
+            logits = _HardNegatives.apply(cos, threshold, float(t), self.s)
             rows, cols = inp.target_rows()
             target = cos[rows, cols]
             psi = torch.where(
