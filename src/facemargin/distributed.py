@@ -39,22 +39,22 @@ def world_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """SUM of ``t`` over the ranks, as a new tensor without gradient (``t`` itself on one process)."""
+def _all_reduce(t: Tensor, op: Any) -> Tensor:
     if world_and_rank()[0] == 1:
         return t
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """SUM of ``t`` over the ranks, as a new tensor without gradient (``t`` itself on one process)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: Tensor) -> Tensor:
     """MAX of ``t`` over the ranks, as a new tensor without gradient (``t`` itself on one process)."""
-    if world_and_rank()[0] == 1:
-        return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

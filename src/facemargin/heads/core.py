@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from ..margins import BaseMargin, MarginInput, MarginOutput
-from .base import HeadOutput
+from ..margins import BaseMargin, MarginInput, MarginOutput, as_margin
+from .base import HeadHooks, HeadOutput
+from .objectives import SoftmaxCrossEntropy
 
-__all__ = ["BlockLayout", "centre_cosine", "margin_block", "objective_output"]
+__all__ = ["BlockLayout", "CentreHead", "centre_cosine", "margin_block", "objective_output"]
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -115,3 +116,26 @@ def objective_output(
             logs[key] = extra.detach()
         logs.update({key: v.detach() for key, v in out.logs.items()})
         return HeadOutput(loss, logs)
+
+
+class CentreHead(HeadHooks, nn.Module):
+    """What the class-centre heads share: sizes, the margin (a name built with ``s``, ``grad`` and
+    ``margin_params``, or a ready margin module), the objective, ``loss = output(...).loss``."""
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, margin: str | BaseMargin, s: float | None,
+        grad: str | None, margin_params: dict[str, Any],
+    ) -> None:
+        nn.Module.__init__(self)
+        if embedding_size <= 0 or num_classes <= 0:
+            raise ValueError(
+                f"embedding_size and num_classes must be positive; got {embedding_size}, {num_classes}"
+            )
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.margin = as_margin(margin, s=s, grad=grad, **margin_params)
+        self.objective = SoftmaxCrossEntropy()
+
+    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the labelled rows (+ the margin's extra terms)."""
+        return self.output(embeddings, labels).loss

@@ -12,15 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum, world_and_rank
-from ..margins import BaseMargin, MarginOutput, as_margin, check_labels
-from .base import HeadHooks, HeadOutput, check_embeddings
-from .core import BlockLayout, centre_cosine, margin_block, objective_output
-from .objectives import SoftmaxCrossEntropy
+from ..margins import BaseMargin, MarginOutput, check_labels
+from .base import HeadOutput, check_embeddings
+from .core import BlockLayout, CentreHead, centre_cosine, margin_block, objective_output
 
 __all__ = ["MarginHead"]
 
 
-class MarginHead(HeadHooks, nn.Module):
+class MarginHead(CentreHead):
     """Class centres ``W[C, D]``, a margin and the softmax cross-entropy.
 
     ``forward(embeddings, labels)`` returns the margin's scaled logits ``[B, C]`` (float32;
@@ -47,15 +46,7 @@ class MarginHead(HeadHooks, nn.Module):
         grad: str | None = None,
         **margin_params: float | bool | str | None,
     ) -> None:
-        nn.Module.__init__(self)
-        if embedding_size <= 0 or num_classes <= 0:
-            raise ValueError(
-                f"embedding_size and num_classes must be positive; got {embedding_size}, {num_classes}"
-            )
-        self.embedding_size = embedding_size
-        self.num_classes = num_classes
-        self.margin = as_margin(margin, s=s, grad=grad, **margin_params)
-        self.objective = SoftmaxCrossEntropy()
+        super().__init__(embedding_size, num_classes, margin, s, grad, margin_params)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.normal_(self.weight, std=0.01)
         self._rows_split = False
@@ -86,10 +77,6 @@ class MarginHead(HeadHooks, nn.Module):
         out = self._margin_output(embeddings, labels)
         labels = labels.long()
         return objective_output(self.objective, out, labels, labels >= 0, self._layout())
-
-    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean cross-entropy over rows whose label is not ``-1`` (+ the margin's extra terms)."""
-        return self.output(embeddings, labels).loss
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}"

@@ -32,18 +32,17 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_gather_rows, all_gather_with_grad, all_reduce_sum, broadcast_object, world_and_rank
-from ..margins import BaseMargin, as_margin, check_labels
-from .base import HeadHooks, HeadOutput, check_embeddings
-from .core import BlockLayout, margin_block, objective_output
+from ..margins import BaseMargin, check_labels
+from .base import HeadOutput, check_embeddings
+from .core import BlockLayout, CentreHead, margin_block, objective_output
 from .margin_head import MarginHead
-from .objectives import SoftmaxCrossEntropy
 from .sampling import CentreSampling
 from .sharding import consolidate, gather_shards, init_rows, shard, shard_bounds
 
 __all__ = ["PartialFCHead"]
 
 
-class PartialFCHead(CentreSampling, HeadHooks, nn.Module):
+class PartialFCHead(CentreSampling, CentreHead):
     """Margin-softmax head whose class centres are sharded across the ranks.
 
     Args mirror :class:`MarginHead`, plus ``sample_rate`` (fraction of this shard's centres used
@@ -70,19 +69,11 @@ class PartialFCHead(CentreSampling, HeadHooks, nn.Module):
         seed: int | None = None,
         **margin_params: float | bool | str | None,
     ) -> None:
-        nn.Module.__init__(self)
-        if embedding_size <= 0 or num_classes <= 0:
-            raise ValueError(
-                f"embedding_size and num_classes must be positive; got {embedding_size}, {num_classes}"
-            )
+        super().__init__(embedding_size, num_classes, margin, s, grad, margin_params)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate}")
-        self.embedding_size = embedding_size
-        self.num_classes = num_classes
         self.sample_rate = float(sample_rate)
         self.ddp_grad_scale = ddp_grad_scale
-        self.margin = as_margin(margin, s=s, grad=grad, **margin_params)
-        self.objective = SoftmaxCrossEntropy()
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
         self.register_buffer("sample_seed", torch.tensor(int(broadcast_object(seed)), dtype=torch.long))
@@ -213,10 +204,6 @@ class PartialFCHead(CentreSampling, HeadHooks, nn.Module):
         valid = y_all >= 0
         out = margin_block(self.margin, x_all, weight, local, valid, self.num_classes, layout)
         return objective_output(self.objective, out, local, valid, layout)
-
-    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean cross-entropy over the global batch's labelled rows (+ the margin's extra terms)."""
-        return self.output(embeddings, labels).loss
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Same as :meth:`loss` (the local logits are of little use outside the head)."""
