@@ -17,7 +17,7 @@ from .data.decode import CHANNEL_ORDER, MEAN, STD
 from .config import to_plain
 from .heads import MarginHead
 from .margins import Margin
-from .metrics import VerificationAccuracy
+from .evaluation.pairs import PairsEvaluator
 from .partial_fc import PartialFCHead, consolidate_checkpoint, setup_partial_fc, shard_checkpoint
 from .optim import build_optimizer, build_scheduler
 
@@ -116,7 +116,9 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def _build_val_metrics(self, sets: VerificationSets) -> None:
         self.val_names = [name for name, _ in sets]
-        self.val_metrics = nn.ModuleList(VerificationAccuracy(issame, nfolds=self.nfolds) for _, issame in sets)
+        self.val_metrics = nn.ModuleList(
+            PairsEvaluator([b""] * (2 * len(issame)), issame, name, nfolds=self.nfolds) for name, issame in sets
+        )
 
     @property
     def uses_partial_fc(self) -> bool:

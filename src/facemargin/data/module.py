@@ -18,7 +18,6 @@ from .datasets import (
     RecordDataset,
     RecordStream,
     StreamDataLoader,
-    VerificationDataset,
 )
 from .decode import normalize_uint8
 from .faceset import FaceRecordSet, read_property
@@ -138,7 +137,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self._faceset: FaceRecordSet | None = None
         self._train_map: RecordDataset | None = None
         self._stream: RecordStream | None = None
-        self._val: list[VerificationDataset] | None = None
+        self._val: list | None = None
         self._resume: dict[str, int] | None = None  # from a checkpoint, applied to the next train loader
         self._consumed_epoch = -1
         self._consumed = 0
@@ -157,18 +156,20 @@ class FaceRecordDataModule(pl.LightningDataModule):
             self._faceset = FaceRecordSet(self.root)
         return self._faceset
 
-    def _val_datasets(self) -> list[VerificationDataset]:
+    def _val_datasets(self) -> list:
         if self._val is None:
+            from ..evaluation.pairs import BinPairsEvaluator
+
             missing = [str(p) for p in self.val_paths if not p.is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [VerificationDataset(p, output=self._output) for p in self.val_paths]  # type: ignore[arg-type]
+            self._val = [BinPairsEvaluator(p) for p in self.val_paths]
         return self._val
 
     @property
     def verification_sets(self) -> list[tuple[str, np.ndarray]]:
         """``(name, issame)`` per verification set, in ``val_dataloader()`` order."""
-        return [(ds.name, ds.issame) for ds in self._val_datasets()]
+        return [(ev.name, ev.issame) for ev in self._val_datasets()]
 
     def _rank_world(self) -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -246,8 +247,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         kw = self._loader_kwargs()
         kw.pop("persistent_workers", None)
         return [
-            DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, drop_last=False, **kw)
-            for ds in self._val_datasets()
+            DataLoader(ev.dataset(), batch_size=self.val_batch_size, shuffle=False, drop_last=False, **kw)
+            for ev in self._val_datasets()
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
