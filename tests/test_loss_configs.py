@@ -62,3 +62,34 @@ def test_margin_sweep_override(name):
 def test_out_of_range_override_names_the_parameter():
     with pytest.raises(Exception, match=r"'expface': m must lie in \(0, 1\]"):
         instantiate(loss_node("loss=expface", "loss.m=1.3"))
+
+
+def test_expface_ms1mv3_r50_experiment_composes_and_instantiates():
+    """The ExpFace authors' recipe: iresnet50, SGD 0.02/0.9/5e-4, batch 256, 20 epochs, cosine
+    per step without warm-up, clip 5, Partial FC sample rate 0.3, expface m = 0.7, s = 64."""
+    import torch
+    from hydra.utils import instantiate
+
+    from facemargin.heads import PartialFCHead
+    from facemargin.optim import lr_factor
+    from facemargin.train import build_model
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=expface_ms1mv3_r50", "output_dir=unused"])
+    assert cfg.backbone.name == "iresnet50" and cfg.data.batch_size == 256
+    assert (cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val, cfg.trainer.devices) == (20, 5.0, 1)
+    model = build_model(cfg, num_classes=1000)
+    head = model.head
+    assert isinstance(head, PartialFCHead) and head.sample_rate == 0.3 and head.num_sample == 300
+    assert head.margin.name == "expface" and head.margin.params == {"m": 0.7} and head.margin.s == 64.0
+    assert list(head.grad_clip_parameters()) == []  # clipping reaches the backbone only
+    opt = model.optimizer_factory(model.parameters())
+    assert type(opt) is torch.optim.SGD
+    assert {k: opt.defaults[k] for k in ("lr", "momentum", "weight_decay")} == {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
+    sched = model.scheduler_factory(opt, total_steps=100, steps_per_epoch=5)
+    assert sched.get_last_lr() == [0.02]  # no warm-up: full lr at step 0
+    for _ in range(50):
+        opt.step(), sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.01)  # cosine: half-way, half the lr
+    assert lr_factor(100, 100, name="cosine") == 0.0
+    assert instantiate(cfg.loss).params == {"m": 0.7}
