@@ -37,7 +37,6 @@ __all__ = [
     "check_range",
     "compute_dtype",
     "cos_theta_plus",
-    "with_gradient_of",
 ]
 
 # theta is clamped to [THETA_EPS, pi - THETA_EPS] wherever a derivative of psi(acos(cos)) is
@@ -86,11 +85,6 @@ def check_range(
         hi = ")" if high_open else "]"
         raise ValueError(f"{owner}: {name} must lie in {lo}{low:g}, {high:g}{hi}; got {value!r}")
     return v
-
-
-def with_gradient_of(value: Tensor, surrogate: Tensor) -> Tensor:
-    """``value`` in the forward pass, ``surrogate``'s gradient in the backward pass."""
-    return surrogate + (value - surrogate).detach()
 
 
 def cos_theta_plus(cos: Tensor, m: Tensor | float) -> Tensor:
