@@ -96,6 +96,23 @@ class CurricularFace(BaseMargin):
             return MarginOutput(logits, logs={"t": self.t.detach().clone()})
 
 
+class _ClampScaled(torch.autograd.Function):
+    """``s * clamp(c, low, high)`` with ``clamp``'s gradient (0 at and beyond the bounds), one
+    full-size temporary each way."""
+
+    @staticmethod
+    def forward(ctx, cos: Tensor, low: float, high: float, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos)
+        ctx.low, ctx.high, ctx.scale = low, high, scale
+        return cos.clamp(low, high).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (cos,) = ctx.saved_tensors
+        outside = (cos <= ctx.low).logical_or_(cos >= ctx.high)
+        return (grad * ctx.scale).masked_fill_(outside, 0.0), None, None, None
+
+
 class AdaFace(BaseMargin):
     """AdaFace (Kim et al., CVPR 2022), following ``head.py`` of mk-minchul/AdaFace.
 
@@ -126,15 +143,15 @@ class AdaFace(BaseMargin):
         if inp.norms is None:
             raise ValueError("adaface needs MarginInput.norms (the raw embedding norms)")
         with torch.autocast(device_type=inp.cos.device.type, enabled=False):
-            cos = inp.cos.to(compute_dtype(inp.cos)).clamp(-1.0 + self.eps, 1.0 - self.eps)
+            cos = inp.cos.to(compute_dtype(inp.cos))
             norms = inp.norms.detach().to(cos.dtype).clip(0.001, 100.0)
             if self.training:
                 self._update_statistics(inp, norms)
             scaler = (self.h * (norms - self.batch_mean) / (self.batch_std + self.eps)).clip(-1.0, 1.0)
-            logits = cos * self.s
+            logits = _ClampScaled.apply(cos, -1.0 + self.eps, 1.0 - self.eps, self.s)
             rows, cols = inp.target_rows()
             r = scaler[rows]
-            theta = torch.acos(cos[rows, cols])
+            theta = torch.acos(cos[rows, cols].clamp(-1.0 + self.eps, 1.0 - self.eps))
             psi = torch.cos((theta - self.m * r).clip(self.eps, math.pi - self.eps)) - (self.m + self.m * r)
             logits.index_put_((rows, cols), psi * self.s)
             logs = {"batch_mean": self.batch_mean.detach().clone(), "batch_std": self.batch_std.detach().clone()}
