@@ -181,7 +181,8 @@ class MagFace(BaseMargin):
     (the margin only where ``cos(theta) > 0``, else ``cos(theta)``), which we follow
     (``easy_margin=False``: ArcFace's fallback ``cos(theta) - m sin(m)`` where ``cos(theta) <= cos(pi - m)``).
     Regulariser ``g(a) = a / u_a^2 + 1 / a``, mean over the labelled rows, times ``lambda_g``,
-    returned as the extra loss ``"magface_g"``.
+    returned as the extra loss ``"magface_g"``. ``lambda_g = 35`` is ``run/run.sh``'s setting (the
+    argparse default of ``trainer.py`` and the ExpFace authors' ``MagLinear`` use 20).
     """
 
     name = "magface"
