@@ -99,15 +99,18 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int] | i
     ys, xs = np.mgrid[0:out_h, 0:out_w].astype(np.float64)
     sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
     sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
-    x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
-    fx, fy = sx - x0, sy - y0
     h, w = img.shape[:2]
-    src = img.reshape(h, w, -1).astype(np.float32)
-    out = np.zeros((out_h, out_w, src.shape[2]), dtype=np.float32)
-    for dy, dx, wgt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
-        xi, yi = x0 + dx, y0 + dy
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        out[inside] += wgt[inside, None].astype(np.float32) * src[yi[inside], xi[inside]]
+    # one pixel of black around the input: every sample with -1 < x < w, -1 < y < h reads its four
+    # neighbours from the padded image; samples further out are black
+    inside = (sx > -1) & (sx < w) & (sy > -1) & (sy < h)
+    sx, sy = np.where(inside, sx, 0.0), np.where(inside, sy, 0.0)
+    x0, y0 = np.floor(sx), np.floor(sy)
+    fx, fy = (sx - x0).astype(np.float32)[..., None], (sy - y0).astype(np.float32)[..., None]
+    padded = np.pad(img.reshape(h, w, -1), ((1, 1), (1, 1), (0, 0))).astype(np.float32)
+    xi, yi = x0.astype(np.intp) + 1, y0.astype(np.intp) + 1
+    top = padded[yi, xi] * (1 - fx) + padded[yi, xi + 1] * fx
+    bottom = padded[yi + 1, xi] * (1 - fx) + padded[yi + 1, xi + 1] * fx
+    out = (top * (1 - fy) + bottom * fy) * inside[..., None]
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return out[:, :, 0] if img.ndim == 2 else out
 
