@@ -14,7 +14,7 @@ from facemargin.align import ARCFACE_TEMPLATE, align_face, warp_affine
 from facemargin.data.decode import decode_image
 from facemargin.data.synthetic import render_identity
 from facemargin.evaluation.ijb import IJBEvaluator, roc_curve
-from facemargin.evaluation.models import EmbeddingModel
+from facemargin.evaluation.embedder import Embedder
 from facemargin.evaluation.runner import EmbeddingCache, embed_dataset, run_evaluator
 
 N_IDS = 12  # G1 = subjects 0..5, G2 = subjects 6..11; every subject: 1 gallery + 2 probe templates
@@ -156,14 +156,14 @@ def ijb(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def model() -> EmbeddingModel:
+def model() -> Embedder:
     """A small untrained CNN: the protocol only needs embeddings that depend on the face."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 7, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
         torch.nn.AdaptiveAvgPool2d(3), torch.nn.Flatten(), torch.nn.Linear(288, 32),
     )
-    return EmbeddingModel.from_module(net)
+    return Embedder.from_module(net)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_pooled_templates_and_scores_equal_the_reference(ijb, model, embedded, t
 
     # through the runner with a cache: the second run reads the embeddings back, same figures
     cache = EmbeddingCache(tmp_path / "cache")
-    keyed = EmbeddingModel(model.net, model.metadata, key="demo-weights")
+    keyed = Embedder(model.net, model.metadata, key="demo-weights")
     first, hit1 = run_evaluator(keyed, IJBEvaluator(root), cache, batch_size=32, num_workers=0, progress=False)
     again, hit2 = run_evaluator(keyed, IJBEvaluator(root), cache, batch_size=32, num_workers=0, progress=False)
     assert (hit1, hit2) == (False, True)

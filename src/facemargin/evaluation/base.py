@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 
+from ..align import align_face
 from ..data.decode import CorruptImageError, decode_image, to_uint8_chw
 
 __all__ = ["EncodedImages", "Evaluator", "ImageFiles", "file_key"]
@@ -62,10 +63,18 @@ class EncodedImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files decoded on access: ``(uint8 [3, H, W] RGB, int64 index)``; errors name the file."""
+    """Image files decoded on access: ``(uint8 [3, H, W] RGB, int64 index)``; errors name the file.
 
-    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+    With ``landmarks [N, 5, 2]`` each image is first aligned to the ``size x size`` ArcFace crop
+    (:func:`facemargin.align.align_face`).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], landmarks: np.ndarray | None = None, size: int = 112) -> None:
         self.paths = [Path(p) for p in paths]
+        if landmarks is not None and len(landmarks) != len(self.paths):
+            raise ValueError(f"{len(landmarks)} landmark rows for {len(self.paths)} images")
+        self.landmarks = landmarks
+        self.size = int(size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -75,8 +84,12 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         try:
             img = decode_image(path.read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {path}") from None
         except CorruptImageError as exc:
             raise CorruptImageError(f"{path}: corrupt image: {exc}") from exc
+        if self.landmarks is not None:
+            img = align_face(img, self.landmarks[index], self.size)
         return to_uint8_chw(img), torch.tensor(index, dtype=torch.long)
 
 

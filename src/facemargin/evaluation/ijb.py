@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .base import Evaluator, file_key
-from .ijb_files import GALLERIES, AlignedFaces, read_ijb_meta
+from .base import Evaluator, ImageFiles, file_key
+from .ijb_files import GALLERIES, read_ijb_meta
 from .pairs import far_key
 
 __all__ = [
@@ -219,7 +219,8 @@ class IJBEvaluator(Evaluator):
         self.image_size = int(image_size)
 
     def dataset(self) -> Dataset:
-        return AlignedFaces(self.meta, self.image_size)
+        crops = self.meta.root / "loose_crop"
+        return ImageFiles([crops / n for n in self.meta.names], self.meta.landmarks, self.image_size)
 
     def cache_key(self) -> str:
         return f"{file_key(*self.meta.files)}|{self.meta.root.resolve() / 'loose_crop'}|{self.image_size}"

@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C in insightface's release layout: the meta files and the aligned faces they describe.
+"""IJB-B / IJB-C in insightface's release layout: reading and cross-checking the meta files.
 
 ``root`` is one set's folder of insightface's ``IJB_release`` (``IJB_release/IJBC``)::
 
@@ -19,13 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from ..align import align_face
-from ..data.decode import CorruptImageError, decode_image, to_uint8_chw
-
-__all__ = ["AlignedFaces", "IJBMeta", "read_ijb_meta"]
+__all__ = ["IJBMeta", "read_ijb_meta"]
 
 GALLERIES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
 
@@ -126,27 +121,3 @@ def read_ijb_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
         templates=templates, medias=np.array([int(f[2]) for f in tid_rows], dtype=np.int64), pairs=pairs,
         galleries=galleries, probes=probes, files=files,
     )
-
-
-class AlignedFaces(Dataset):
-    """The IJB images aligned on access: ``(uint8 [3, size, size] RGB, int64 index)``."""
-
-    def __init__(self, meta: IJBMeta, size: int = 112) -> None:
-        self.root = meta.root / "loose_crop"
-        self.names = meta.names
-        self.landmarks = meta.landmarks
-        self.size = int(size)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = int(index)
-        path = self.root / self.names[index]
-        try:
-            img = decode_image(path.read_bytes())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"IJB image not found: {path}") from None
-        except CorruptImageError as exc:
-            raise CorruptImageError(f"{path}: corrupt image: {exc}") from exc
-        return to_uint8_chw(align_face(img, self.landmarks[index], self.size)), torch.tensor(index, dtype=torch.long)

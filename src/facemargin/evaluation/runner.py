@@ -1,6 +1,6 @@
 """The embedding runner behind ``facemargin.evaluate`` and ``facemargin.embed``, and its cache.
 
-:func:`embed_dataset` runs an :class:`~facemargin.evaluation.models.EmbeddingModel` over any
+:func:`embed_dataset` runs an :class:`~facemargin.evaluation.embedder.Embedder` over any
 dataset of ``(uint8 image [3, H, W], index)`` items: batched, decoded in DataLoader workers,
 image + flip in one forward, a progress bar. :func:`run_evaluator` feeds the result to an
 evaluator; with an :class:`EmbeddingCache` the embeddings of a (model, set) pair are stored once,
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .base import Evaluator
-from .models import EmbeddingModel
+from .embedder import Embedder
 
 __all__ = ["EmbeddingCache", "embed_dataset", "run_evaluator"]
 
@@ -37,7 +37,7 @@ def _collate(batch: list[tuple[torch.Tensor, torch.Tensor]], size: int, name: st
 
 
 def embed_dataset(
-    model: EmbeddingModel,
+    model: Embedder,
     dataset: Dataset,
     batch_size: int = 256,
     num_workers: int = 2,
@@ -102,7 +102,7 @@ class EmbeddingCache:
 
 
 def run_evaluator(
-    model: EmbeddingModel,
+    model: Embedder,
     evaluator: Evaluator,
     cache: EmbeddingCache | None = None,
     batch_size: int = 256,

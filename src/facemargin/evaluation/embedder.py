@@ -1,10 +1,10 @@
 """A trained face embedder as the entry points use it: a checkpoint, ONNX or TorchScript file.
 
-:class:`EmbeddingModel` pairs a network (normalised float images ``[B, 3, H, W]`` -> ``[B, D]``)
+:class:`Embedder` pairs a network (normalised float images ``[B, 3, H, W]`` -> ``[B, D]``)
 with the input pipeline recorded next to it (``metadata``: ``input_size``, ``channel_order``,
 ``mean``/``std`` of ``(x / 255 - mean) / std``, ``embedding_size``, ``flip_fused``, the
 ``verification`` thresholds validation chose, the training ``config``). It takes uint8 images,
-so every caller feeds it exactly as training did. :func:`load_model` opens any of the files
+so every caller feeds it exactly as training did. :func:`load_embedder` opens any of the files
 ``facemargin.train`` and ``facemargin.export`` write.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from ..data.decode import CHANNEL_ORDER, MEAN, STD
 from .base import file_key
 
-__all__ = ["METADATA_KEY", "EmbeddingModel", "load_model"]
+__all__ = ["METADATA_KEY", "Embedder", "load_embedder"]
 
 #: Name of the metadata entry inside exported files (ONNX ``metadata_props``, TorchScript extra file).
 METADATA_KEY = "facemargin"
@@ -37,7 +38,7 @@ def default_metadata(input_size: int = 112, embedding_size: int | None = None) -
     }
 
 
-class EmbeddingModel:
+class Embedder:
     """Images in (uint8), embeddings out; flip test and normalisation as the metadata says.
 
     ``net``: a callable on normalised float images on ``device``; ``key``: identifies the weights
@@ -64,7 +65,7 @@ class EmbeddingModel:
 
     @classmethod
     def from_module(cls, module: nn.Module, metadata: dict[str, Any] | None = None, key: str | None = None,
-                    source: str = "model", device: str | torch.device = "cpu") -> "EmbeddingModel":
+                    source: str = "model", device: str | torch.device = "cpu") -> "Embedder":
         """Wrap an ``nn.Module`` (put in eval mode on ``device``)."""
         module = module.to(device).eval()
         size = getattr(module, "input_size", None)
@@ -136,7 +137,7 @@ def _pick_device(device: str) -> str:
     return device
 
 
-def _load_onnx(path: Path, device: str) -> EmbeddingModel:
+def _load_onnx(path: Path, device: str) -> Embedder:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -151,15 +152,17 @@ def _load_onnx(path: Path, device: str) -> EmbeddingModel:
     def run(x: Tensor) -> Tensor:
         return torch.from_numpy(session.run(None, {input_name: x.detach().cpu().numpy()})[0])
 
-    return EmbeddingModel(run, json.loads(props[METADATA_KEY]), file_key(path), str(path), "cpu")
+    return Embedder(run, json.loads(props[METADATA_KEY]), file_key(path), str(path), "cpu")
 
 
-def _load_torchscript(path: Path, device: str) -> EmbeddingModel:
+def _load_torchscript(path: Path, device: str) -> Embedder:
     extra = {f"{METADATA_KEY}.json": ""}
-    module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    with warnings.catch_warnings():  # TorchScript is deprecated in recent torch, still loads
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     if not extra[f"{METADATA_KEY}.json"]:
         raise ValueError(f"{path}: TorchScript file without facemargin metadata; export with python -m facemargin.export")
-    return EmbeddingModel(module.eval(), json.loads(extra[f"{METADATA_KEY}.json"]), file_key(path), str(path), device)
+    return Embedder(module.eval(), json.loads(extra[f"{METADATA_KEY}.json"]), file_key(path), str(path), device)
 
 
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -170,18 +173,18 @@ def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return dict(ckpt["facemargin"])
 
 
-def _load_checkpoint(path: Path, device: str) -> EmbeddingModel:
+def _load_checkpoint(path: Path, device: str) -> Embedder:
     from ..checkpoint import load_module
 
     meta = checkpoint_metadata(path)
     module = load_module(path, map_location="cpu")
     meta = {k: meta[k] for k in ("channel_order", "mean", "std", "input_size", "embedding_size", "verification",
                                  "config", "num_classes") if k in meta}
-    return EmbeddingModel.from_module(module.backbone, meta, file_key(path), str(path), device)
+    return Embedder.from_module(module.backbone, meta, file_key(path), str(path), device)
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu") -> EmbeddingModel:
-    """An :class:`EmbeddingModel` from a training checkpoint (``.ckpt``), an ONNX file or a TorchScript file."""
+def load_embedder(path: str | os.PathLike, device: str = "cpu") -> Embedder:
+    """An :class:`Embedder` from a training checkpoint (``.ckpt``), an ONNX file or a TorchScript file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
