@@ -44,7 +44,9 @@ def faces(tmp_path_factory) -> Path:
         (root / "images" / person).mkdir(parents=True)
         for i, img in enumerate(render_identity(k, 3, seed=7, split=1), start=1):
             (root / "images" / person / f"{person}_{i:04d}.jpg").write_bytes(simplejpeg.encode_jpeg(img, quality=95))
-    lines = ["10\t2"] + [f"Person_{k}\t1\t{2 + k % 2}" for k in range(4)] + [f"Person_{k}\t1\tPerson_{(k + 1) % 4}\t3" for k in range(4)]
+    lines = ["2\t4"]  # LFW header: folds, pairs per fold; same and different pairs alternate
+    for k in range(4):
+        lines += [f"Person_{k}\t1\t{2 + k % 2}", f"Person_{k}\t1\tPerson_{(k + 1) % 4}\t3"]
     (root / "pairs.txt").write_text("\n".join(lines) + "\n")
     return root
 

@@ -113,21 +113,10 @@ def export_model(
 
 
 def checkpoint_export_metadata(record: dict[str, Any], source: str) -> dict[str, Any]:
-    """What an exported file records from a checkpoint's ``facemargin`` record."""
-    config = record.get("config") or {}
-    head = config.get("head") or {}
-    return {
-        "channel_order": record.get("channel_order", "RGB"),
-        "mean": record.get("mean", 0.5),
-        "std": record.get("std", 0.5),
-        "input_size": int(record.get("input_size", 112)),
-        "embedding_size": record.get("embedding_size"),
-        "num_classes": record.get("num_classes"),
-        "margin": head.get("margin") if isinstance(head, dict) else None,
-        "verification": record.get("verification") or {},
-        "config": config,
-        "source": Path(source).name,
-    }
+    """What an exported file records from a module's :meth:`~facemargin.module.FaceRecognitionModule.record`."""
+    keys = ("channel_order", "mean", "std", "input_size", "embedding_size", "num_classes", "verification", "config")
+    head = record["config"].get("head") or {}
+    return {**{k: record[k] for k in keys}, "margin": head.get("margin"), "source": Path(source).name}
 
 
 def export_checkpoint(
@@ -137,13 +126,12 @@ def export_checkpoint(
     """Export the backbone of a training checkpoint (default ``out``: the checkpoint's name with
     ``.onnx`` / ``.pt``)."""
     from .checkpoint import load_module
-    from .evaluation.embedder import checkpoint_metadata
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     ckpt_path = Path(ckpt_path)
     module = load_module(ckpt_path, map_location="cpu")
-    meta = checkpoint_export_metadata(checkpoint_metadata(ckpt_path), str(ckpt_path))
+    meta = checkpoint_export_metadata(module.record(), str(ckpt_path))
     target = Path(out) if out else ckpt_path.with_suffix(FORMATS[format])
     return export_model(module.backbone, target, format, meta, flip_fused, opset)
 

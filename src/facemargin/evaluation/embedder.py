@@ -165,22 +165,11 @@ def _load_torchscript(path: Path, device: str) -> Embedder:
     return Embedder(module.eval(), json.loads(extra[f"{METADATA_KEY}.json"]), file_key(path), str(path), device)
 
 
-def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """``checkpoint["facemargin"]`` (plain types), read without materialising the weights."""
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    if "facemargin" not in ckpt:
-        raise ValueError(f"{path}: not a facemargin checkpoint (no 'facemargin' entry)")
-    return dict(ckpt["facemargin"])
-
-
 def _load_checkpoint(path: Path, device: str) -> Embedder:
     from ..checkpoint import load_module
 
-    meta = checkpoint_metadata(path)
     module = load_module(path, map_location="cpu")
-    meta = {k: meta[k] for k in ("channel_order", "mean", "std", "input_size", "embedding_size", "verification",
-                                 "config", "num_classes") if k in meta}
-    return Embedder.from_module(module.backbone, meta, file_key(path), str(path), device)
+    return Embedder.from_module(module.backbone, module.record(), file_key(path), str(path), device)
 
 
 def load_embedder(path: str | os.PathLike, device: str = "cpu") -> Embedder:
