@@ -86,7 +86,7 @@ class Embedder:
         x = images.to(self.device, non_blocking=True)
         if self.metadata["channel_order"] == "BGR":
             x = x.flip(1)
-        return (x.float() / 255.0 - self._mean) / self._std
+        return x.float().div_(255.0).sub_(self._mean).div_(self._std)  # one float copy, then in place
 
     @torch.inference_mode()
     def embed_views(self, images: Tensor, flip: bool = True) -> tuple[Tensor, Tensor | None]:

@@ -221,7 +221,10 @@ class PairsEvaluator(Evaluator):
 
 
 class BinPairsEvaluator(PairsEvaluator):
-    """A :class:`PairsEvaluator` over an insightface ``.bin`` (``lfw.bin`` -> name ``lfw``)."""
+    """A :class:`PairsEvaluator` over an insightface ``.bin`` (``lfw.bin`` -> name ``lfw``).
+
+    ``path``: a local path or a URL (read through :func:`facemargin.data.storage.cached_copy`).
+    """
 
     def __init__(
         self,
@@ -233,10 +236,9 @@ class BinPairsEvaluator(PairsEvaluator):
     ) -> None:
         from ..data.verification import load_bin
 
-        path = Path(path)
-        images, issame = load_bin(path)
-        super().__init__(images, issame, name or path.stem, nfolds, far_targets, source=str(path), **kwargs)
-        self.path = path
+        self.path = str(path)
+        images, issame = load_bin(self.path)
+        super().__init__(images, issame, name or Path(self.path).stem, nfolds, far_targets, source=self.path, **kwargs)
 
     @classmethod
     def demo(cls, name: str = "demo_val", **kwargs: Any) -> "BinPairsEvaluator":
@@ -246,7 +248,9 @@ class BinPairsEvaluator(PairsEvaluator):
         return cls(ensure_demo_dataset() / "demo_val.bin", name=name, **kwargs)
 
     def cache_key(self) -> str:
-        return file_key(self.path)
+        from ..data.storage import cached_copy
+
+        return file_key(cached_copy(self.path))
 
 
 class FolderPairsEvaluator(PairsEvaluator):
