@@ -283,3 +283,23 @@ def test_meta_errors_name_the_file(ijb, tmp_path) -> None:
         IJBEvaluator(root)
     with pytest.raises(ValueError, match="IJBB or IJBC"):
         IJBEvaluator(root, target="IJBA")
+
+
+def test_ijb_evaluator_runs_in_lightning_validation(ijb, model, embedded) -> None:
+    """The same evaluator object inside FaceRecognitionModule's validation: logged, not averaged into val/acc."""
+    import lightning.pytorch as pl
+
+    from facemargin.heads import MarginHead
+    from facemargin.module import FaceRecognitionModule
+
+    root, _ = ijb
+    module = FaceRecognitionModule(model.net, MarginHead(32, 4), evaluators=[IJBEvaluator(root)],
+                                   val_batch_size=64, val_num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    logged = trainer.validate(module, verbose=False)[0]
+    want = IJBEvaluator(root).score(*embedded)
+    assert "val/acc" not in logged and not module.verification  # IJB has no accuracy and no threshold
+    for key in ("tar@far=1e-1", "tar@far=1e-2", "auc", "rank1", "rank5", "tpir@fpir=1e-1"):
+        assert logged[f"val/ijbc/{key}"] == pytest.approx(want[key], abs=1e-4), key
+    assert math.isnan(logged["val/ijbc/tar@far=1e-4"])

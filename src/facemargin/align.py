@@ -6,7 +6,9 @@ nose tip, left and right mouth corners, in image pixels) are mapped onto :data:`
 by the least-squares similarity transform (rotation, uniform scale, translation; what skimage's
 ``SimilarityTransform.estimate`` returns), and the image is resampled with one bilinear affine
 warp whose outside is black (OpenCV ``warpAffine(..., borderValue=0)``). Pixel ``(x, y)`` is the
-centre of column ``x``, row ``y`` in both images, as in OpenCV.
+centre of column ``x``, row ``y`` in both images, as in OpenCV. OpenCV rounds each sampling
+position to 1/32 pixel and its weights to 1/1024; this warp computes them exactly, so a pixel can
+differ from OpenCV's by a grey level.
 
 Stable API (the packer imports it): :func:`estimate_similarity`, :func:`warp_affine`,
 :func:`align_face`, :func:`arcface_template`.
