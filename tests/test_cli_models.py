@@ -147,7 +147,7 @@ def test_embed_and_compare_entry_points(demo_checkpoint, faces, tmp_path, capsys
     assert capsys.readouterr().out.strip().endswith("(given): same person")
     with pytest.raises(SystemExit, match=r"unknown option\(s\) \['thresh'\]"):
         compare_main([str(demo_checkpoint), str(a), str(b), "thresh=0.3"])
-    with pytest.raises(ValueError, match=r"image 0 is 220x220 but the model takes 112x112 aligned faces"):
+    with pytest.raises(ValueError, match=r"photos/p0\.png is 220x220 but the model takes 112x112 aligned faces: align it"):
         embed_main([str(demo_checkpoint), str(photos), f"out={tmp_path / 'x.npy'}", "progress=false"])
 
 

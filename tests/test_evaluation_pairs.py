@@ -334,3 +334,15 @@ def test_folder_pairs_refuse_mixed_sizes_naming_both_files(tmp_path: Path) -> No
     assert ev.name == tmp_path.name and ev.issame.tolist() == [True, False] and ev.num_images == 4
     image, index = ev.dataset()[3]
     assert image.shape == (3, 16, 16) and int(index) == 3
+
+
+def test_runner_refuses_images_of_another_size_than_the_model_takes(tmp_path: Path) -> None:
+    from facemargin.data.verification import write_bin
+    from facemargin.evaluation.embedder import Embedder
+    from facemargin.evaluation.pairs import BinPairsEvaluator
+    from facemargin.evaluation.runner import run_evaluator
+
+    path = write_bin(tmp_path / "small_faces.bin", [_face(60), _face(90)], [True])
+    model = Embedder.from_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4)))
+    with pytest.raises(ValueError, match=r"small_faces: image 0 is 16x16 but the model takes 112x112 aligned faces"):
+        run_evaluator(model, BinPairsEvaluator(path), num_workers=0, progress=False)

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .data.verification import encoded_image_size
 from .evaluation.base import ImageFiles
 from .evaluation.embedder import Embedder, load_embedder
 from .evaluation.runner import embed_dataset
@@ -75,8 +76,20 @@ def embed_files(
     model: Embedder, paths: Sequence[Path], landmarks: np.ndarray | None = None, batch_size: int = 64,
     num_workers: int = 0, progress: bool = True,
 ) -> np.ndarray:
-    """L2-normalised embeddings ``[N, D]`` (image + flip) of image files, aligned when landmarks are given."""
-    images = ImageFiles(paths, landmarks, model.input_size)
+    """L2-normalised embeddings ``[N, D]`` (image + flip) of image files, aligned when landmarks are given.
+
+    Without landmarks every image must be an aligned crop of the model's input size: a file of
+    another size (read from its header) is refused by name.
+    """
+    side = model.input_size
+    if landmarks is None:
+        for path in paths:
+            with open(path, "rb") as f:
+                size = encoded_image_size(f.read(1 << 16))
+            if size is not None and size != (side, side):
+                raise ValueError(f"{path} is {size[1]}x{size[0]} but the model takes {side}x{side} aligned faces: "
+                                 "align it first, or give its 5 landmarks (landmarks=FILE)")
+    images = ImageFiles(paths, landmarks, side)
     emb, _ = embed_dataset(model, images, batch_size, num_workers, progress, name=str(Path(paths[0]).parent))
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
