@@ -171,3 +171,30 @@ def test_readme_use_your_model_snippet_runs(demo_checkpoint, faces, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert re.fullmatch(r"cosine -?\d\.\d{3}: (same person|different people)\n", capsys.readouterr().out)
+
+
+def test_tables_group_sets_by_protocol_and_explain_nulls() -> None:
+    from facemargin.evaluate import format_tables
+
+    nan = float("nan")
+    result = {
+        "sets": {
+            "lfw": {"acc": 0.99833, "xnorm": 21.456, "tar@far=1e-4": nan},
+            "agedb_30": {"acc": 0.98, "xnorm": 20.0, "tar@far=1e-4": nan},
+            "ijbc": {"tar@far=1e-4": 0.9621, "rank1": 0.97},
+        },
+        "notes": {"lfw": {"tar@far=1e-4": "needs 10000"}, "agedb_30": {"tar@far=1e-4": "needs more"}, "ijbc": {}},
+    }
+    assert format_tables(result) == (
+        "set          acc  xnorm  tar@far=1e-4\n"
+        "--------  ------  -----  ------------\n"
+        "lfw       0.9983  21.46         null*\n"
+        "agedb_30  0.9800  20.00         null*\n"
+        "\n"
+        "set   tar@far=1e-4   rank1\n"
+        "----  ------------  ------\n"
+        "ijbc        0.9621  0.9700\n"
+        "\n"
+        "* lfw tar@far=1e-4: needs 10000\n"
+        "* agedb_30 tar@far=1e-4: needs more"
+    )

@@ -54,7 +54,7 @@ def evaluate(
 def _cell(key: str, value: float) -> str:
     if math.isnan(value):
         return "null*"
-    if key in ("xnorm",):
+    if key == "xnorm":
         return f"{value:.2f}"
     return f"{value:.4f}"
 
