@@ -1,7 +1,7 @@
 """Embeddings/s of facemargin.evaluate's runner vs a plain loop over already-decoded images.
 
 Both embed every image of the demo ``demo_val.bin`` (600 images) and its horizontal flip with the
-same model in eval mode, in the same process, alternately (A B A B ...). The runner
+same model in eval mode, in the same process, alternately (A B B A A B ...). The runner
 (:func:`facemargin.evaluation.runner.embed_dataset`) starts from the encoded JPEG bytes: it decodes
 them (in DataLoader workers), batches uint8 images, normalises them and runs image + flip in one
 forward. The plain loop gets the images decoded in advance (its decoding is not timed) and runs
@@ -63,9 +63,13 @@ def main() -> None:
     plain_loop(net, decoded[: args.batch], args.batch, device)  # warm-up (allocator, kernels)
     runner(model, evaluator, args.batch, args.workers)
     runs: dict[str, list[float]] = {"plain": [], "runner": []}
-    for _ in range(args.repeats):
-        runs["plain"].append(plain_loop(net, decoded, args.batch, device))
-        runs["runner"].append(runner(model, evaluator, args.batch, args.workers))
+    for r in range(args.repeats):  # A B, B A, A B, ...: drifting load falls on both sides alike
+        order = ("plain", "runner") if r % 2 == 0 else ("runner", "plain")
+        for name in order:
+            if name == "plain":
+                runs[name].append(plain_loop(net, decoded, args.batch, device))
+            else:
+                runs[name].append(runner(model, evaluator, args.batch, args.workers))
     med = {k: statistics.median(v) for k, v in runs.items()}
     print("| loop | median images/s | runs |\n|---|---|---|")
     for name in ("plain", "runner"):
