@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import init_weights
 from .module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, FaceRecognitionModule, pl.Lightn
     """Instantiate the DataModule, the LightningModule and the Trainer from a composed config."""
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
+    if cfg.get("init_weights") and not cfg.get("ckpt_path"):  # resuming restores everything anyway
+        init_weights(model, cfg.init_weights)
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node]
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node]
     if not loggers:  # nothing to log learning rates to (logger=none)
