@@ -152,7 +152,7 @@ class FaceRecognitionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
+        images, labels = batch[0], batch[1]  # (images, labels, sample_index) from the data loaders
         loss = self.head.loss(self(images), labels.long())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
         return loss
