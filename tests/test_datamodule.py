@@ -12,6 +12,7 @@ import pytest
 import simplejpeg
 import torch
 from conftest import face_image, write_face_set
+from torch.utils.data import DataLoader
 
 from facemargin.data.module import FaceRecordDataModule
 from facemargin.data.verification import write_bin
@@ -39,15 +40,15 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_datamodule(demo_cache: Path) -> None:
     dm = FaceRecordDataModule(demo=True, demo_cache_dir=demo_cache, demo_options=SMALL_DEMO, batch_size=8, num_workers=0)
     assert dm.num_classes == 12 and dm.image_size == (112, 112)  # before setup
-    assert [name for name, _ in dm.verification_sets] == ["demo_val"]
+    (ev,) = dm.evaluators()
+    assert ev.name == "demo_val" and ev.issame.dtype == bool and ev.issame.size == 20
     dm.setup("fit")
     raw = next(iter(dm.train_dataloader()))
     assert raw[0].dtype == torch.uint8 and raw[0].shape == (8, 3, 112, 112)  # uint8 through the workers
     images, labels, index = dm.on_after_batch_transfer(raw, 0)
     assert images.dtype == torch.float32 and torch.equal(images, raw[0].float() / 127.5 - 1)
     assert labels.dtype == index.dtype == torch.long and torch.equal(labels, torch.from_numpy(dm.source.labels())[index])
-    (val,) = dm.val_dataloader()
-    vi, idx = dm.normalize_batch(next(iter(val)))
+    vi, idx = dm.normalize_batch(next(iter(DataLoader(ev.dataset(), batch_size=16))))
     assert vi.dtype == torch.float32 and vi.shape[1:] == (3, 112, 112) and idx.tolist() == list(range(len(idx)))
     assert FaceRecordDataModule("demo", demo_cache_dir=demo_cache, demo_options=SMALL_DEMO).root == dm.root
 
@@ -55,16 +56,16 @@ def test_demo_datamodule(demo_cache: Path) -> None:
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
 def test_recordio_datamodule_loaders(tmp_path: Path, streaming: bool) -> None:
     root = make_root(tmp_path / "set", n=100, num_classes=30)
-    dm = FaceRecordDataModule(root, val_sets=["cfp_fp", "lfw"], batch_size=16, val_batch_size=4, num_workers=2,
+    dm = FaceRecordDataModule(root, val_sets=["cfp_fp", "lfw"], batch_size=16, num_workers=2,
                               streaming=streaming, chunk_size=4, shuffle_buffer=32)
-    assert dm.num_classes == 30 and [n for n, _ in dm.verification_sets] == ["cfp_fp", "lfw"]
+    assert dm.num_classes == 30 and [ev.name for ev in dm.evaluators()] == ["cfp_fp", "lfw"]
     dm.setup("fit")
     train = dm.train_dataloader()
     batches = list(train)
     assert len(batches) == len(train) == 100 // 16 and all(b[0].shape == (16, 3, 16, 16) for b in batches)
     labels = torch.cat([b[1] for b in batches])
     assert labels.dtype == torch.long and labels.unique().numel() >= 25
-    assert [len(v.dataset) for v in dm.val_dataloader()] == [4, 6]
+    assert [len(ev.dataset()) for ev in dm.evaluators()] == [4, 6]
 
 
 def test_missing_val_set_is_named(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """facemargin: margin-based softmax losses for face recognition, as a PyTorch Lightning plug-in.
 
-Exports are imported on first use (PEP 562), so ``import facemargin.data`` (CLIs, DataLoader
-workers) does not pay for torch, timm or Lightning. Using a backbone name in timm registers the
-iresnet / MobileFaceNet models: ``import facemargin.backbones`` first.
+The main classes are exported lazily: ``import facemargin`` is cheap, and e.g.
+``from facemargin import FaceRecognitionModule`` imports Lightning only then. Importing
+:mod:`facemargin.backbones` registers the face backbones (iresnet*, mobilefacenet) in timm.
 """
 
 from __future__ import annotations
@@ -11,20 +11,28 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+
 _EXPORTS = {
     "MarginHead": "facemargin.heads",
+    "PartialFCHead": "facemargin.heads",
     "Margin": "facemargin.margins",
     "available_margins": "facemargin.margins",
     "build_margin": "facemargin.margins",
+    "FaceRecognitionModule": "facemargin.module",
+    "FaceRecordDataModule": "facemargin.data.module",
+    "load_module": "facemargin.checkpoint",
+    "build_embedder": "facemargin.backbones",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        importlib.import_module("facemargin.backbones")  # registers iresnet*, mobilefacenet in timm
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'facemargin' has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'facemargin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

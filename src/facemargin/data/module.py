@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .datasets import VerificationDataset
 from .decode import normalize_uint8
 from .faceset import FaceRecordSet
 from .loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
@@ -51,10 +49,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
             ``source="folder"``; ``None`` or ``"demo"`` (or ``demo=True``) uses the built-in synthetic set.
         source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.FolderSource`) or a
             callable ``root -> FaceSource`` (Hydra: ``_target_: my.Source`` with ``_partial_: true``).
-        val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files.
-            In demo mode ``demo_val.bin`` comes first.
+        val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files,
+            offered to the LightningModule by :meth:`evaluators`. In demo mode ``demo_val.bin`` comes first.
         batch_size: per-rank training batch size (whole batches only: the head gathers across ranks).
-        val_batch_size: per-rank verification batch size.
         num_workers: DataLoader workers, capped at the CPU cores available.
         pin_memory: ``None`` (default): pinned only when the trainer runs on CUDA.
         persistent_workers: keep workers between epochs.
@@ -82,7 +79,6 @@ class FaceRecordDataModule(pl.LightningDataModule):
         root: str | os.PathLike | None = None,
         val_sets: Sequence[str | os.PathLike] = (),
         batch_size: int = 128,
-        val_batch_size: int = 256,
         num_workers: int = 2,
         streaming: bool = False,
         shuffle_buffer: int = 32768,
@@ -105,7 +101,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.save_hyperparameters(
             dict(
                 root=None if root is None else str(root), val_sets=[str(v) for v in val_list],
-                batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                batch_size=batch_size, num_workers=num_workers,
                 streaming=streaming, shuffle_buffer=shuffle_buffer, chunk_size=chunk_size, seed=seed,
                 flip_p=flip_p, on_corrupt=on_corrupt, pin_memory=pin_memory,
                 persistent_workers=persistent_workers, demo=demo,
@@ -129,7 +125,6 @@ class FaceRecordDataModule(pl.LightningDataModule):
             self.root = Path(root).expanduser()  # type: ignore[arg-type]
         self.val_paths = [self._resolve_val(v) for v in val_list]
         self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory
         self.persistent_workers = bool(persistent_workers)
@@ -138,7 +133,6 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.flip_p = float(flip_p)
         self.on_corrupt = on_corrupt
         self.augment = augment
-        self._output = "uint8"  # verification loaders ship uint8 too; normalised on the device
         self._source_kind = source
         self._source: FaceSource | None = None
         if source == "recordio":
@@ -151,7 +145,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             else:
                 raise ValueError(f"source must be 'recordio', 'folder' or a callable root -> FaceSource, got {source!r}")
             self.num_classes, self.image_size = self._source.num_classes, self._source.image_size  # type: ignore[assignment]
-        self._val: list[VerificationDataset] | None = None
+        self._val: list | None = None
         self._train_loader: TrainLoader | None = None
         self._resume: dict[str, Any] | None = None  # loader state from a checkpoint, for the next train loader
 
@@ -169,18 +163,17 @@ class FaceRecordDataModule(pl.LightningDataModule):
             self._source = FaceRecordSet(self.root)
         return self._source
 
-    def _val_datasets(self) -> list[VerificationDataset]:
+    def evaluators(self) -> list:
+        """One :class:`~facemargin.evaluation.BinPairsEvaluator` per verification set, in ``val_sets``
+        order (the LightningModule runs them in validation). Missing files raise, naming them."""
         if self._val is None:
+            from ..evaluation.pairs import BinPairsEvaluator
+
             missing = [str(p) for p in self.val_paths if not p.is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [VerificationDataset(p, output=self._output) for p in self.val_paths]  # type: ignore[arg-type]
-        return self._val
-
-    @property
-    def verification_sets(self) -> list[tuple[str, np.ndarray]]:
-        """``(name, issame)`` per verification set, in ``val_dataloader()`` order."""
-        return [(ds.name, ds.issame) for ds in self._val_datasets()]
+            self._val = [BinPairsEvaluator(p) for p in self.val_paths]
+        return list(self._val)
 
     def _rank_world(self) -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -198,11 +191,11 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.source  # noqa: B018
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the training set (fit) and the verification sets."""
+        """Open the training set (fit) and check the verification files."""
         if stage in (None, "fit"):
             self.source  # noqa: B018 - validates the files early, on every rank
-        if stage in (None, "fit", "validate", "predict"):
-            self._val_datasets()
+        if stage in (None, "fit", "validate"):
+            self.evaluators()  # fail early on a missing verification file
 
     # ---- loaders
     def _loader_kwargs(self) -> dict[str, Any]:
@@ -236,21 +229,15 @@ class FaceRecordDataModule(pl.LightningDataModule):
         """Damaged training samples replaced so far (``on_corrupt="skip"``)."""
         return 0 if self._train_loader is None else self._train_loader.dataset.num_skipped  # type: ignore[attr-defined]
 
-    def _eval_loaders(self) -> list[DataLoader]:
-        kw = self._loader_kwargs()
-        kw.pop("persistent_workers", None)
-        return [
-            DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, drop_last=False, **kw)
-            for ds in self._val_datasets()
-        ]
-
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader of ``(images, indices)`` per verification set (order of ``verification_sets``)."""
-        return self._eval_loaders()
+        """The LightningModule's evaluator loaders: evaluators own their images (this DataModule's
+        :meth:`evaluators` among them), the module runs them; Lightning asks the DataModule."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    def predict_dataloader(self) -> list[DataLoader]:
-        """The verification images again (for embedding export)."""
-        return self._eval_loaders()
+        module = self.trainer.lightning_module if self._trainer_or_none() is not None else None
+        if module is None or not is_overridden("val_dataloader", module):
+            return []
+        return module.val_dataloader()
 
     # ---- device-side augmentation and normalisation
     @staticmethod
