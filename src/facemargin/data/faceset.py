@@ -191,7 +191,7 @@ class FaceRecordSet(FaceSource):
         empty = np.zeros(0, dtype=np.int64)
         pos0 = int(index.positions(0))
         if pos0 >= 0:
-            header, labels, image = unpack_record(reader.payload_at(pos0))
+            header, labels, image = _unpack(reader.payload_at(pos0), reader.where(pos0))
             if header.flag > 0 and len(image) == 0:
                 return self._insightface_layout(reader, labels)
         start, count = 0, len(index)
@@ -248,7 +248,7 @@ class FaceRecordSet(FaceSource):
             pos = int(ident_pos[c])
             where = reader.where(pos)
             payload = unframe(raw, where, at_eof=pos + 1 >= len(reader), file_offset=int(reader.index.offsets[pos]))[0]
-            header, labels, image = unpack_record(payload)
+            header, labels, image = _unpack(payload, where)
             if header.flag < 2 or len(image):
                 raise RecordIOError(f"{where}: identity record {c} must hold labels (first_key, end_key), no image")
             lo[c], hi[c] = _as_key(labels[0], where), _as_key(labels[1], where)
@@ -426,6 +426,13 @@ def _read_runs(reader: RecordIOReader, positions: np.ndarray) -> list[bytes]:
                     out[run[j]] = data[s - start: e - start]
             first = last + 1
     return out
+
+
+def _unpack(payload: bytes, where: str):
+    try:
+        return unpack_record(payload)
+    except ValueError as exc:
+        raise RecordIOError(f"{where}: {exc}") from None
 
 
 def _as_key(value: float, where: str) -> int:

@@ -191,6 +191,10 @@ class RecordIndex:
             why = (f"is past the end of {rec_name} ({rec_size} bytes)" if o[j] >= rec_size
                    else "is not a multiple of 4 (records start 4-byte aligned)")
             raise RecordIOError(f"{idx_name}: key {int(k[j])} -> offset {int(o[j])} {why}")
+        sk = np.sort(k)
+        dup = np.flatnonzero(np.diff(sk) == 0)
+        if dup.size:
+            raise RecordIOError(f"{idx_name}: key {int(sk[dup[0]])} appears more than once")
         same = np.flatnonzero(np.diff(o) == 0)
         if same.size:
             j = int(same[0])
@@ -198,10 +202,6 @@ class RecordIndex:
                 f"{idx_name}: keys {int(k[j])} and {int(k[j + 1])} both point at offset {int(o[j])} "
                 "(one record would be read twice)"
             )
-        sk = np.sort(k)
-        dup = np.flatnonzero(np.diff(sk) == 0)
-        if dup.size:
-            raise RecordIOError(f"{idx_name}: key {int(sk[dup[0]])} appears more than once")
         return cls(k, o, rec_size)
 
     def __len__(self) -> int:
