@@ -175,21 +175,21 @@ class BatchReader(Dataset):
         epoch, indices = int(request.epoch), np.array(request.indices, dtype=np.int64)
         raws = request.raws if request.raws is not None else self.source.read_raws(indices)
         h, w = self.source.image_size  # type: ignore[misc]
-        hwc = np.empty((indices.size, h, w, 3), dtype=np.uint8)
+        images = np.empty((indices.size, 3, h, w), dtype=np.uint8)
         labels = np.empty(indices.size, dtype=np.int64)
+        decoded = np.empty((h, w, 3), dtype=np.uint8)  # libjpeg-turbo writes here, then one strided copy
+        flips = hash_uniform(self.seed, epoch, indices) < self.flip_p
         for j in range(indices.size):
             i = int(indices[j])
             try:
-                labels[j] = self._decode(i, raws[j], hwc[j])
+                labels[j] = self._decode(i, raws[j], decoded)
             except (ValueError, OSError) as exc:
                 if self.on_corrupt == "raise":
                     raise
-                indices[j], labels[j] = self._substitute(epoch, i, hwc[j], exc)
-        images = torch.from_numpy(hwc).permute(0, 3, 1, 2)
-        if self.flip_p > 0:
-            flip = torch.from_numpy(hash_uniform(self.seed, epoch, indices) < self.flip_p)
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images.contiguous(), torch.from_numpy(labels), torch.from_numpy(indices)
+                indices[j], labels[j] = self._substitute(epoch, i, decoded, exc)
+                flips[j] = hash_uniform(self.seed, epoch, indices[j: j + 1])[0] < self.flip_p
+            np.copyto(images[j], (decoded[:, ::-1] if flips[j] else decoded).transpose(2, 0, 1))
+        return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(indices)
 
     def _decode(self, i: int, raw: bytes, out: np.ndarray) -> int:
         """Label of sample ``i``; its image decoded into ``out``. Errors name the sample."""
