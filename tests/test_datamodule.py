@@ -140,6 +140,37 @@ def test_folder_and_recordio_give_the_same_epochs(tmp_path: Path) -> None:
                 assert i_f == ir and yf == yr and torch.equal(xf, xr)
 
 
+def test_a_third_source_is_one_small_class(tmp_path: Path) -> None:
+    from facemargin.data.sources import FaceSource
+
+    class ListSource(FaceSource):  # the images in a Python list: all a source has to say
+        def __init__(self, root: str) -> None:
+            self.name, self.num_classes, self.image_size = root, 4, (16, 16)
+            self.items = [(i % 4, _jpeg(i % 4)) for i in range(24)]
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def read_raw(self, i: int) -> bytes:
+            return self.items[i][1]
+
+        def parse(self, i: int, raw: bytes) -> tuple[int, bytes]:
+            return self.items[i][0], raw
+
+        def where(self, i: int) -> str:
+            return f"{self.name}[{i}]"
+
+        def labels(self) -> np.ndarray:
+            return np.array([lab for lab, _ in self.items])
+
+    dm = FaceRecordDataModule("my-list", source=ListSource, batch_size=8, num_workers=2, flip_p=0)
+    assert (dm.num_classes, dm.image_size) == (4, (16, 16))
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3 and sorted(sum((b[2].tolist() for b in batches), [])) == list(range(24))
+    for images, labels, index in batches:
+        assert torch.equal(labels, index % 4) and torch.equal(images[:, 0, 0, 0].long(), 20 + 10 * labels)
+
+
 # --------------------------------------------------------------------------- inside a Trainer
 class _Recorder(pl.LightningModule):
     """Tiny model recording the sample indices of every training batch, per epoch."""

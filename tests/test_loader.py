@@ -91,17 +91,16 @@ def test_persistent_workers_follow_set_epoch(unique_set: Path) -> None:
 
 
 @pytest.mark.parametrize("spec", [MAP, STREAM], ids=["map", "stream"])
-@pytest.mark.parametrize("then", [3, 1, 0, 2])
-def test_resume_with_another_worker_count(unique_set: Path, spec: PlanSpec, then: int) -> None:
-    full = run(loader(unique_set, spec, 2, epoch=1))
+def test_resume_with_another_worker_count(unique_set: Path, spec: PlanSpec) -> None:
+    full = run(loader(unique_set, spec, 0, epoch=1))
     first = loader(unique_set, spec, 2, epoch=1)
     seen = run(first, limit=5)
     state = first.state_dict()
     assert state["epoch"] == 1 and state["segments"] == [[1, 8, 5]]
-    resumed = loader(unique_set, spec, then)
-    resumed.load_state_dict(state)
-    rest = run(resumed)
-    assert seen + rest == full  # the very batches of the uninterrupted epoch, whatever the workers
+    for then in (3, 1, 0):  # 2 -> 3, 2 -> 1, 2 -> 0 workers
+        resumed = loader(unique_set, spec, then)
+        resumed.load_state_dict(state)
+        assert seen + run(resumed) == full  # the very batches of the uninterrupted epoch
 
 
 def test_end_of_epoch_state_starts_the_next_epoch(unique_set: Path) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .index import RecordIndex, cache_dir_for, file_stamp, load_stamped, parse_idx, save_stamped
-from .recordio import RecordIOError, RecordIOReader, unframe, unpack_record
+from .recordio import MAGIC, RecordIOError, RecordIOReader, unframe, unpack_record
 from .sources import FaceSource
 from .storage import cached_copy, is_remote, open_source
 
@@ -232,7 +232,8 @@ class FaceRecordSet(FaceSource):
             )
         if lo.size and self.num_classes > lo.size:
             log.warning("%s: %d classes, the meta record lists %d identities", self.property_path, self.num_classes, lo.size)
-        image_pos = np.sort(image_pos)
+        if image_pos.size > 1 and not bool(np.all(image_pos[1:] > image_pos[:-1])):
+            image_pos = np.sort(image_pos)
         contiguous = image_pos.size == 0 or int(image_pos[-1] - image_pos[0]) == image_pos.size - 1
         start = int(image_pos[0]) if image_pos.size else 0
         samples = np.zeros(0, dtype=np.int64) if contiguous else image_pos
@@ -241,20 +242,21 @@ class FaceRecordSet(FaceSource):
 
     def _identity_ranges(self, reader: RecordIOReader, ident_pos: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray]:
         """``(first_key, last_key + 1)`` of every identity, checked to partition the image keys ``1..a-1``."""
-        count = ident_pos.size
-        lo = np.empty(count, dtype=np.int64)
-        hi = np.empty(count, dtype=np.int64)
-        for c, raw in enumerate(_read_runs(reader, ident_pos)):
-            pos = int(ident_pos[c])
-            where = reader.where(pos)
-            payload = unframe(raw, where, at_eof=pos + 1 >= len(reader), file_offset=int(reader.index.offsets[pos]))[0]
-            header, labels, image = _unpack(payload, where)
-            if header.flag < 2 or len(image):
-                raise RecordIOError(f"{where}: identity record {c} must hold labels (first_key, end_key), no image")
-            lo[c], hi[c] = _as_key(labels[0], where), _as_key(labels[1], where)
-        if count:
+        ranges = _packed_ranges(reader, ident_pos)
+        if ranges is None:  # not the usual packed layout: one record at a time
+            ranges = np.empty((ident_pos.size, 2), dtype=np.int64)
+            for c, raw in enumerate(_read_runs(reader, ident_pos)):
+                pos = int(ident_pos[c])
+                where = reader.where(pos)
+                payload = unframe(raw, where, at_eof=pos + 1 >= len(reader), file_offset=int(reader.index.offsets[pos]))[0]
+                header, labels, image = _unpack(payload, where)
+                if header.flag < 2 or len(image):
+                    raise RecordIOError(f"{where}: identity record {c} must hold labels (first_key, end_key), no image")
+                ranges[c] = _as_key(labels[0], where), _as_key(labels[1], where)
+        lo, hi = ranges[:, 0].copy(), ranges[:, 1].copy()
+        if lo.size:
             ends = np.r_[lo[1:], a]
-            bad = np.flatnonzero((hi < lo) | (hi != ends) | (np.r_[lo[0] != 1, np.zeros(count - 1, bool)]))
+            bad = np.flatnonzero((hi < lo) | (hi != ends) | (np.r_[lo[0] != 1, np.zeros(lo.size - 1, bool)]))
             if bad.size:
                 c = int(bad[0])
                 raise RecordIOError(
@@ -398,6 +400,27 @@ class FaceRecordSet(FaceSource):
             f"FaceRecordSet({str(self.root)!r}, images={len(self)}, num_classes={self.num_classes}, "
             f"image_size={self.image_size}, layout={self.layout!r})"
         )
+
+
+def _packed_ranges(reader: RecordIOReader, positions: np.ndarray) -> np.ndarray | None:
+    """Identity ranges ``[C, 2]`` read at once when the identity records are packed as insightface
+    writes them (consecutive 40-byte records: one part, flag 2, two integer float labels); else ``None``."""
+    index = reader.index
+    if positions.size == 0 or int(positions[-1]) - int(positions[0]) != positions.size - 1:
+        return None
+    start, end = int(index.offsets[positions[0]]), index.span(int(positions[-1]))[1]
+    if end - start != 40 * positions.size or bool(np.any(np.diff(index.offsets[positions]) != 40)):
+        return None
+    words = np.frombuffer(reader.source.pread(end - start, start), dtype="<u4")
+    if words.size != 10 * positions.size:
+        return None
+    words = words.reshape(-1, 10)  # magic, lrecord, flag, label, id (2), id2 (2), first_key, end_key
+    labels = words[:, 8:10].copy().view("<f4")
+    if (words[:, 0] != MAGIC).any() or (words[:, 1] != 32).any() or (words[:, 2] != 2).any():
+        return None
+    if not np.isfinite(labels).all() or (labels != np.round(labels)).any() or (labels < 0).any():
+        return None
+    return labels.astype(np.int64)
 
 
 def _read_runs(reader: RecordIOReader, positions: np.ndarray) -> list[bytes]:

@@ -71,11 +71,8 @@ class PlanSampler(DistributedSampler):
 
     @property
     def epoch(self) -> int:  # type: ignore[override]
+        """The planned epoch (change it with :meth:`set_epoch`)."""
         return self.plan.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:  # DistributedSampler API; plans are changed by set_epoch
-        pass
 
     def set_epoch(self, epoch: int) -> None:
         """Plan ``epoch`` (Lightning calls this every epoch); the running epoch keeps its resume point."""
