@@ -91,14 +91,20 @@ class FolderSource(FaceSource):
             from .pack import list_image_tree
 
             names, items = list_image_tree(self.root)
-            self.paths = [str(p) for p, _ in items]
+            paths = [str(p) for p, _ in items]
             self._labels = np.fromiter((label for _, label in items), dtype=np.int64, count=len(items))
             found = len(names)
         elif self.root.is_file():
-            self.paths, self._labels = _read_list(self.root)
+            paths, self._labels = _read_list(self.root)
             found = int(self._labels.max()) + 1
         else:
             raise FileNotFoundError(f"image folder or list file not found: {self.root}")
+        # one byte buffer + offsets, not a list of str: DataLoader workers share it without touching
+        # millions of Python objects (copy-on-access of refcounts would copy the whole list per worker)
+        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        del paths, encoded
         self.num_classes = found if num_classes is None else int(num_classes)
         if int(self._labels.max()) >= self.num_classes:
             raise SourceError(f"{self.root}: label {int(self._labels.max())} is outside [0, {self.num_classes})")
@@ -108,14 +114,19 @@ class FolderSource(FaceSource):
             try:
                 image_size = declared_size(self.read_raw(0))
             except ValueError as exc:
-                raise SourceError(f"{self.paths[0]}: {exc}") from None
+                raise SourceError(f"{self.where(0)}: {exc}") from None
         self.image_size = (int(image_size[0]), int(image_size[1]))
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return int(self._ends.size)
+
+    def path(self, i: int) -> str:
+        """The file of sample ``i``."""
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return self._blob[start: int(self._ends[i])].tobytes().decode("utf-8", "surrogateescape")
 
     def read_raw(self, i: int) -> bytes:
-        source = open_source(self.paths[i])
+        source = open_source(self.path(i))
         try:
             return source.pread(source.size, 0)
         finally:
@@ -125,7 +136,7 @@ class FolderSource(FaceSource):
         return int(self._labels[i]), raw
 
     def where(self, i: int) -> str:
-        return self.paths[i]
+        return self.path(i)
 
     def labels(self) -> np.ndarray:
         return self._labels
