@@ -47,6 +47,8 @@ _INSIGHTFACE, _IM2REC = 1, 0
 _LAYOUTS = {_INSIGHTFACE: "insightface", _IM2REC: "im2rec"}
 _RUN_BYTES = 64 << 20  # most bytes one read of neighbouring records asks for
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+_HEAD = struct.Struct("<IIIf")  # magic, lrecord, IRHeader flag, IRHeader label
+_FLOAT = struct.Struct("<f")
 
 
 def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -289,7 +291,19 @@ class FaceRecordSet(FaceSource):
         return _read_runs(self.reader, self.positions(indices))
 
     def parse(self, i: int, raw: bytes) -> tuple[int, bytes]:
-        pos = int(self.positions(i))
+        pos = i + self._sample_start if self._samples is None else int(self._samples[i])
+        if len(raw) >= 36:  # fast path: one part, valid label (anything else: the checks below, with messages)
+            magic, lrec, flag, value = _HEAD.unpack_from(raw, 0)
+            end = 8 + lrec
+            if magic == MAGIC and lrec >> 29 == 0 and end <= len(raw):
+                start = 32 + 4 * flag
+                if flag:
+                    (value,) = _FLOAT.unpack_from(raw, 32)
+                label = int(value) if value == value and abs(value) < MAX_CLASSES else -1
+                key = int(self.index.keys[pos])
+                if (start <= end and label == value and 0 <= label < self.num_classes
+                        and (not self._lo.size or (label < self._lo.size and self._lo[label] <= key < self._hi[label]))):
+                    return label, raw[start:end]
         where = self.reader.where(pos)
         payload = unframe(raw, where, at_eof=pos + 1 >= len(self.index), file_offset=int(self.index.offsets[pos]))[0]
         return self._label_and_image(payload, int(self.index.keys[pos]), where)
