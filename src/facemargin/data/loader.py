@@ -238,7 +238,16 @@ class _CountingIterator:
     def __next__(self) -> Any:
         if self._it is None:
             self._it = DataLoader.__iter__(self.loader)
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            raise
+        except BaseException:  # a data error: stop the workers now, not whenever the traceback is freed
+            shutdown = getattr(self._it, "_shutdown_workers", None)
+            if shutdown is not None and not self.loader.persistent_workers:
+                shutdown()
+            self._it = iter(())
+            raise
         self.loader.sampler.delivered += 1
         return batch
 
