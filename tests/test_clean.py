@@ -10,6 +10,9 @@ training run starts from (``init_weights``). Folder sources get a list file.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -126,17 +129,20 @@ def test_k1_checkpoint_holds_the_dominant_subcentres_and_starts_a_run(noisy_mode
     dominant = torch.arange(DEMO["num_identities"]) % K
     assert k1.head.subcenters == 1 and torch.equal(k1.head.weight, w[torch.arange(len(w)), dominant])
     assert k1.config["head"]["subcenters"] == 1
-    assert cleaned["summary"]["train"].endswith(f"init_weights={out / 'k1.ckpt'}")
+    assert cleaned["summary"]["train"].endswith(f"data.root={out} data.val_sets=[demo_val] init_weights={out / 'k1.ckpt'}")
 
     class StartWeights(pl.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
             self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
-    cfg = compose_with("config", [*TINY, "data=recordio", f"data.root={out}", "data.num_workers=0", "data.batch_size=8",
-                                  f"init_weights={out / 'k1.ckpt'}", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+    command = cleaned["summary"]["train"].split()  # python -m facemargin.train data=recordio data.root=OUT ...
+    assert command[:3] == ["python", "-m", "facemargin.train"]
+    cfg = compose_with("config", [*command[3:], *TINY, "data.num_workers=0", "data.batch_size=8",
+                                  "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                                   "trainer.limit_val_batches=0", "logger=none", "callbacks=none",
                                   f"output_dir={noisy_model['tmp'] / 'run'}"])
     trainer, model, dm = build(cfg)
+    assert len(dm.source) == cleaned["summary"]["samples_kept"] and dm.num_classes == DEMO["num_identities"]
     start = StartWeights()
     trainer.callbacks.append(start)
     trainer.fit(model, datamodule=dm)
@@ -179,3 +185,21 @@ def test_folder_source_gets_a_list_file_keeping_the_class_count(noisy_model, tmp
     assert FolderSource(out / "train.lst").num_classes == DEMO["num_identities"] - 1  # why data.num_classes is needed
     assert np.array_equal(dm.source.labels(), labels[keep])
     assert [Path(dm.source.path(j)) for j in range(3)] == [Path(source.path(int(i))).resolve() for i in np.flatnonzero(keep)[:3]]
+
+
+@pytest.mark.slow
+def test_cli_reports_what_it_dropped(noisy_model, cleaned, tmp_path) -> None:
+    """``python -m facemargin.clean`` logs the counts of ``clean.json`` and the command that trains on the result."""
+    out = tmp_path / "clean"
+    proc = subprocess.run(
+        [sys.executable, "-m", "facemargin.clean", f"ckpt_path={noisy_model['ckpt']}", f"out={out}",
+         f"threshold={noisy_model['threshold']}", f"data.demo_cache_dir={noisy_model['cache']}", *DEMO_OVERRIDES,
+         "num_workers=0", "progress=false"], capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"},
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "clean.json").read_text())
+    logged = proc.stdout + proc.stderr
+    assert f"dropped {s['samples_dropped']} of {s['samples']} samples" in logged
+    assert f"and {s['identities_dropped']} of {s['identities']} identities" in logged
+    assert s["train"] in logged and s["train"] == cleaned["summary"]["train"].replace(str(cleaned["out"]), str(out))
+    assert np.array_equal(np.load(out / "cleaning.npz")["keep"], np.load(cleaned["out"] / "cleaning.npz")["keep"])
