@@ -113,8 +113,8 @@ def read_image_size(data: bytes, path: Path | str = "image") -> tuple[int, int]:
 def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: CropSpec | None = None,
                   quality: int = 95) -> tuple[bytes, tuple[int, int]]:
     """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes."""
-    path = Path(path)
-    data = path.read_bytes()
+    with open(path, "rb") as f:
+        data = f.read()
     h, w = read_image_size(data, path)
     if crop is None and resize is not None and h != w:
         crop = CropSpec("square")  # never squash a face
@@ -138,25 +138,25 @@ def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: Crop
     return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), out_hw
 
 
-def list_image_tree(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
-    """``(identity names, [(image path, label), ...])`` for an identity-per-folder tree."""
-    root = Path(root)
-    if not root.is_dir():
+def list_image_tree(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(identity names, [(image path, label), ...])`` for an identity-per-folder tree (paths as str: cheap for millions)."""
+    if not os.path.isdir(root):
         raise FileNotFoundError(f"image root is not a directory: {root}")
     names: list[str] = []
-    items: list[tuple[Path, int]] = []
+    items: list[tuple[str, int]] = []
     with os.scandir(root) as it:
         folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     for name in folders:
-        with os.scandir(root / name) as it:
+        folder = os.path.join(root, name)
+        with os.scandir(folder) as it:
             files = sorted(e.name for e in it if e.is_file() and not e.name.startswith(".")
                            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
         if not files:
-            print(f"warning: skipping {root / name}: no images", file=sys.stderr)
+            print(f"warning: skipping {folder}: no images", file=sys.stderr)
             continue
         label = len(names)
         names.append(name)
-        items.extend((root / name / f, label) for f in files)
+        items.extend((os.path.join(folder, f), label) for f in files)
     if not items:
         raise ValueError(f"no images found under {root} (expected {root}/<identity>/<image>)")
     return names, items
@@ -235,7 +235,7 @@ def write_faceset(
     return out
 
 
-def _prepared(items: list[tuple[Path, int]], prepare: partial, pool: multiprocessing.pool.Pool | None) -> Iterator[bytes]:
+def _prepared(items: list[tuple[str, int]], prepare: partial, pool: multiprocessing.pool.Pool | None) -> Iterator[bytes]:
     """Encoded images in order, each checked to share the first image's size."""
     paths = [p for p, _ in items]
     first: tuple[int, int] | None = None
