@@ -9,7 +9,9 @@ set on the instance while it runs:
 * ``cut_next = k`` with ``cut_after = n``: the next ``k`` bodies stop after ``n`` bytes and the
   connection is closed (a dropped connection mid-record); with ``down_after_cut = True`` the
   server then stays down;
-* ``ranges = False``: ``Range`` is ignored (always 200 with the whole file).
+* ``ranges = False``: ``Range`` is ignored (always 200 with the whole file);
+* ``drop_idle = True``: the connection is closed after each reply without saying so, as a
+  server does when a keep-alive connection has been idle too long.
 
 ``log`` records ``(method, path, range header)`` of every request. The server runs in a daemon
 thread and stops by itself after ``lifetime`` seconds, if the test has not stopped it already.
@@ -45,6 +47,7 @@ class RangeServer:
         self.cut_after = 0
         self.down_after_cut = False
         self.ranges = True
+        self.drop_idle = False
         self._lock = threading.Lock()
         server = self
 
@@ -59,6 +62,8 @@ class RangeServer:
 
             def do_GET(self) -> None:
                 server._serve(self, body=True)
+                if server.drop_idle:
+                    self.close_connection = True
 
         self.httpd = _Quiet(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"

@@ -73,6 +73,15 @@ def test_dropped_connections_and_5xx_are_retried(served):
     assert server.requests("/data.bin")[before:] == [f"bytes=0-{len(data) - 1}", f"bytes=150000-{len(data) - 1}"]
 
 
+def test_idle_keep_alive_connections_closed_by_the_server_are_reopened_at_once(served):
+    server, data = served
+    src = open_source(server.url + "data.bin", retry=RetryPolicy(attempts=1))  # no retry allowed
+    assert src.size == len(data)
+    server.drop_idle = True
+    for off in (0, 1000, 2000):
+        assert src.pread(100, off) == data[off:off + 100]
+
+
 def test_a_source_that_stays_down_ends_in_a_clear_error(served):
     server, data = served
     url = server.url + "data.bin"

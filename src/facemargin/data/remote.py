@@ -296,9 +296,17 @@ class HTTPSource(_RemoteSource):
         url = self.name
         for _ in range(6):
             conn, target = self._pooled(url) if pooled else self._connect(url)
+            reused = conn.sock is not None
             try:
-                conn.request("GET", target, headers=headers)
-                resp = conn.getresponse()
+                try:
+                    conn.request("GET", target, headers=headers)
+                    resp = conn.getresponse()
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                    if not reused:
+                        raise
+                    conn.close()  # the server closed an idle keep-alive connection: reconnect at once
+                    conn.request("GET", target, headers=headers)
+                    resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 if isinstance(exc, ssl.SSLCertVerificationError):
                     raise RemoteReadError(f"{self.name}: {exc}") from None
