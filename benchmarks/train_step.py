@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from facemargin.backbones import build_embedder
+from facemargin.heads import MarginHead
 from facemargin.module import FaceRecognitionModule
-from facemargin.optim import build_optimizer
 
 
 class StepTimer(pl.Callback):
@@ -40,11 +42,9 @@ class StepTimer(pl.Callback):
 def make_module(args: argparse.Namespace) -> FaceRecognitionModule:
     torch.manual_seed(0)
     return FaceRecognitionModule(
-        backbone={"name": args.backbone, "embedding_size": 128},
-        num_classes=args.classes,
-        loss="expface",
-        optimizer={"name": "sgd", "lr": 0.1},
-        scheduler={},
+        backbone=build_embedder(args.backbone, embedding_size=128),
+        head=MarginHead(128, args.classes, margin="expface"),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
     )
 
 
@@ -63,7 +63,7 @@ def lightning_run(args: argparse.Namespace, loader: DataLoader) -> float:
 def plain_run(args: argparse.Namespace, loader: DataLoader) -> float:
     module = make_module(args)
     module.train()
-    optimizer = build_optimizer(module.parameters(), "sgd", lr=0.1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     start, steps = 0.0, 0
     for i, (images, labels) in enumerate(loader):
         if i == args.warmup:

@@ -182,9 +182,12 @@ def test_backbone_configs_are_flat_and_build() -> None:
     assert {f.stem for f in files} == expected
     for f in files:
         cfg = OmegaConf.load(f)
-        assert set(cfg.keys()) == {"name", "embedding_size", "dropout", "kwargs"}, f.name
+        assert set(cfg.keys()) == {"_target_", "name", "embedding_size", "dropout", "kwargs"}, f.name
+        assert cfg._target_ == "facemargin.backbones.build_embedder", f.name
         assert cfg.embedding_size == 512
         assert timm.is_model(cfg.name), f.name
-    demo = build_embedder(**OmegaConf.load(CONF_DIR / "demo.yaml")).eval()
+    from hydra.utils import instantiate
+
+    demo = instantiate(OmegaConf.load(CONF_DIR / "demo.yaml")).eval()
     with torch.no_grad():
         assert demo(torch.randn(2, 3, 112, 112)).shape == (2, 512)

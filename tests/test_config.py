@@ -15,6 +15,8 @@ from facemargin.train import config_dir
 
 CONF = config_dir()
 GROUPS = ["backbone", "loss", "head", "data", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+#: groups whose options are single `_target_` nodes that instantiate without a data set
+TARGET_GROUPS = ["backbone", "loss", "optimizer", "scheduler"]
 
 
 def options(group: str) -> list[str]:
@@ -46,7 +48,7 @@ def test_defaults_are_the_cpu_demo():
     assert cfg.loss.name == "expface" and cfg.loss.m == 0.7 and cfg.loss.s == 64.0
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.data.demo is True
-    assert cfg.head.partial_fc is False
+    assert cfg.head._target_ == "facemargin.heads.MarginHead"
     assert cfg.trainer.max_epochs == 6 and cfg.scheduler.warmup_epochs == 1
 
 
@@ -89,4 +91,32 @@ def test_experiments_set_the_papers_settings():
     cfg = compose_with("experiment=ms1mv3_r100")
     assert cfg.backbone.name == "iresnet100" and cfg.optimizer.lr == 0.1 and cfg.trainer.max_epochs == 20
     cfg = compose_with("experiment=glint360k_r100")
-    assert cfg.head.partial_fc is True and cfg.backbone.name == "iresnet100"
+    assert cfg.head._target_ == "facemargin.heads.PartialFCHead" and cfg.backbone.name == "iresnet100"
+
+
+@pytest.mark.parametrize("group", TARGET_GROUPS)
+def test_every_part_is_a_target_node(group):
+    """backbone / loss / optimizer / scheduler options are `_target_` nodes (optimizer and scheduler partial)."""
+    for name in options(group):
+        node = compose_with(f"{group}={name}")[group]
+        assert "_target_" in node, f"{group}={name}"
+        if group in ("optimizer", "scheduler"):
+            assert node._partial_ is True, f"{group}={name}"
+
+
+def test_the_module_is_built_from_the_config_with_a_head_of_any_class():
+    """head._target_ picks the head class; the module builds it with embedding_size and num_classes."""
+    from facemargin.heads import MarginHead, PartialFCHead
+    from facemargin.train import build_model
+
+    cfg = compose_with("backbone=demo", "loss=cosface")
+    model = build_model(cfg, num_classes=7)
+    assert type(model.head) is MarginHead and model.head.weight.shape == (7, 512)
+    assert model.head.margin.name == "cosface" and model.config["head"]["margin"]["m"] == 0.35
+    cfg = compose_with("head=partial_fc", "head.sample_rate=0.5")
+    model = build_model(cfg, num_classes=9)
+    assert type(model.head) is PartialFCHead and model.head.sample_rate == 0.5
+    cfg = compose_with("head._target_=torch.nn.Bilinear", "~head.margin", "+head.in1_features=3",
+                       "+head.in2_features=3", "+head.out_features=2")
+    with pytest.raises(TypeError, match="embedding_size"):  # a foreign class gets the documented keywords
+        build_model(cfg, num_classes=5)

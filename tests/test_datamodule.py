@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import simplejpeg
 import torch
+from torch.utils.data import DataLoader
 
 from facemargin.data.datasets import RecordStream
 from facemargin.data.module import FaceRecordDataModule
@@ -45,8 +46,8 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_datamodule(demo_cache: Path) -> None:
     dm = FaceRecordDataModule(demo=True, demo_cache_dir=demo_cache, demo_options=SMALL_DEMO, batch_size=8, num_workers=0)
     assert dm.num_classes == 12 and dm.image_size == (112, 112)  # before setup
-    assert [name for name, _ in dm.verification_sets] == ["demo_val"]
-    assert dm.verification_sets[0][1].dtype == bool and dm.verification_sets[0][1].size == 20
+    (ev,) = dm.evaluators()
+    assert ev.name == "demo_val" and ev.issame.dtype == bool and ev.issame.size == 20
     dm.setup("fit")
     raw = next(iter(dm.train_dataloader()))
     assert raw[0].dtype == torch.uint8  # normalize_on_device: uint8 through the workers
@@ -55,10 +56,8 @@ def test_demo_datamodule(demo_cache: Path) -> None:
     assert torch.equal(images, raw[0].float() / 127.5 - 1)
     assert labels.dtype == torch.long and 0 <= labels.min() and labels.max() < 12
     assert -1.0 <= images.min() and images.max() <= 1.0
-    (val,) = dm.val_dataloader()
-    vi, idx = dm.normalize_batch(next(iter(val)))
+    vi, idx = dm.normalize_batch(next(iter(DataLoader(ev.dataset(), batch_size=16))))
     assert vi.dtype == torch.float32 and vi.shape[1:] == (3, 112, 112) and idx.tolist() == list(range(len(idx)))
-    assert len(dm.predict_dataloader()) == 1
     # root="demo" is the same thing
     assert FaceRecordDataModule("demo", demo_cache_dir=demo_cache, demo_options=SMALL_DEMO).root == dm.root
 
@@ -71,13 +70,12 @@ def test_recordio_datamodule_loaders(tmp_path: Path, streaming: bool, workers: i
         root,
         val_sets=["cfp_fp", "lfw"],
         batch_size=16,
-        val_batch_size=4,
         num_workers=workers,
         streaming=streaming,
         normalize_on_device=False,  # float32 straight from the loaders
     )
     assert dm.num_classes == 30
-    assert [n for n, _ in dm.verification_sets] == ["cfp_fp", "lfw"]
+    assert [ev.name for ev in dm.evaluators()] == ["cfp_fp", "lfw"]
     dm.setup("fit")
     train = dm.train_dataloader()
     batches = [(x.shape, y) for x, y in train]
@@ -86,10 +84,9 @@ def test_recordio_datamodule_loaders(tmp_path: Path, streaming: bool, workers: i
     assert next(iter(train))[0].dtype == torch.float32
     labels = torch.cat([y for _, y in batches])
     assert labels.dtype == torch.long and labels.unique().numel() == 30
-    vals = dm.val_dataloader()
-    assert [len(v.dataset) for v in vals] == [4, 6]
-    for v in vals:
-        images, idx = next(iter(v))
+    assert [len(ev.dataset()) for ev in dm.evaluators()] == [4, 6]
+    for ev in dm.evaluators():
+        images, idx = next(iter(DataLoader(ev.dataset(), batch_size=4)))
         assert images.shape[1:] == (3, SIZE, SIZE) and idx.dtype == torch.long
 
 

@@ -16,12 +16,10 @@ from facemargin.data.datasets import (
     RecordDataset,
     RecordStream,
     StreamDataLoader,
-    VerificationDataset,
     shard_span,
 )
 from facemargin.data.decode import CorruptImageError
 from facemargin.data.recordio import IRHeader, RecordIOWriter, pack_record
-from facemargin.data.verification import write_bin
 
 SIZE = 16
 
@@ -342,29 +340,6 @@ def test_stream_real_two_process_gloo(unique_set: Path, tmp_path: Path) -> None:
     assert len(gathered[0]) == len(gathered[1]) == 96
     flat = gathered[0] + gathered[1]
     assert len(set(flat)) == 192
-
-
-# --------------------------------------------------------------------------- verification
-def test_verification_dataset(tmp_path: Path) -> None:
-    imgs = [simplejpeg.encode_jpeg(face_image(i), quality=95) for i in range(8)]
-    path = write_bin(tmp_path / "lfw.bin", imgs, [True, False, True, False])
-    ds = VerificationDataset(path)
-    assert ds.name == "lfw" and len(ds) == 8
-    assert ds.issame.dtype == bool and ds.issame.tolist() == [True, False, True, False]
-    for workers in (0, 2):
-        seen = []
-        for images, idx in DataLoader(ds, batch_size=3, num_workers=workers):
-            assert idx.dtype == torch.long and images.shape[1:] == (3, SIZE, SIZE)
-            seen += [(int(i), label_of(im)[0]) for i, im in zip(idx, images)]
-        assert seen == [(i, i) for i in range(8)]
-
-
-def test_verification_dataset_corrupt_image_named(tmp_path: Path) -> None:
-    imgs = [simplejpeg.encode_jpeg(face_image(i), quality=95) for i in range(2)]
-    path = write_bin(tmp_path / "agedb_30.bin", [imgs[0], b"\xff\xd8\xffjunk"], [True])
-    ds = VerificationDataset(path)
-    with pytest.raises(CorruptImageError, match=r"agedb_30\.bin \(image 1\)"):
-        ds[1]
 
 
 def test_uint8_output_matches_float(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from facemargin.optim import build_optimizer, build_scheduler, lr_factor
+from facemargin.optim import build_scheduler, lr_factor
 
 
 def test_poly_and_cosine_by_hand():
@@ -23,7 +23,7 @@ def test_poly_and_cosine_by_hand():
 
 def test_scheduler_steps_per_optimizer_step_and_resumes():
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = build_optimizer([p], "sgd", lr=0.1)
+    opt = torch.optim.SGD([p], lr=0.1)
     sched = build_scheduler(opt, total_steps=20, warmup_steps=4)
     lrs = []
     for _ in range(8):
@@ -32,19 +32,24 @@ def test_scheduler_steps_per_optimizer_step_and_resumes():
         sched.step()
     assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
     state = sched.state_dict()
-    opt2 = build_optimizer([p], "sgd", lr=0.1)
+    opt2 = torch.optim.SGD([p], lr=0.1)
     sched2 = build_scheduler(opt2, total_steps=20, warmup_steps=4)
     sched2.load_state_dict(state)
     opt2.param_groups[0]["lr"] = sched2.get_last_lr()[0]
     assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
 
 
-def test_optimizer_defaults_and_bad_names():
+def test_warmup_in_epochs_and_bad_names():
     p = torch.nn.Parameter(torch.zeros(1))
-    sgd = build_optimizer([p])
-    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4 and sgd.defaults["lr"] == 0.1
-    assert isinstance(build_optimizer([p], "adamw", lr=1e-3), torch.optim.AdamW)
-    with pytest.raises(ValueError, match="valid: sgd, adamw"):
-        build_optimizer([p], "adam")
+    sgd = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(sgd, total_steps=30, warmup_epochs=0.5, steps_per_epoch=10)  # 5 warm-up steps
+    lrs = []
+    for _ in range(7):
+        lrs.append(sgd.param_groups[0]["lr"])
+        sgd.step()
+        sched.step()
+    assert lrs == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, (1 - 1 / 25) ** 2])  # decay from step 5
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        build_scheduler(sgd, 10, warmup_epochs=1)
     with pytest.raises(ValueError, match="valid: poly, cosine, constant"):
         build_scheduler(sgd, 10, name="step")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from facemargin.checkpoint import load_module
 from facemargin.module import FaceRecognitionModule
 from facemargin.train import build, config_dir
 
@@ -97,8 +98,14 @@ def test_resume_restores_step_optimizer_and_scheduler(demo_env, tmp_path):
     assert trainer2.global_step == 6 and trainer2.current_epoch == 3
     assert saved["facemargin"]["channel_order"] == "RGB"
 
-    # the checkpoint alone rebuilds the model; predict_step gives L2-normalised embeddings
-    reloaded = FaceRecognitionModule.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    # the checkpoint alone rebuilds the model (weights_only record); predict_step gives L2-normalised embeddings
+    record = torch.load(ckpt_path, map_location="cpu", weights_only=True)["facemargin"]
+    assert record["config"]["backbone"]["_target_"] == "facemargin.backbones.build_embedder"
+    assert record["config"]["head"]["margin"]["name"] == "expface"  # the loss group, resolved into the head
+    reloaded = load_module(ckpt_path)
+    assert not reloaded.training and isinstance(reloaded, FaceRecognitionModule)
+    for key, value in saved["state_dict"].items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value)
     images = torch.randn(3, 3, 112, 112)
     with torch.no_grad():
         emb = reloaded.predict_step((images, torch.zeros(3)), 0)

@@ -78,3 +78,11 @@ class MarginHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}"
+
+
+def __getattr__(name: str):  # PartialFCHead moves into the heads package; until then, lazily
+    if name == "PartialFCHead":
+        from .partial_fc import PartialFCHead
+
+        return PartialFCHead
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

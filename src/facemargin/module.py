@@ -1,144 +1,193 @@
-"""FaceRecognitionModule: backbone (any timm model) + embedding neck + swappable margin head."""
+"""FaceRecognitionModule: a backbone, a head and evaluators, injected; Lightning runs them.
+
+Every part is an ordinary object handed in (by ``hydra.utils.instantiate`` from ``_target_``
+nodes, or by hand): the backbone maps images to embeddings, the head maps embeddings and labels
+to a loss, evaluators score verification sets. The module calls the head's hooks by name (see
+``docs/architecture.md``) and never asks what class it is, so a user's own head works unchanged.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
-import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from .backbones import build_embedder
-from .data.decode import CHANNEL_ORDER, MEAN, STD
 from .config import to_plain
-from .heads import MarginHead
-from .margins import Margin
-from .metrics import VerificationAccuracy
-from .partial_fc import PartialFCHead, consolidate_checkpoint, setup_partial_fc, shard_checkpoint
-from .optim import build_optimizer, build_scheduler
+from .data.decode import CHANNEL_ORDER, MEAN, STD, normalize_uint8
 
-__all__ = ["FaceRecognitionModule"]
+__all__ = ["FaceRecognitionModule", "RECORD_KEY"]
 
-VerificationSets = Sequence[tuple[str, np.ndarray]]
+#: checkpoint key of the plain record a model can be rebuilt from (see :mod:`facemargin.checkpoint`).
+RECORD_KEY = "facemargin"
+RECORD_FORMAT = 1
 
 
-def build_margin_from_config(loss: str | Mapping | Margin) -> Margin:
-    """``"expface"``, ``{"name": "expface", "m": 0.7, ...}`` (a ``conf/loss`` node) or a Margin."""
-    if isinstance(loss, Margin):
-        return loss
-    if isinstance(loss, str):
-        return Margin(loss)
-    params = {k: v for k, v in to_plain(loss).items() if k != "_target_"}
-    return Margin(**params)
+def embedding_size_of(backbone: nn.Module, input_size: int = 112) -> int:
+    """``backbone.embedding_size``, or the width of one dummy forward when it has none."""
+    size = getattr(backbone, "embedding_size", None)
+    if size is not None:
+        return int(size)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            param = next(backbone.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            out = backbone(torch.zeros(2, 3, input_size, input_size, device=device))
+    finally:
+        backbone.train(was_training)
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise ValueError(
+            f"the backbone must map images [B, 3, {input_size}, {input_size}] to embeddings [B, D]; "
+            f"it returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+        )
+    return int(out.shape[1])
+
+
+def _head_loss(head: nn.Module, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
+    """The head's loss and values to log: ``head.output`` (a HeadOutput), else ``head.loss``."""
+    output = getattr(head, "output", None)
+    result = output(embeddings, labels) if callable(output) else head.loss(embeddings, labels)
+    if isinstance(result, Tensor):
+        return result, {}
+    if isinstance(result, Mapping):
+        return result["loss"], result.get("logs", {})
+    return result.loss, getattr(result, "logs", {}) or {}
+
+
+def _call_with_known(factory: Callable[..., Any], first: Any, **optional: Any) -> Any:
+    """``factory(first, **optional)`` passing only the keywords ``factory`` accepts."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return factory(first)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return factory(first, **optional)
+    return factory(first, **{k: v for k, v in optional.items() if k in params})
 
 
 class FaceRecognitionModule(pl.LightningModule):
-    """Train a face embedder with a margin softmax; validate with insightface's 1:1 protocol.
+    """Train a face embedder with any head; validate with any evaluators.
 
     Args:
-        backbone: ``{"name", "embedding_size", "dropout", "kwargs"}`` for
-            :func:`facemargin.backbones.build_embedder`, or a ready ``nn.Module`` giving ``[B, D]``.
-        num_classes: identities in the training set (the DataModule's ``num_classes``).
-        loss: a margin name, a ``conf/loss`` mapping, or a :class:`~facemargin.margins.Margin`.
-        head: ``{"partial_fc": bool, "sample_rate": float}``; Partial FC shards the class centres
-            across DDP ranks.
-        optimizer: keyword arguments of :func:`facemargin.optim.build_optimizer`.
-        scheduler: ``{"name", "warmup_epochs" | "warmup_steps", "power", "min_factor"}``,
-            stepped every optimizer step over ``trainer.estimated_stepping_batches``.
-        verification_sets: ``[(name, issame), ...]`` in val-dataloader order; taken from the
-            DataModule's ``verification_sets`` when not given.
+        backbone: images ``[B, 3, H, W]`` (float, normalised; uint8 is normalised here) ->
+            embeddings ``[B, D]``. ``D`` is ``backbone.embedding_size`` or measured once.
+        head: a ready ``nn.Module``, or a factory called as ``head(embedding_size=D, num_classes=C)``
+            (Hydra ``_partial_``). See the head contract in ``docs/architecture.md``.
+        optimizer: ``optimizer(params) -> Optimizer`` (Hydra ``_partial_``); default SGD(lr=0.1).
+        scheduler: ``scheduler(optimizer, total_steps=, steps_per_epoch=)`` (the keywords it accepts),
+            stepped every optimizer step; ``None`` = constant learning rate.
+        evaluators: :class:`facemargin.evaluation.Evaluator` objects run in validation; the
+            DataModule's ``evaluators()`` are added at ``setup``.
+        num_classes: identities (needed when ``head`` is a factory).
         flip_test: embed image + horizontal flip (summed) in validation and prediction.
+        val_batch_size, val_num_workers: the evaluators' DataLoaders.
+        config: the plain ``_target_`` nodes the parts were built from (``backbone``, ``head``,
+            ``optimizer``, ``scheduler``); stored in checkpoints so that
+            :func:`facemargin.checkpoint.load_module` rebuilds the model from the checkpoint alone.
     """
 
     def __init__(
         self,
-        backbone: Mapping | nn.Module | None = None,
-        num_classes: int = 1000,
-        loss: str | Mapping | Margin = "expface",
-        head: Mapping | None = None,
-        optimizer: Mapping | None = None,
-        scheduler: Mapping | None = None,
-        verification_sets: VerificationSets | None = None,
+        backbone: nn.Module,
+        head: nn.Module | Callable[..., nn.Module],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        evaluators: Sequence[nn.Module] = (),
+        num_classes: int | None = None,
         flip_test: bool = True,
-        nfolds: int = 10,
+        val_batch_size: int = 256,
+        val_num_workers: int = 2,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        backbone = {"name": "iresnet50"} if backbone is None else backbone
+        self.backbone = backbone
+        self.input_size = int(getattr(backbone, "input_size", 112))
+        self.embedding_size = embedding_size_of(backbone, self.input_size)
+        if isinstance(head, nn.Module):
+            self.head = head
+        else:
+            if num_classes is None:
+                raise ValueError("num_classes is needed to build the head from a factory")
+            self.head = head(embedding_size=self.embedding_size, num_classes=int(num_classes))
+        self.num_classes = int(num_classes if num_classes is not None else getattr(self.head, "num_classes", 0))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.evaluators = nn.ModuleList(evaluators)
+        self._datamodule_evaluators_added = False
+        self.flip_test = bool(flip_test)
+        self.val_batch_size = int(val_batch_size)
+        self.val_num_workers = int(val_num_workers)
+        self.config = to_plain(dict(config or {}))
+        self.verification: dict[str, dict[str, float]] = {}
+        # plain values only: checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
-                "backbone": to_plain(backbone) if not isinstance(backbone, nn.Module) else type(backbone).__name__,
-                "num_classes": num_classes,
-                "loss": to_plain(loss) if not isinstance(loss, Margin) else {"name": loss.name, "s": loss.s, "grad": loss.grad, **loss.params},
-                "head": to_plain(head or {}),
-                "optimizer": to_plain(optimizer or {}),
-                "scheduler": to_plain(scheduler or {}),
-                "flip_test": flip_test,
-                "nfolds": nfolds,
+                "config": self.config,
+                "num_classes": self.num_classes,
+                "embedding_size": self.embedding_size,
+                "flip_test": self.flip_test,
+                "val_batch_size": self.val_batch_size,
+                "val_num_workers": self.val_num_workers,
             }
         )
-        if isinstance(backbone, nn.Module):
-            self.backbone = backbone
-            self.embedding_size = int(getattr(backbone, "embedding_size", 512))
-        else:
-            cfg = to_plain(backbone)
-            kwargs = dict(cfg.get("kwargs") or {})
-            self.backbone = build_embedder(
-                cfg["name"],
-                embedding_size=cfg.get("embedding_size", 512),
-                dropout=cfg.get("dropout", 0.0),
-                **({"input_size": cfg["input_size"]} if "input_size" in cfg else {}),
-                **kwargs,
-            )
-            self.embedding_size = self.backbone.embedding_size
-        self.head = self._build_head(build_margin_from_config(loss), num_classes, to_plain(head or {}))
-        self.num_classes = num_classes
-        self.flip_test = flip_test
-        self.nfolds = nfolds
-        self._verification_sets = list(verification_sets) if verification_sets is not None else None
-        self.val_metrics = nn.ModuleList()
-        self.val_names: list[str] = []
-        if self._verification_sets is not None:
-            self._build_val_metrics(self._verification_sets)
 
-    # ------------------------------------------------------------------ building
-    def _build_head(self, margin: Margin, num_classes: int, head: dict) -> nn.Module:
-        if head.get("partial_fc", False):
-            return PartialFCHead(
-                self.embedding_size, num_classes, margin=margin, sample_rate=head.get("sample_rate", 1.0)
-            )
-        if head.get("sample_rate", 1.0) != 1.0:
-            raise ValueError("head.sample_rate < 1 needs head.partial_fc=true")
-        return MarginHead(self.embedding_size, num_classes, margin=margin)
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], num_classes: int, evaluators: Sequence[nn.Module] = (), **kwargs: Any
+    ) -> "FaceRecognitionModule":
+        """Build every part from plain/OmegaConf ``_target_`` nodes (``backbone``, ``head``,
+        ``optimizer``, ``scheduler``; ``flip_test`` optional) and record them for checkpoints."""
+        from hydra.utils import instantiate
 
-    def _build_val_metrics(self, sets: VerificationSets) -> None:
-        self.val_names = [name for name, _ in sets]
-        self.val_metrics = nn.ModuleList(VerificationAccuracy(issame, nfolds=self.nfolds) for _, issame in sets)
+        cfg = to_plain(config)
+        parts = {
+            "backbone": instantiate(cfg["backbone"]),
+            "head": instantiate(cfg["head"], _partial_=True),
+            "optimizer": instantiate(cfg["optimizer"]) if cfg.get("optimizer") else None,
+            "scheduler": instantiate(cfg["scheduler"]) if cfg.get("scheduler") else None,
+        }
+        kwargs.setdefault("flip_test", cfg.get("flip_test", True))
+        return cls(**parts, evaluators=evaluators, num_classes=num_classes, config=cfg, **kwargs)
 
-    @property
-    def uses_partial_fc(self) -> bool:
-        return isinstance(self.head, PartialFCHead)
-
+    # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
-        if self.uses_partial_fc:
-            setup_partial_fc(self)  # shard the centres for this process group; keep DDP off them
-        if self._verification_sets is None and self.trainer is not None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            sets = getattr(datamodule, "verification_sets", None)
-            if sets is not None:
-                self._verification_sets = list(sets)
-                self._build_val_metrics(self._verification_sets)
+        setup_distributed = getattr(self.head, "setup_distributed", None)
+        if callable(setup_distributed):
+            setup_distributed()  # e.g. shard the class centres for this process group
+        ignored = getattr(self.head, "ddp_ignored_parameters", None)
+        if callable(ignored):
+            names = [f"head.{n}" for n in ignored()]
+            if names:
+                from torch.nn.parallel import DistributedDataParallel
+
+                keep = list(getattr(self, "_ddp_params_and_buffers_to_ignore", []))
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self, keep + [n for n in names if n not in keep]
+                )
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        provide = getattr(datamodule, "evaluators", None)
+        if callable(provide) and not self._datamodule_evaluators_added:
+            self.evaluators.extend(provide())
+            self._datamodule_evaluators_added = True
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:
-        """Un-normalised embeddings ``[B, D]``."""
+        """Un-normalised embeddings ``[B, D]``; uint8 images are normalised first."""
+        if images.dtype == torch.uint8:
+            images = normalize_uint8(images)
         return self.backbone(images)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Embedding used for verification: image (+ its horizontal flip when ``flip_test``), summed."""
+        """Verification embedding: image (+ its horizontal flip when ``flip_test``), summed."""
         return self._embed_views(images)[0]
 
     def _embed_views(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,22 +200,28 @@ class FaceRecognitionModule(pl.LightningModule):
         return emb, norms
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        loss = self.head.loss(self(images), labels.long())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch[0], batch[1]
+        loss, logs = _head_loss(self.head, self(images), labels.long())
+        n = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=n)
         return loss
 
     # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, indices = batch
-        if dataloader_idx >= len(self.val_metrics):
-            raise RuntimeError(
-                f"validation loader {dataloader_idx} has no verification set; pass verification_sets or "
-                "use a DataModule with a `verification_sets` property"
-            )
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader of ``(uint8 images, indices)`` per evaluator."""
+        workers = self.val_num_workers
+        return [
+            DataLoader(ev.dataset(), batch_size=self.val_batch_size, shuffle=False, num_workers=workers)
+            for ev in self.evaluators
+        ]
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, indices = batch[0], batch[1]
         embeddings, view_norms = self._embed_views(images)
-        self.val_metrics[dataloader_idx].update(embeddings, indices, view_norms)
+        self.evaluators[dataloader_idx].update(embeddings, indices, view_norms)
 
     def _validated_whole_set(self, dataloader_idx: int) -> bool:
         """False when the Trainer limited this loader (fast_dev_run, limit_val_batches)."""
@@ -174,26 +229,30 @@ class FaceRecognitionModule(pl.LightningModule):
         loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
         try:
             return self.trainer.num_val_batches[dataloader_idx] >= len(loader)
-        except (TypeError, IndexError):  # loaders without a length: let the metric check
+        except (TypeError, IndexError):
             return True
 
     def on_validation_epoch_end(self) -> None:
-        accs = []
-        for i, (name, metric) in enumerate(zip(self.val_names, self.val_metrics)):
-            if self.trainer.sanity_checking or not metric.update_called:
-                metric.reset()
+        monitored = []
+        for i, ev in enumerate(self.evaluators):
+            if self.trainer.sanity_checking or not ev.update_called:
+                ev.reset()
                 continue
             if not self._validated_whole_set(i):
-                rank_zero_warn(f"verification set {name!r} not scored: validation was limited to part of it")
-                metric.reset()
+                rank_zero_warn(f"evaluation set {ev.name!r} not scored: validation was limited to part of it")
+                ev.reset()
                 continue
-            scores = metric.compute()
-            metric.reset()
+            scores = ev.compute()
+            ev.reset()
             for key, value in scores.items():
-                self.log(f"val/{name}/{key}", value, sync_dist=False, add_dataloader_idx=False)
-            accs.append(scores["acc"])
-        if accs:
-            self.log("val/acc", torch.stack([torch.as_tensor(a) for a in accs]).mean(), prog_bar=True)
+                self.log(f"val/{ev.name}/{key}", value, sync_dist=False, add_dataloader_idx=False)
+            monitor = getattr(ev, "monitor", None)
+            if monitor in scores:
+                monitored.append(scores[monitor])
+            if "threshold" in scores:
+                self.verification[ev.name] = {k: float(scores[k]) for k in ("threshold", "acc") if k in scores}
+        if monitored:
+            self.log("val/acc", torch.stack([torch.as_tensor(a) for a in monitored]).mean(), prog_bar=True)
 
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -203,49 +262,63 @@ class FaceRecognitionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        opt_cfg = dict(self.hparams.optimizer)
-        optimizer = build_optimizer(self.parameters(), **opt_cfg)
-        if self.uses_partial_fc:
-            self.head.attach_optimizer(optimizer)  # sampled centres swap their optimizer rows in/out
-        sched_cfg = dict(self.hparams.scheduler)
-        if not sched_cfg or sched_cfg.get("name") in (None, "none"):
+        factory = self.optimizer_factory
+        optimizer = factory(self.parameters()) if factory is not None else torch.optim.SGD(self.parameters(), lr=0.1)
+        attach = getattr(self.head, "attach_optimizer", None)
+        if callable(attach):
+            attach(optimizer)  # e.g. sampled Partial FC swaps its optimizer rows in and out
+        if self.scheduler_factory is None:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(sched_cfg.pop("warmup_steps", 0))
-        warmup_epochs = float(sched_cfg.pop("warmup_epochs", 0.0))
-        if warmup_epochs and self.trainer.max_epochs and self.trainer.max_epochs > 0:
-            warmup = int(round(warmup_epochs * total / self.trainer.max_epochs))
-        scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=warmup, **sched_cfg)
+        total = int(self.trainer.estimated_stepping_batches)  # also sizes the train loader
+        batches = self.trainer.num_training_batches
+        per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if 0 < batches < math.inf else None
+        scheduler = _call_with_known(self.scheduler_factory, optimizer, total_steps=total, steps_per_epoch=per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _clip_parameters(self) -> Iterable[nn.Parameter]:
+        """Backbone parameters plus the head's parameters that are identical on every rank."""
+        head_params = getattr(self.head, "grad_clip_parameters", None)
+        yield from self.backbone.parameters()
+        yield from (head_params() if callable(head_params) else self.head.parameters())
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        if not self.uses_partial_fc or not gradient_clip_val:
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        # the centre shards differ per rank: a norm over them would differ per rank too and make the
-        # data-parallel backbone replicas drift apart, so clip the backbone (+ neck) only
-        params = [p for p in self.backbone.parameters() if p.grad is not None]
+        if not gradient_clip_val:
+            return
+        # never a norm over per-rank centre shards: it would differ per rank and make the
+        # data-parallel replicas drift apart
+        params = [p for p in self._clip_parameters() if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.uses_partial_fc:  # every rank: gather all centre shards (and their optimizer rows)
-            consolidate_checkpoint(checkpoint, self, self.trainer.optimizers)
-        # what a consumer of the checkpoint or an exported model must know about the inputs
-        checkpoint["facemargin"] = {
-            "channel_order": CHANNEL_ORDER,
-            "normalize_mean": MEAN,
-            "normalize_std": STD,
-            "embedding_size": self.embedding_size,
+    def record(self) -> dict[str, Any]:
+        """The plain record saved as ``checkpoint["facemargin"]``."""
+        return {
+            "format": RECORD_FORMAT,
+            "config": self.config,
             "num_classes": self.num_classes,
-            "margin": self.hparams.loss,
+            "embedding_size": self.embedding_size,
+            "input_size": self.input_size,
+            "channel_order": CHANNEL_ORDER,
+            "mean": MEAN,
+            "std": STD,
+            "verification": {k: dict(v) for k, v in self.verification.items()},
         }
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save = getattr(self.head, "on_save_checkpoint", None)
+        if callable(save):  # every rank: e.g. gather the centre shards and their optimizer rows
+            save(checkpoint, "head.", self.trainer.optimizers if self._trainer is not None else [])
+        checkpoint[RECORD_KEY] = self.record()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.uses_partial_fc:  # slice the full centres for this rank, at any world size
-            shard_checkpoint(checkpoint, self)
+        load = getattr(self.head, "on_load_checkpoint", None)
+        if callable(load):  # e.g. slice the full centres for this rank, at any world size
+            load(checkpoint, "head.")
+        record = checkpoint.get(RECORD_KEY) or {}
+        self.verification = {k: dict(v) for k, v in (record.get("verification") or {}).items()}

@@ -1,34 +1,19 @@
-"""Optimizers and per-step learning-rate schedules (linear warm-up, then polynomial or cosine decay)."""
+"""Per-step learning-rate schedules: linear warm-up, then polynomial or cosine decay.
+
+Optimizers are plain ``torch.optim`` classes in the configs (``conf/optimizer``, Hydra ``_partial_``);
+the schedule is :func:`build_scheduler`, a ``_partial_`` that the LightningModule completes with the
+run's ``total_steps`` and ``steps_per_epoch``.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["SCHEDULES", "build_scheduler", "lr_factor"]
 
-OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
-
-
-def build_optimizer(
-    params: Iterable[torch.nn.Parameter] | Iterable[dict],
-    name: str = "sgd",
-    lr: float = 0.1,
-    weight_decay: float = 5e-4,
-    momentum: float = 0.9,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> torch.optim.Optimizer:
-    """SGD (insightface's defaults: lr 0.1, momentum 0.9, wd 5e-4) or AdamW."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
 def lr_factor(
@@ -62,10 +47,19 @@ def build_scheduler(
     warmup_steps: int = 0,
     power: float = 2.0,
     min_factor: float = 0.0,
+    warmup_epochs: float = 0.0,
+    steps_per_epoch: int | None = None,
 ) -> LambdaLR:
-    """A per-step ``LambdaLR`` following :func:`lr_factor` (its state_dict resumes exactly)."""
+    """A per-step ``LambdaLR`` following :func:`lr_factor` (its state_dict resumes exactly).
+
+    ``warmup_epochs`` (with ``steps_per_epoch``) sets the warm-up in epochs instead of ``warmup_steps``.
+    """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive; got {total_steps}")
+    if warmup_epochs:
+        if not steps_per_epoch:
+            raise ValueError("warmup_epochs needs steps_per_epoch (the LightningModule passes it)")
+        warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     lr_factor(0, total_steps, warmup_steps, name, power, min_factor)  # validate the name early
     return LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, name, power, min_factor)

@@ -481,6 +481,27 @@ class PartialFCHead(nn.Module):
         """Same as :meth:`loss` (the local logits are of little use outside the head)."""
         return self.loss(embeddings, labels)
 
+    # ---- the hooks FaceRecognitionModule calls (docs/architecture.md)
+    def setup_distributed(self) -> None:
+        """Shard for the current process group (before DDP wraps the model and optimizers exist)."""
+        self.reshard()
+
+    def ddp_ignored_parameters(self) -> list[str]:
+        """The shards: DDP must neither broadcast nor all-reduce them."""
+        return ["weight", "weight_active"] if self.sampled else ["weight"]
+
+    def on_save_checkpoint(self, checkpoint: dict, prefix: str, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Replace the shards in ``checkpoint`` by the full centres (collective)."""
+        consolidate_checkpoint(checkpoint, self, optimizers, prefix=prefix)
+
+    def on_load_checkpoint(self, checkpoint: dict, prefix: str) -> None:
+        """Slice the full centres in ``checkpoint`` to this rank's shard."""
+        shard_checkpoint(checkpoint, self, prefix=prefix)
+
+    def grad_clip_parameters(self) -> list[nn.Parameter]:
+        """None: the shards differ per rank, so a norm over them would too."""
+        return []
+
     # ---- export
     def full_weight(self) -> Tensor:
         """All ``C`` centres ``[C, D]`` on every rank (collective: every rank must call it)."""

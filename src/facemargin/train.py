@@ -34,18 +34,25 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "conf"
 
 
+#: the config nodes a model is built from; recorded in every checkpoint (facemargin.checkpoint).
+MODEL_NODES = ("backbone", "head", "optimizer", "scheduler")
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> FaceRecognitionModule:
+    """The LightningModule from the composed config: every part a ``_target_`` node."""
+    evaluators = [instantiate(node) for node in (cfg.get("eval") or {}).values() if node]
+    model_cfg = {key: cfg[key] for key in MODEL_NODES}
+    model_cfg["flip_test"] = cfg.flip_test
+    return FaceRecognitionModule.from_config(
+        model_cfg, num_classes=num_classes, evaluators=evaluators,
+        val_batch_size=cfg.val_batch_size, val_num_workers=cfg.val_num_workers,
+    )
+
+
 def build(cfg: DictConfig) -> tuple[pl.Trainer, FaceRecognitionModule, pl.LightningDataModule]:
     """Instantiate the DataModule, the LightningModule and the Trainer from a composed config."""
     datamodule = instantiate(cfg.data)
-    model = FaceRecognitionModule(
-        backbone=cfg.backbone,
-        num_classes=datamodule.num_classes,
-        loss=cfg.loss,
-        head=cfg.head,
-        optimizer=cfg.optimizer,
-        scheduler=cfg.scheduler,
-        flip_test=cfg.flip_test,
-    )
+    model = build_model(cfg, datamodule.num_classes)
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node]
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node]
     if not loggers:  # nothing to log learning rates to (logger=none)

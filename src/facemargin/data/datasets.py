@@ -6,7 +6,6 @@
   block order is a seeded permutation per epoch, split into equal contiguous spans per
   (rank, DataLoader worker), then mixed by a shuffle buffer. Every rank yields the same number
   of samples and batches, so DDP collectives never hang.
-* :class:`VerificationDataset` -- the images of an insightface ``.bin`` with their indices.
 
 All yield ``(image float32 [3, H, W] RGB normalised, label/index int64)``.
 
@@ -38,7 +37,6 @@ from .recordio import RecordIOError, unpack_record
 __all__ = [
     "RecordDataset",
     "RecordStream",
-    "VerificationDataset",
     "EpochDistributedSampler",
     "shard_span",
     "resolve_rank_world",
@@ -622,38 +620,3 @@ class RecordStream(IterableDataset):
 
     def _sample(self, img: np.ndarray, label: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return _convert(img, flip, self.output), torch.tensor(label, dtype=torch.long)
-
-
-# --------------------------------------------------------------------------- verification
-class VerificationDataset(Dataset):
-    """Images of an insightface verification ``.bin``: ``(image float[3,H,W], index int64)``.
-
-    Images stay encoded in memory and are decoded on access (``output="uint8"``: unnormalised
-    uint8, see :class:`RecordDataset`). Attributes: ``issame``
-    (``bool [N]``, pairs are images ``2i, 2i+1``), ``name`` (file stem), ``path``.
-    """
-
-    def __init__(self, bin_path: str | os.PathLike, output: Output = "float") -> None:
-        from .verification import load_bin
-
-        self.output = _check_output(output)
-        self.path = Path(bin_path)
-        self.name = self.path.stem
-        images, issame = load_bin(self.path)
-        self.images: list[bytes] = list(images)
-        self.issame = np.asarray(issame, dtype=bool)
-        if len(self.images) != 2 * self.issame.size:
-            raise ValueError(
-                f"{self.path}: {len(self.images)} images for {self.issame.size} pairs (expected {2 * self.issame.size})"
-            )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = int(index)
-        try:
-            img = decode_image(self.images[index])
-        except CorruptImageError as exc:
-            raise CorruptImageError(f"{self.path} (image {index}): corrupt image: {exc}") from exc
-        return _convert(img, False, self.output), torch.tensor(index, dtype=torch.long)

@@ -18,7 +18,6 @@ from .datasets import (
     RecordDataset,
     RecordStream,
     StreamDataLoader,
-    VerificationDataset,
 )
 from .decode import normalize_uint8
 from .faceset import FaceRecordSet, read_property
@@ -41,10 +40,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
     Args:
         root: directory with ``train.rec/.idx/property`` (+ ``<name>.bin`` val sets);
             ``None`` or ``"demo"`` (or ``demo=True``) uses the built-in synthetic set.
-        val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files.
-            In demo mode ``demo_val.bin`` comes first.
+        val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files,
+            offered to the LightningModule by :meth:`evaluators`. In demo mode ``demo_val.bin`` comes first.
         batch_size: per-rank training batch size (``drop_last`` always: the head gathers across ranks).
-        val_batch_size: per-rank verification batch size.
         num_workers, pin_memory, persistent_workers: DataLoader options.
         streaming: ``True`` = :class:`RecordStream` (sequential reads + shuffle buffer),
             ``False`` = :class:`RecordDataset` (random reads, full shuffle).
@@ -71,7 +69,6 @@ class FaceRecordDataModule(pl.LightningDataModule):
         root: str | os.PathLike | None = None,
         val_sets: Sequence[str | os.PathLike] = (),
         batch_size: int = 128,
-        val_batch_size: int = 256,
         num_workers: int = 2,
         streaming: bool = False,
         shuffle_buffer: int = 10_000,
@@ -92,7 +89,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.save_hyperparameters(
             dict(
                 root=None if root is None else str(root), val_sets=[str(v) for v in val_list],
-                batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                batch_size=batch_size, num_workers=num_workers,
                 streaming=streaming, shuffle_buffer=shuffle_buffer, seed=seed, flip_p=flip_p,
                 on_corrupt=on_corrupt, pin_memory=pin_memory, persistent_workers=persistent_workers,
                 demo=demo, chunk_bytes=chunk_bytes,
@@ -114,7 +111,6 @@ class FaceRecordDataModule(pl.LightningDataModule):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.val_paths = [self._resolve_val(v) for v in val_list]
         self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size)
         self.num_workers = int(num_workers)
         self.streaming = bool(streaming)
         self.shuffle_buffer = int(shuffle_buffer)
@@ -138,7 +134,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self._faceset: FaceRecordSet | None = None
         self._train_map: RecordDataset | None = None
         self._stream: RecordStream | None = None
-        self._val: list[VerificationDataset] | None = None
+        self._val: list | None = None
         self._resume: dict[str, int] | None = None  # from a checkpoint, applied to the next train loader
         self._consumed_epoch = -1
         self._consumed = 0
@@ -157,18 +153,17 @@ class FaceRecordDataModule(pl.LightningDataModule):
             self._faceset = FaceRecordSet(self.root)
         return self._faceset
 
-    def _val_datasets(self) -> list[VerificationDataset]:
+    def evaluators(self) -> list:
+        """One :class:`~facemargin.evaluation.BinPairsEvaluator` per verification set, in ``val_sets``
+        order (the LightningModule runs them in validation). Missing files raise, naming them."""
         if self._val is None:
+            from ..evaluation.pairs import BinPairsEvaluator
+
             missing = [str(p) for p in self.val_paths if not p.is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [VerificationDataset(p, output=self._output) for p in self.val_paths]  # type: ignore[arg-type]
-        return self._val
-
-    @property
-    def verification_sets(self) -> list[tuple[str, np.ndarray]]:
-        """``(name, issame)`` per verification set, in ``val_dataloader()`` order."""
-        return [(ds.name, ds.issame) for ds in self._val_datasets()]
+            self._val = [BinPairsEvaluator(p) for p in self.val_paths]
+        return list(self._val)
 
     def _rank_world(self) -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -182,7 +177,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         return getattr(self, "trainer", None)
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the training set (fit) and the verification sets."""
+        """Open the training set (fit) and check the verification files."""
         if stage in (None, "fit"):
             self.faceset  # noqa: B018 - validates the files early, on every rank
             if not self.streaming and self._train_map is None:
@@ -194,8 +189,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
                     seed=self.seed,
                     output=self._output,  # type: ignore[arg-type]
                 )
-        if stage in (None, "fit", "validate", "predict"):
-            self._val_datasets()
+        if stage in (None, "fit", "validate"):
+            self.evaluators()  # fail early on a missing verification file
 
     # ---- loaders
     def _loader_kwargs(self) -> dict[str, Any]:
@@ -242,21 +237,15 @@ class FaceRecordDataModule(pl.LightningDataModule):
             self._train_map, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
         )
 
-    def _eval_loaders(self) -> list[DataLoader]:
-        kw = self._loader_kwargs()
-        kw.pop("persistent_workers", None)
-        return [
-            DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, drop_last=False, **kw)
-            for ds in self._val_datasets()
-        ]
-
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader of ``(images, indices)`` per verification set (order of ``verification_sets``)."""
-        return self._eval_loaders()
+        """The LightningModule's evaluator loaders: evaluators own their images (this DataModule's
+        :meth:`evaluators` among them), the module runs them; Lightning asks the DataModule."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    def predict_dataloader(self) -> list[DataLoader]:
-        """The verification images again (for embedding export)."""
-        return self._eval_loaders()
+        module = self.trainer.lightning_module if self._trainer_or_none() is not None else None
+        if module is None or not is_overridden("val_dataloader", module):
+            return []
+        return module.val_dataloader()
 
     # ---- device-side normalisation
     @staticmethod

@@ -1,4 +1,4 @@
-"""Face verification protocol (insightface's LFW/CFP/AgeDB evaluation) and a torchmetrics Metric.
+"""1:1 verification on image pairs: insightface's LFW / CFP-FP / AgeDB-30 protocol and its evaluators.
 
 Protocol, identical to insightface ``verification.evaluate`` so figures compare with published
 ones: the caller passes each image's embedding summed with its horizontal flip's; XNorm is the
@@ -13,18 +13,27 @@ threshold reaching the target FAR on the training folds is found by linear inter
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
-import torch
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+from torch.utils.data import Dataset
 
-__all__ = ["VerificationAccuracy", "kfold_splits", "verification_scores"]
+from .base import EncodedImages, Evaluator
+
+__all__ = ["BinPairsEvaluator", "PairsEvaluator", "far_key", "kfold_splits", "verification_scores"]
 
 ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
-FAR_TARGETS = {"tar@far=1e-3": 1e-3, "tar@far=1e-4": 1e-4}
+#: FAR targets reported by default (insightface reports 1e-3; 1e-4 where the pairs allow).
+FAR_TARGETS = (1e-3, 1e-4)
+
+
+def far_key(far: float) -> str:
+    """The metric name of TAR at ``far``: ``1e-3 -> "tar@far=1e-3"``."""
+    return "tar@far=" + re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{far:.0e}")
 
 
 def kfold_splits(n: int, nfolds: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -96,7 +105,11 @@ def _tar_far(dist: np.ndarray, same: np.ndarray, threshold: float) -> tuple[floa
 
 
 def verification_scores(
-    embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10, view_norms: np.ndarray | None = None
+    embeddings: np.ndarray,
+    issame: np.ndarray,
+    nfolds: int = 10,
+    view_norms: np.ndarray | None = None,
+    far_targets: Sequence[float] = FAR_TARGETS,
 ) -> dict[str, float]:
     """insightface verification figures for ``embeddings [2N, D]`` (image + flip summed, not normalised).
 
@@ -104,8 +117,8 @@ def verification_scores(
     summed; insightface's XNorm is their mean. Without it, XNorm is the mean norm of ``embeddings``.
 
     Returns ``acc`` (mean of the fold accuracies), ``acc_std``, ``threshold`` (mean best threshold
-    over folds), ``xnorm``, ``tar@far=1e-3`` and ``tar@far=1e-4`` (mean TAR over folds; NaN when the
-    training folds hold fewer than ``1/FAR`` negative pairs, too few to resolve that FAR).
+    over folds), ``xnorm`` and ``tar@far=<far>`` for each of ``far_targets`` (mean TAR over folds;
+    NaN when the training folds hold fewer than ``1/FAR`` negative pairs, too few to resolve that FAR).
     """
     emb = np.asarray(embeddings, dtype=np.float64)
     same = np.asarray(issame, dtype=bool).reshape(-1)
@@ -130,7 +143,8 @@ def verification_scores(
         "xnorm": xnorm,
     }
     min_train_negatives = min(int((~same[train]).sum()) for train, _ in folds)
-    for key, far_target in FAR_TARGETS.items():
+    for far_target in far_targets:
+        key = far_key(far_target)
         if min_train_negatives < round(1.0 / far_target):
             scores[key] = float("nan")
             continue
@@ -143,64 +157,56 @@ def verification_scores(
     return scores
 
 
-class VerificationAccuracy(Metric):
-    """Collects embeddings by global image index and computes ``verification_scores``.
 
-    ``update(embeddings [B, D], indices [B])``: ``indices`` are the images' positions in the
-    verification set (pair ``i`` = images ``2i, 2i+1``). States are gathered across ranks; images
-    seen twice (the DistributedSampler pads the last batch) are counted once.
+
+class PairsEvaluator(Evaluator):
+    """insightface's 1:1 verification protocol over encoded images whose pairs are ``(2i, 2i+1)``.
+
+    ``compute()`` returns ``acc``, ``acc_std``, ``threshold``, ``xnorm`` and ``tar@far=<far>`` for
+    each of ``far_targets`` (see :func:`verification_scores`).
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, issame: Any, nfolds: int = 10, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.issame = np.asarray(issame, dtype=bool).reshape(-1)
-        self.nfolds = nfolds
-        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
-        self.add_state("indices", default=[], dist_reduce_fx="cat")
-        self.add_state("view_norms", default=[], dist_reduce_fx="cat")
-
-    def update(
-        self, embeddings: torch.Tensor, indices: torch.Tensor, view_norms: torch.Tensor | None = None
+    def __init__(
+        self,
+        images: Sequence[bytes],
+        issame: Sequence[bool] | np.ndarray,
+        name: str = "pairs",
+        nfolds: int = 10,
+        far_targets: Sequence[float] = FAR_TARGETS,
+        source: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        """``view_norms [B]``: mean norm of each image's views before summing (insightface's XNorm)."""
-        if embeddings.ndim != 2 or indices.ndim != 1 or embeddings.shape[0] != indices.shape[0]:
-            raise ValueError(
-                f"need embeddings [B, D] and indices [B], got {tuple(embeddings.shape)} and {tuple(indices.shape)}"
-            )
-        if view_norms is None:
-            view_norms = embeddings.detach().float().norm(dim=1)
-        if view_norms.shape != indices.shape:
-            raise ValueError(f"need view_norms [B], got {tuple(view_norms.shape)}")
-        self.embeddings.append(embeddings.detach().float())
-        self.indices.append(indices.detach().long())
-        self.view_norms.append(view_norms.detach().float())
+        issame = np.asarray(issame, dtype=bool).reshape(-1)
+        if len(images) != 2 * issame.size:
+            raise ValueError(f"{source or name}: {len(images)} images for {issame.size} pairs (expected {2 * issame.size})")
+        super().__init__(name, len(images), **kwargs)
+        self.images = images
+        self.issame = issame
+        self.nfolds = int(nfolds)
+        self.far_targets = tuple(float(f) for f in far_targets)
+        self.source = source or name
 
-    def forward(
-        self, embeddings: torch.Tensor, indices: torch.Tensor, view_norms: torch.Tensor | None = None
+    def dataset(self) -> Dataset:
+        return EncodedImages(self.images, self.source)
+
+    def score(self, embeddings: np.ndarray, view_norms: np.ndarray) -> dict[str, float]:
+        return verification_scores(embeddings, self.issame, self.nfolds, view_norms, self.far_targets)
+
+
+class BinPairsEvaluator(PairsEvaluator):
+    """A :class:`PairsEvaluator` over an insightface ``.bin`` (``lfw.bin`` -> name ``lfw``)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        nfolds: int = 10,
+        far_targets: Sequence[float] = FAR_TARGETS,
+        **kwargs: Any,
     ) -> None:
-        """Same as ``update``: a batch alone has no meaningful verification score."""
-        self.update(embeddings, indices, view_norms)
+        from ..data.verification import load_bin
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        """Gathered, de-duplicated, index-ordered embeddings -> ``verification_scores`` as tensors."""
-        n_images = 2 * self.issame.size
-        if isinstance(self.indices, list) and not self.indices:
-            raise RuntimeError("VerificationAccuracy.compute() called before any update()")
-        emb = dim_zero_cat(self.embeddings).cpu().numpy()
-        idx = dim_zero_cat(self.indices).cpu().numpy()
-        uniq, first = np.unique(idx, return_index=True)  # sorted indices, first occurrence of each
-        if uniq.size != n_images or uniq[0] != 0 or uniq[-1] != n_images - 1:
-            missing = np.setdiff1d(np.arange(n_images), uniq)
-            extra = uniq[(uniq < 0) | (uniq >= n_images)]
-            raise RuntimeError(
-                f"verification set has {n_images} images but {uniq.size} distinct indices were seen; "
-                f"missing {missing[:10].tolist()}{'...' if missing.size > 10 else ''} "
-                f"({missing.size} in all), out of range {extra[:10].tolist()}"
-            )
-        norms = dim_zero_cat(self.view_norms).cpu().numpy()
-        scores = verification_scores(emb[first], self.issame, self.nfolds, view_norms=norms[first])
-        return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}
+        path = Path(path)
+        images, issame = load_bin(path)
+        super().__init__(images, issame, name or path.stem, nfolds, far_targets, source=str(path), **kwargs)
+        self.path = path

@@ -12,7 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facemargin.metrics import VerificationAccuracy, verification_scores
+from facemargin.evaluation.pairs import PairsEvaluator, far_key, verification_scores
+
+
+def VerificationAccuracy(issame):
+    """The pairs evaluator alone, as a metric over embeddings (its images are never decoded here)."""
+    return PairsEvaluator([b""] * (2 * len(issame)), issame)
+
 
 # --------------------------------------------------------------------------------------------
 # Independent, deliberately plain reference of insightface's verification.evaluate
@@ -221,8 +227,6 @@ def test_xnorm_is_insightfaces_mean_of_view_norms():
     """insightface's XNorm averages the norms of the image and flip embeddings, not of their sum."""
     import torch
 
-    from facemargin.metrics import VerificationAccuracy
-
     rng = np.random.default_rng(3)
     views = rng.normal(size=(2, 40, 8))  # [view, image, D]
     issame = np.array([True, False] * 10)
@@ -233,3 +237,58 @@ def test_xnorm_is_insightfaces_mean_of_view_norms():
     want = float(np.mean([np.linalg.norm(views[v, i]) for v in range(2) for i in range(40)]))
     assert float(metric.compute()["xnorm"]) == pytest.approx(want, rel=1e-5)
     assert want < float(np.linalg.norm(views.sum(0), axis=1).mean())  # differs from the norm of the sum
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluator's images and options
+# --------------------------------------------------------------------------------------------
+
+
+def _face(level: int) -> bytes:
+    import simplejpeg
+
+    img = np.zeros((16, 16, 3), dtype=np.uint8)
+    img[:, :8] = level  # left half bright: a flip is visible
+    return simplejpeg.encode_jpeg(img, quality=95)
+
+
+def test_bin_evaluator_images_in_index_order(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from facemargin.data.verification import write_bin
+    from facemargin.evaluation.pairs import BinPairsEvaluator
+
+    levels = [40 + 20 * i for i in range(8)]
+    path = write_bin(tmp_path / "lfw.bin", [_face(v) for v in levels], [True, False, True, False])
+    ev = BinPairsEvaluator(path)
+    assert ev.name == "lfw" and ev.num_images == 8 and ev.issame.tolist() == [True, False, True, False]
+    for workers in (0, 2):
+        seen = []
+        for images, idx in DataLoader(ev.dataset(), batch_size=3, num_workers=workers):
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16) and idx.dtype == torch.long
+            seen += [(int(i), int(im[0, 8, 2])) for i, im in zip(idx, images)]
+        assert [i for i, _ in seen] == list(range(8))
+        assert all(abs(got - levels[i]) <= 3 for i, got in seen)  # JPEG rounding only, never flipped
+
+
+def test_bin_evaluator_corrupt_image_named(tmp_path: Path) -> None:
+    from facemargin.data.decode import CorruptImageError
+    from facemargin.data.verification import write_bin
+    from facemargin.evaluation.pairs import BinPairsEvaluator
+
+    path = write_bin(tmp_path / "agedb_30.bin", [_face(50), b"\xff\xd8\xffjunk"], [True])
+    ds = BinPairsEvaluator(path).dataset()
+    with pytest.raises(CorruptImageError, match=r"agedb_30\.bin \(image 1\)"):
+        ds[1]
+
+
+def test_far_targets_are_chosen_by_the_user() -> None:
+    assert [far_key(f) for f in (1e-1, 1e-3, 1e-6, 5e-4)] == [
+        "tar@far=1e-1", "tar@far=1e-3", "tar@far=1e-6", "tar@far=5e-4"
+    ]
+    emb, same = planted(3000, 8, seed=9)
+    got = verification_scores(emb, same, far_targets=(1e-1, 1e-2))
+    assert set(got) == {"acc", "acc_std", "threshold", "xnorm", "tar@far=1e-1", "tar@far=1e-2"}
+    for key, far in (("tar@far=1e-1", 0.1), ("tar@far=1e-2", 0.01)):
+        assert 0.0 <= got[key] <= 1.0, key
+    assert got["tar@far=1e-1"] >= got["tar@far=1e-2"]  # a looser FAR accepts at least as many

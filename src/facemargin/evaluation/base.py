@@ -1,0 +1,129 @@
+"""The evaluator contract: one object holds an evaluation set's images and its protocol.
+
+An :class:`Evaluator` is a ``torchmetrics.Metric``. Whoever embeds the images (the
+LightningModule in validation, ``python -m facemargin.evaluate`` on a checkpoint or an exported
+model) iterates :meth:`Evaluator.dataset`, embeds each image and its horizontal flip, sums the two
+views and calls :meth:`Evaluator.update` with the images' indices; :meth:`Evaluator.compute`
+gathers the embeddings across ranks, drops the duplicates the ``DistributedSampler`` pads with,
+orders them by index and scores them with the subclass's :meth:`Evaluator.score`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from ..data.decode import CorruptImageError, decode_image, to_uint8_chw
+
+__all__ = ["EncodedImages", "Evaluator"]
+
+
+class EncodedImages(Dataset):
+    """Encoded images kept in memory, decoded on access: ``(uint8 [3, H, W] RGB, int64 index)``.
+
+    ``source`` names the file the images came from in every error message.
+    """
+
+    def __init__(self, images: Sequence[bytes], source: str) -> None:
+        self.images = images
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(index)
+        try:
+            img = decode_image(self.images[index])
+        except CorruptImageError as exc:
+            raise CorruptImageError(f"{self.source} (image {index}): corrupt image: {exc}") from exc
+        return to_uint8_chw(img), torch.tensor(index, dtype=torch.long)
+
+
+class Evaluator(Metric):
+    """Base class of every evaluator: collects per-image embeddings, scores them with :meth:`score`.
+
+    Subclasses set ``name`` and ``num_images`` (via ``__init__``) and implement :meth:`dataset` and
+    :meth:`score`. ``monitor`` is the key of :meth:`compute` that the LightningModule averages into
+    ``val/acc`` (``None``: not averaged).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    monitor: str | None = "acc"
+
+    def __init__(self, name: str, num_images: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.name = str(name)
+        self.num_images = int(num_images)
+        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
+        self.add_state("indices", default=[], dist_reduce_fx="cat")
+        self.add_state("view_norms", default=[], dist_reduce_fx="cat")
+
+    # ---- what a subclass provides
+    def dataset(self) -> Dataset:
+        """The images to embed: items ``(uint8 image [3, H, W] RGB, int64 index)``."""
+        raise NotImplementedError
+
+    def score(self, embeddings: np.ndarray, view_norms: np.ndarray) -> dict[str, float]:
+        """Figures from every image's embedding ``[num_images, D]`` (index order, un-normalised)."""
+        raise NotImplementedError
+
+    # ---- the metric
+    def update(
+        self, embeddings: torch.Tensor, indices: torch.Tensor, view_norms: torch.Tensor | None = None
+    ) -> None:
+        """``embeddings [B, D]`` (views summed), ``indices [B]`` into :meth:`dataset`,
+        ``view_norms [B]`` each image's mean norm over its views (insightface's XNorm; default: the
+        norm of the summed embedding)."""
+        if embeddings.ndim != 2 or indices.ndim != 1 or embeddings.shape[0] != indices.shape[0]:
+            raise ValueError(
+                f"{self.name}: need embeddings [B, D] and indices [B], got {tuple(embeddings.shape)} "
+                f"and {tuple(indices.shape)}"
+            )
+        if view_norms is None:
+            view_norms = embeddings.detach().float().norm(dim=1)
+        if view_norms.shape != indices.shape:
+            raise ValueError(f"{self.name}: need view_norms [B], got {tuple(view_norms.shape)}")
+        self.embeddings.append(embeddings.detach().float())
+        self.indices.append(indices.detach().long())
+        self.view_norms.append(view_norms.detach().float())
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        """Same as ``update``: a batch alone has no meaningful score."""
+        self.update(*args, **kwargs)
+
+    def gathered(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(embeddings [N, D], view_norms [N])`` in index order, each image once.
+
+        Raises ``RuntimeError`` naming the missing indices when some image was never embedded.
+        """
+        if isinstance(self.indices, list) and not self.indices:
+            raise RuntimeError(f"{self.name}: compute() called before any update()")
+        emb = dim_zero_cat(self.embeddings).cpu().numpy()
+        idx = dim_zero_cat(self.indices).cpu().numpy()
+        norms = dim_zero_cat(self.view_norms).cpu().numpy()
+        uniq, first = np.unique(idx, return_index=True)  # sorted, first occurrence of each
+        n = self.num_images
+        if uniq.size != n or uniq[0] != 0 or uniq[-1] != n - 1:
+            missing = np.setdiff1d(np.arange(n), uniq)
+            extra = uniq[(uniq < 0) | (uniq >= n)]
+            raise RuntimeError(
+                f"{self.name}: {n} images but {uniq.size} distinct indices were embedded; missing "
+                f"{missing[:10].tolist()}{'...' if missing.size > 10 else ''} ({missing.size} in all), "
+                f"out of range {extra[:10].tolist()}"
+            )
+        return emb[first], norms[first]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        scores = self.score(*self.gathered())
+        return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_images={self.num_images}"
