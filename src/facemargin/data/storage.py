@@ -145,7 +145,7 @@ def cache_root() -> Path:
 
 
 def cached_copy(path: str | os.PathLike, **options: Any) -> Path:
-    """A local path holding the bytes of ``path`` (the path itself when it is local).
+    """A local path holding the bytes of ``path`` (the path itself, unchecked, when it is local).
 
     A URL is downloaded once to ``cache_root()/<hash of URL>/<hash of version>/<file name>``; the
     version is the remote ETag / Last-Modified / size, asked once per call, so a changed remote
@@ -154,10 +154,7 @@ def cached_copy(path: str | os.PathLike, **options: Any) -> Path:
     older versions of the same URL are removed afterwards.
     """
     if not is_remote(path):
-        local = Path(path)
-        if not local.is_file():
-            raise FileNotFoundError(f"file not found: {local}")
-        return local
+        return Path(path)  # used in place; the caller reports a missing file in its own words
     url = str(path)
     source = open_source(url, **options)
     try:
