@@ -53,6 +53,7 @@ class RangeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as production servers do: no 40 ms delayed-ACK stalls
 
             def log_message(self, *args) -> None:  # quiet
                 pass
