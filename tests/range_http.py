@@ -15,6 +15,8 @@ set on the instance while it runs:
 
 ``log`` records ``(method, path, range header)`` of every request. The server runs in a daemon
 thread and stops by itself after ``lifetime`` seconds, if the test has not stopped it already.
+``python tests/range_http.py ROOT [LIFETIME]`` serves ``ROOT`` from its own process (benchmarks:
+no GIL shared with the client) and prints the URL.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import email.utils
 import os
 import re
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -153,3 +156,9 @@ class RangeServer:
         view = memoryview(data)
         for i in range(0, len(view), 1 << 16):
             h.wfile.write(view[i:i + (1 << 16)])
+
+
+if __name__ == "__main__":
+    server = RangeServer(sys.argv[1], lifetime=float(sys.argv[2]) if len(sys.argv) > 2 else 3600.0)
+    print(server.url, flush=True)
+    server._thread.join()

@@ -342,7 +342,13 @@ class HTTPSource(_RemoteSource):
         return int(total), f"{tag}|{total}"
 
     def _read_body(self, resp: http.client.HTTPResponse, n: int, offset: int) -> bytes:
-        buf = bytearray()
+        try:
+            first = resp.read(n)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(f"{type(exc).__name__} after 0 of {n} bytes at offset {offset}") from None
+        if len(first) == n:
+            return first  # the usual case: no copy
+        buf = bytearray(first)
         while len(buf) < n:
             try:
                 chunk = resp.read(n - len(buf))
