@@ -13,9 +13,10 @@ set on the instance while it runs:
 * ``drop_idle = True``: the connection is closed after each reply without saying so, as a
   server does when a keep-alive connection has been idle too long.
 
-``log`` records ``(method, path, range header)`` of every request. The server runs in a daemon
+``latency = seconds`` delays every reply (a network round trip). ``log`` records ``(method, path,
+range header)`` of every request and ``clients`` the client ports seen (one per connection). The server runs in a daemon
 thread and stops by itself after ``lifetime`` seconds, if the test has not stopped it already.
-``python tests/range_http.py ROOT [LIFETIME]`` serves ``ROOT`` from its own process (benchmarks:
+``python tests/range_http.py ROOT [LIFETIME [LATENCY]]`` serves ``ROOT`` from its own process (benchmarks:
 no GIL shared with the client) and prints the URL.
 """
 
@@ -27,6 +28,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -51,6 +53,8 @@ class RangeServer:
         self.down_after_cut = False
         self.ranges = True
         self.drop_idle = False
+        self.latency = 0.0
+        self.clients: set[int] = set()
         self._lock = threading.Lock()
         server = self
 
@@ -109,6 +113,9 @@ class RangeServer:
         rng = h.headers.get("Range")
         with self._lock:
             self.log.append((h.command, h.path, rng))
+            self.clients.add(h.client_address[1])
+        if self.latency:
+            time.sleep(self.latency)
         if self.down or self._take("fail_next"):
             return self._reply(h, 503, b"")
         path = self.root / h.path.lstrip("/").split("?", 1)[0]
@@ -160,5 +167,6 @@ class RangeServer:
 
 if __name__ == "__main__":
     server = RangeServer(sys.argv[1], lifetime=float(sys.argv[2]) if len(sys.argv) > 2 else 3600.0)
+    server.latency = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     print(server.url, flush=True)
     server._thread.join()

@@ -56,6 +56,18 @@ def test_http_reads_are_byte_exact_and_streams_are_one_request(served, tmp_path)
     assert len(server.requests("/missing.bin")) == 1  # permanent errors are not retried
 
 
+def test_pread_many_reads_concurrently_in_order(served):
+    server, data = served
+    reads = [(1000 + 7 * k, 31_000 * k) for k in range(9)] + [(50, len(data) - 20)]
+    src = open_source(server.url + "data.bin", retry=FAST, concurrency=4)
+    local = LocalSource(server.root / "data.bin")
+    want = [data[o:o + n] for n, o in reads]
+    server.latency = 0.05  # requests overlap only if they are in flight together
+    assert src.pread_many(reads) == local.pread_many(reads) == want
+    assert len(server.clients) >= 3  # several connections, one per reading thread
+    assert open_source(server.url + "data.bin", concurrency=1).pread_many(reads[:2]) == want[:2]
+
+
 def test_dropped_connections_and_5xx_are_retried(served):
     server, data = served
     src = open_source(server.url + "data.bin", retry=FAST)

@@ -1,8 +1,8 @@
 """Byte sources over the network: HTTP(S) with the standard library, object storage through fsspec.
 
 Both read the same way (see :mod:`facemargin.data.storage`): ``pread`` is one ranged request,
-``iter_range`` streams large ranges in a background thread that stays ``readahead`` blocks ahead
-of the caller. Failures that may pass -- refused or dropped connections, time-outs, HTTP 5xx /
+``pread_many`` keeps up to ``concurrency`` of them in flight, ``iter_range`` streams large ranges in
+a background thread that stays ``readahead`` blocks ahead of the caller. Failures that may pass -- refused or dropped connections, time-outs, HTTP 5xx /
 408 / 429, a body shorter than announced -- are retried with exponential back-off
 (:class:`RetryPolicy`); a stream that fails mid-range resumes at the first byte it has not yet
 delivered. A source that stays down, or a permanent error (404, 403, a server that ignores
@@ -31,8 +31,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 __all__ = ["RetryPolicy", "RemoteReadError", "HTTPSource", "FsspecSource"]
 
@@ -73,12 +74,15 @@ class _RemoteSource:
 
     name: str
 
-    def __init__(self, url: str, retry: RetryPolicy | None, readahead: int) -> None:
-        if readahead < 1:
-            raise ValueError(f"readahead must be >= 1 block, got {readahead}")
+    def __init__(self, url: str, retry: RetryPolicy | None, readahead: int, concurrency: int) -> None:
+        if readahead < 1 or concurrency < 1:
+            raise ValueError(f"readahead and concurrency must be >= 1, got {readahead} and {concurrency}")
         self.name = url
         self.retry = retry or RetryPolicy()
         self.readahead = int(readahead)
+        self.concurrency = int(concurrency)
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid: int | None = None
         self._stat: tuple[int, str] | None = None
         self._jitter = random.Random()
 
@@ -143,6 +147,15 @@ class _RemoteSource:
             return b""
         return self._retrying(f"reading {end - offset} bytes", offset, lambda: self._fetch(offset, end))
 
+    def pread_many(self, reads: Sequence[tuple[int, int]]) -> list[bytes]:
+        """``[pread(n, offset) ...]`` in order, up to ``concurrency`` requests in flight (one connection each)."""
+        if len(reads) <= 1 or self.concurrency == 1:
+            return [self.pread(n, offset) for n, offset in reads]
+        if self._executor is None or self._executor_pid != os.getpid():
+            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="facemargin-pread")
+            self._executor_pid = os.getpid()
+        return list(self._executor.map(lambda r: self.pread(*r), reads))
+
     def iter_range(self, start: int, end: int, block_bytes: int) -> Iterator[bytes]:
         """``[start, end)`` in blocks of ``block_bytes`` (the last may be shorter), read ahead in a thread."""
         if block_bytes < 1:
@@ -203,11 +216,14 @@ class _RemoteSource:
                 time.sleep(self.retry.delay(failures, self._jitter))
 
     def close(self) -> None:
+        if self._executor is not None and self._executor_pid == os.getpid():
+            self._executor.shutdown(wait=False)
+        self._executor = None
         self._reset()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_jitter"] = None
+        state.update(_jitter=None, _executor=None, _executor_pid=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -226,8 +242,9 @@ class HTTPSource(_RemoteSource):
     clearly instead of mixing two versions.
     """
 
-    def __init__(self, url: str, retry: RetryPolicy | None = None, readahead: int = 4, timeout: float = 60.0) -> None:
-        super().__init__(url, retry, readahead)
+    def __init__(self, url: str, retry: RetryPolicy | None = None, readahead: int = 4, concurrency: int = 8,
+                 timeout: float = 60.0) -> None:
+        super().__init__(url, retry, readahead, concurrency)
         parts = urllib.parse.urlsplit(url)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url}")
@@ -399,9 +416,9 @@ class HTTPSource(_RemoteSource):
 class FsspecSource(_RemoteSource):
     """A file on any fsspec file system (``s3://``, ``gs://``, ``az://``, ...): ranged ``cat_file`` calls."""
 
-    def __init__(self, url: str, retry: RetryPolicy | None = None, readahead: int = 4,
+    def __init__(self, url: str, retry: RetryPolicy | None = None, readahead: int = 4, concurrency: int = 8,
                  storage_options: dict[str, Any] | None = None) -> None:
-        super().__init__(url, retry, readahead)
+        super().__init__(url, retry, readahead, concurrency)
         scheme = url.split("://", 1)[0].lower()
         try:
             import fsspec

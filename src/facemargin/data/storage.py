@@ -5,6 +5,8 @@ Every reader in :mod:`facemargin.data` reads through a :class:`ByteSource`:
 * ``pread(n, offset)`` -- one positioned read (a record is read in one call: its length is known);
   remotely that is one ranged request, so map-style random access over the network works but
   pays one round trip per record;
+* ``pread_many(reads)`` -- several ``(n, offset)`` reads at once (a window of a shuffled stream);
+  remote sources issue them concurrently, so their round trips overlap instead of adding up;
 * ``iter_range(start, end, block_bytes)`` -- sequential reads of ``[start, end)`` in blocks, for
   streaming; remote sources fetch the next blocks in a background thread while the caller
   decodes (read-ahead), so a stream runs at network bandwidth, not at request latency;
@@ -33,7 +35,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 __all__ = ["ByteSource", "LocalSource", "open_source", "cached_copy", "is_remote", "cache_root"]
 
@@ -56,6 +58,8 @@ class ByteSource(Protocol):
     def size(self) -> int: ...
 
     def pread(self, n: int, offset: int) -> bytes: ...
+
+    def pread_many(self, reads: Sequence[tuple[int, int]]) -> list[bytes]: ...
 
     def iter_range(self, start: int, end: int, block_bytes: int) -> Iterator[bytes]: ...
 
@@ -91,6 +95,11 @@ class LocalSource:
     def pread(self, n: int, offset: int) -> bytes:
         """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file)."""
         return os.pread(self._handle(), n, offset)
+
+    def pread_many(self, reads: Sequence[tuple[int, int]]) -> list[bytes]:
+        """``[pread(n, offset) for n, offset in reads]``."""
+        fd = self._handle()
+        return [os.pread(fd, n, offset) for n, offset in reads]
 
     def iter_range(self, start: int, end: int, block_bytes: int) -> Iterator[bytes]:
         """``[start, end)`` in consecutive blocks of at most ``block_bytes``."""
