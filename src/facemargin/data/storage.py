@@ -98,8 +98,7 @@ class LocalSource:
 
     def pread_many(self, reads: Sequence[tuple[int, int]]) -> list[bytes]:
         """``[pread(n, offset) for n, offset in reads]``."""
-        fd = self._handle()
-        return [os.pread(fd, n, offset) for n, offset in reads]
+        return [self.pread(n, offset) for n, offset in reads]
 
     def iter_range(self, start: int, end: int, block_bytes: int) -> Iterator[bytes]:
         """``[start, end)`` in consecutive blocks of at most ``block_bytes``."""
