@@ -198,6 +198,44 @@ def test_pack_crop_and_resize_frame_a_photo_sized_face(tmp_path):
     assert np.abs(squared - faces[0]).mean() < 12
 
 
+def test_pack_align_maps_an_unaligned_photo_onto_the_template(tmp_path):
+    from facemargin.align import ARCFACE_TEMPLATE, warp_affine
+
+    face = render_identity(2, 1, 112, seed=4)[0]  # an aligned 112x112 face
+    # the "photo": that face rotated by 25 degrees, scaled 1.7x and shifted into a 320x240 frame
+    c, s_ = 1.7 * np.cos(np.radians(25)), 1.7 * np.sin(np.radians(25))
+    to_photo = np.array([[c, -s_, 120.0], [s_, c, 10.0]])
+    photo = warp_affine(face, to_photo, (320, 240))
+    marks = ARCFACE_TEMPLATE @ to_photo[:, :2].T + to_photo[:, 2]  # where the template points went
+    root = tmp_path / "photos"
+    (root / "id0").mkdir(parents=True)
+    Image.fromarray(photo).save(root / "id0" / "p.png")
+    Image.fromarray(np.fliplr(photo)).save(root / "id0" / "q.png")  # same photo mirrored
+    mirrored = marks[[1, 0, 2, 4, 3]] * [-1, 1] + [319, 0]  # mirror the points, swap left and right
+    lines = ["# path  left eye  right eye  nose  left mouth  right mouth",
+             "id0/p.png " + " ".join(f"{v:.4f}" for v in marks.reshape(-1)),
+             "id0/q.png " + " ".join(f"{v:.4f}" for v in mirrored.reshape(-1))]
+    (tmp_path / "marks.txt").write_text("\n".join(lines) + "\n")
+    assert pack_main([str(root), str(tmp_path / "rec"), "--align", str(tmp_path / "marks.txt"), "--quiet"]) == 0
+    fs = FaceRecordSet(tmp_path / "rec")
+    assert (tmp_path / "rec" / "property").read_text() == "1,112,112"
+    p, q = (simplejpeg.decode_jpeg(fs.read(k)[1]).astype(float) for k in fs.image_keys.tolist())
+    inner = (slice(8, -8), slice(8, -8))  # the border resamples pixels that fell outside the photo
+    assert np.abs(p[inner] - face[inner]).mean() < 6  # back on the template
+    assert np.abs(q[inner] - face[:, ::-1][inner]).mean() < 6  # the mirrored photo gives the mirrored face
+    assert np.abs(p[inner] - face[:, ::-1][inner]).mean() > 3 * np.abs(p[inner] - face[inner]).mean()
+
+    (tmp_path / "short.txt").write_text(lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"short\.txt has no landmarks for 1 image\(s\), e\.g\. .*id0/q\.png"):
+        pack_images(root, tmp_path / "rec2", align=tmp_path / "short.txt", progress=False)
+    (tmp_path / "bad.txt").write_text("id0/p.png 1 2 3\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: line 1 is not 'PATH x1 y1 \.\.\. x5 y5'"):
+        pack_images(root, tmp_path / "rec2", align=tmp_path / "bad.txt", progress=False)
+    with pytest.raises(ValueError, match="--align and --crop exclude each other"):
+        pack_images(root, tmp_path / "rec2", align=tmp_path / "marks.txt", crop="square", progress=False)
+    assert not (tmp_path / "rec2").exists()
+
+
 def test_pack_workers_give_identical_output(image_tree, tmp_path):
     for w in (1, 2):
         assert pack_main([str(image_tree), str(tmp_path / f"w{w}"), "--resize", "12", "--crop", "0.9",

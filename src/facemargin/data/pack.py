@@ -1,7 +1,7 @@
 """Pack an identity-per-folder image tree into an insightface RecordIO set.
 
     python -m facemargin.data.pack IMAGE_ROOT OUT_DIR [--resize 112] [--crop square|F|WxH]
-                                   [--quality 95] [--workers N] [--overwrite]
+                                   [--align LANDMARKS] [--quality 95] [--workers N] [--overwrite]
 
 ``IMAGE_ROOT/<identity>/<image>``: sorted folder names become labels ``0 .. C-1`` (folders
 without images are skipped), files are taken in sorted order. ``OUT_DIR`` receives
@@ -15,7 +15,10 @@ resized (bicubic) and encoded as RGB JPEG. ``--crop`` takes ``square`` (the larg
 square), a fraction ``F`` (the centred square of ``F`` x the shorter side: ``--crop 0.5 --resize
 112`` frames the face of an LFW-style 250x250 photo, where the detector box was enlarged about
 2x) or ``WxH`` pixels. ``--resize N`` alone crops non-square photos to their centred square first,
-so faces are never squashed. ``--workers N`` prepares images in N processes; the output is
+so faces are never squashed. ``--align LANDMARKS`` aligns every face instead: a list of ``PATH x1
+y1 ... x5 y5`` lines (the 5 points of the ArcFace template: eyes, nose, mouth corners) maps each
+face onto the ``--resize`` (default 112) template with :mod:`facemargin.align`, as insightface's
+training sets were made. ``--workers N`` prepares images in N processes; the output is
 byte-identical to one worker. Files are written under temporary names and renamed at the end: an
 error leaves no partial ``train.rec`` / ``train.idx`` / ``property`` behind.
 """
@@ -40,8 +43,8 @@ import numpy as np
 
 from .recordio import IRHeader, RecordIOWriter, pack_record
 
-__all__ = ["IMAGE_EXTENSIONS", "CropSpec", "parse_crop", "read_image_size", "prepare_image", "list_image_tree",
-           "pack_images", "write_faceset", "main"]
+__all__ = ["IMAGE_EXTENSIONS", "CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks",
+           "list_image_tree", "pack_images", "write_faceset", "main"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 _MAX_EXACT_KEY = 1 << 24  # float32 labels hold integer keys exactly only below 2**24
@@ -111,10 +114,16 @@ def read_image_size(data: bytes, path: Path | str = "image") -> tuple[int, int]:
 
 
 def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: CropSpec | None = None,
-                  quality: int = 95) -> tuple[bytes, tuple[int, int]]:
-    """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes."""
+                  quality: int = 95, landmarks: np.ndarray | None = None) -> tuple[bytes, tuple[int, int]]:
+    """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes.
+
+    With ``landmarks`` (``[5, 2]`` pixels) the face is aligned to the ArcFace template instead
+    (:func:`facemargin.align.align_face`, a ``resize`` x ``resize`` crop, 112 by default).
+    """
     with open(path, "rb") as f:
         data = f.read()
+    if landmarks is not None:
+        return _aligned(data, path, landmarks, resize or 112, quality)
     h, w = read_image_size(data, path)
     if crop is None and resize is not None and h != w:
         crop = CropSpec("square")  # never squash a face
@@ -136,6 +145,46 @@ def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: Crop
     except Exception as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from None
     return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), out_hw
+
+
+def _aligned(data: bytes, path: str | os.PathLike, landmarks: np.ndarray, size: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+    import simplejpeg
+
+    from ..align import align_face
+    from .decode import CorruptImageError, decode_image
+
+    try:
+        rgb = decode_image(data)
+    except CorruptImageError as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from None
+    try:
+        face = align_face(rgb, landmarks, size)
+    except ValueError as exc:
+        raise ValueError(f"cannot align {path}: {exc}") from None
+    return simplejpeg.encode_jpeg(face, quality=quality, colorspace="RGB"), (size, size)
+
+
+def read_landmarks(list_file: str | os.PathLike, root: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``{image path: [5, 2] landmarks}`` from lines ``PATH x1 y1 ... x5 y5`` (left eye, right eye,
+    nose, left and right mouth corner, in pixels); ``PATH`` relative to ``root`` or absolute,
+    ``#`` starts a comment. Errors name the file and line."""
+    out: dict[str, np.ndarray] = {}
+    with open(list_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 11:
+                    raise ValueError
+                points = np.array([float(v) for v in fields[1:]], dtype=np.float64).reshape(5, 2)
+                if not np.isfinite(points).all():
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"{list_file}: line {lineno} is not 'PATH x1 y1 ... x5 y5' "
+                                 f"(a path and 10 numbers): {line.strip()[:80]!r}") from None
+            out[os.path.normpath(os.path.join(root, fields[0]))] = points
+    return out
 
 
 def list_image_tree(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
@@ -235,11 +284,16 @@ def write_faceset(
     return out
 
 
-def _prepared(items: list[tuple[str, int]], prepare: partial, pool: multiprocessing.pool.Pool | None) -> Iterator[bytes]:
+def _prepare_job(job: tuple[str, np.ndarray | None], **options) -> tuple[bytes, tuple[int, int]]:
+    return prepare_image(job[0], landmarks=job[1], **options)
+
+
+def _prepared(jobs: list[tuple[str, np.ndarray | None]], prepare: partial,
+              pool: multiprocessing.pool.Pool | None) -> Iterator[bytes]:
     """Encoded images in order, each checked to share the first image's size."""
-    paths = [p for p, _ in items]
+    paths = [p for p, _ in jobs]
     first: tuple[int, int] | None = None
-    for path, (data, hw) in zip(paths, pool.imap(prepare, paths, chunksize=32) if pool else map(prepare, paths)):
+    for path, (data, hw) in zip(paths, pool.imap(prepare, jobs, chunksize=32) if pool else map(prepare, jobs)):
         if first is None:
             first = hw
         elif hw != first:
@@ -262,10 +316,13 @@ def pack_images(
     overwrite: bool = False,
     crop: str | CropSpec | None = None,
     workers: int = 1,
+    align: str | os.PathLike | None = None,
 ) -> dict:
     """Pack ``root/<identity>/<image>`` into ``out_dir``; returns a summary dict.
 
     All images must end up one size: equal already, or made equal by ``resize`` (and ``crop``).
+    ``align``: a landmark list (:func:`read_landmarks`) holding every image: each face is aligned
+    to the ``resize`` x ``resize`` (default 112) ArcFace template.
     """
     out = Path(out_dir)
     if (out / "train.rec").exists() and not overwrite:
@@ -275,12 +332,21 @@ def pack_images(
     if resize is not None and resize < 1:
         raise ValueError(f"--resize must be a positive size, got {resize}")
     spec = crop if isinstance(crop, CropSpec) or crop is None else parse_crop(crop)
+    if align is not None and spec is not None:
+        raise ValueError("--align and --crop exclude each other: alignment decides the crop")
     names, items = list_image_tree(root)
     labels = [label for _, label in items]
-    prepare = partial(prepare_image, resize=resize, crop=spec, quality=quality)
+    jobs: list[tuple[str, np.ndarray | None]] = [(path, None) for path, _ in items]
+    if align is not None:
+        marks = read_landmarks(align, root)
+        missing = [path for path, _ in items if os.path.normpath(path) not in marks]
+        if missing:
+            raise ValueError(f"{align} has no landmarks for {len(missing)} image(s), e.g. {missing[0]}")
+        jobs = [(path, marks[os.path.normpath(path)]) for path, _ in items]
+    prepare = partial(_prepare_job, resize=resize, crop=spec, quality=quality)
     # the pool starts before the progress bar's thread, so no thread is running when it forks
     with multiprocessing.Pool(workers) if workers > 1 else _no_pool() as pool:
-        write_faceset(out, labels, _prepared(items, prepare, pool), len(names), None, progress=progress)
+        write_faceset(out, labels, _prepared(jobs, prepare, pool), len(names), None, progress=progress)
     num_classes, h, w = (int(v) for v in (out / "property").read_text().split(","))
     return {"out_dir": out, "num_images": len(items), "num_classes": num_classes, "image_size": (h, w), "identities": names}
 
@@ -293,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resize", type=int, default=None, metavar="N", help="make every image N x N")
     parser.add_argument("--crop", default=None, metavar="SPEC",
                         help="centre crop before resizing: 'square', a fraction F of the shorter side, or WxH pixels")
+    parser.add_argument("--align", default=None, metavar="LIST",
+                        help="align every face to the ArcFace template from 5 landmarks: lines 'PATH x1 y1 ... x5 y5'")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="processes preparing images (same output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing train.rec")
@@ -300,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         info = pack_images(args.image_root, args.out_dir, resize=args.resize, quality=args.quality,
-                           progress=not args.quiet, overwrite=args.overwrite, crop=args.crop, workers=args.workers)
+                           progress=not args.quiet, overwrite=args.overwrite, crop=args.crop, workers=args.workers,
+                           align=args.align)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
