@@ -32,7 +32,6 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import re
-import struct
 import sys
 import tempfile
 from functools import partial
@@ -41,6 +40,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from .decode import CorruptImageError, declared_size
 from .recordio import IRHeader, RecordIOWriter, pack_record
 
 __all__ = ["IMAGE_EXTENSIONS", "CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks",
@@ -48,7 +48,6 @@ __all__ = ["IMAGE_EXTENSIONS", "CropSpec", "parse_crop", "read_image_size", "pre
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 _MAX_EXACT_KEY = 1 << 24  # float32 labels hold integer keys exactly only below 2**24
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class CropSpec(NamedTuple):
@@ -92,24 +91,10 @@ def crop_box(height: int, width: int, crop: CropSpec | None) -> tuple[int, int, 
 
 
 def read_image_size(data: bytes, path: Path | str = "image") -> tuple[int, int]:
-    """``(height, width)`` from the header: JPEG (SOF marker, via libjpeg-turbo) and PNG without decoding."""
-    if data[:3] == b"\xff\xd8\xff":
-        import simplejpeg
-
-        try:
-            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-            return int(h), int(w)
-        except ValueError as exc:
-            raise ValueError(f"cannot read JPEG header of {path}: {exc}") from None
-    if data[:8] == _PNG_MAGIC and len(data) >= 24 and data[12:16] == b"IHDR":
-        w, h = struct.unpack(">II", data[16:24])
-        return int(h), int(w)
-    from PIL import Image
-
+    """``(height, width)`` from the header alone (JPEG via libjpeg-turbo, PNG by hand; nothing decoded)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.height, im.width
-    except Exception as exc:
+        return declared_size(data)
+    except CorruptImageError as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
@@ -151,7 +136,7 @@ def _aligned(data: bytes, path: str | os.PathLike, landmarks: np.ndarray, size: 
     import simplejpeg
 
     from ..align import align_face
-    from .decode import CorruptImageError, decode_image
+    from .decode import decode_image
 
     try:
         rgb = decode_image(data)
