@@ -31,16 +31,17 @@ def splitmix64(x: int) -> int:
 def test_counter_uniform_is_a_pure_hash_of_its_counters():
     m = (1 << 64) - 1
     seed, epoch, stream, idx, k = 7, 3, 2, 123456789, 5
-    h = splitmix64((seed + 0x9E3779B97F4A7C15) & m)
-    h = splitmix64(h ^ splitmix64((epoch + 0x632BE59BD9B4E019) & m))
-    h = splitmix64(h ^ splitmix64((stream + 0x8CB92BA72F3D8DD7) & m))
-    row = splitmix64(h ^ splitmix64((idx + 0xD1B54A32D192ED03) & m))
-    ref = (splitmix64(row ^ splitmix64((k * 0xA0761D6478BD642F) & m)) >> 11) / 2.0**53
+    x = idx
+    for value in ((seed << 16) + (stream << 8) + k, epoch):  # the flips' hash, under a per-draw seed
+        x = (x * 0x9E3779B97F4A7C15 + value) & m
+        x = splitmix64(x)
+    ref = (x >> 11) / 2.0**53
     u = counter_uniform(seed, epoch, np.array([idx, -1, 0]), stream, 6)
-    assert u.shape == (3, 6) and u[0, k - 1] == ref
+    assert u.shape == (3, 6) and u[0, k] == ref
     big = counter_uniform(0, 0, np.arange(20_000), 1, 2)
     assert 0 <= big.min() and big.max() < 1 and abs(big.mean() - 0.5) < 0.01
     assert abs(np.corrcoef(big[:-1, 0], big[1:, 0])[0, 1]) < 0.03  # neighbouring samples independent
+    assert abs(np.corrcoef(big[:, 0], big[:, 1])[0, 1]) < 0.03  # draws of one sample independent
     for args in [(8, 3, 2), (7, 4, 2), (7, 3, 3)]:
         assert not np.array_equal(counter_uniform(*args[:2], np.array([idx]), args[2], 6)[0], u[0])
 
@@ -136,3 +137,49 @@ def test_bad_input_is_refused():
         FaceAugment(low_res_modes=("lanczos",))
     with pytest.raises(ValueError, match="crop_scale must be 0 < low <= high <= 1.0"):
         FaceAugment(crop_scale=(0.5, 0.2))
+
+
+def test_augmented_training_batches_are_identical_after_a_mid_epoch_resume(tmp_path):
+    import lightning.pytorch as pl
+
+    from facemargin.data.module import FaceRecordDataModule
+    from facemargin.data.synthetic import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "set", num_identities=4, images_per_identity=6, num_val_identities=2,
+                             num_val_pairs=10, image_size=16, seed=1)
+
+    class Seen(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+            self.seen: dict[tuple, torch.Tensor] = {}
+
+        def training_step(self, batch, batch_idx):
+            x, _, index = batch
+            self.seen[(self.current_epoch, *index.tolist())] = x.clone()
+            return self.lin(x.mean(dim=(2, 3))).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class CrashAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if (trainer.current_epoch, batch_idx) == (1, 2):
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+                raise RuntimeError("simulated crash")
+
+    def fit(model, *callbacks, ckpt=None):
+        dm = FaceRecordDataModule(root, batch_size=4, num_workers=0, seed=2,
+                                  augment=FaceAugment(seed=2, crop_p=0.5, low_res_p=0.5, photometric_p=0.5, grayscale_p=0.3))
+        pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                   callbacks=list(callbacks)).fit(model, dm, ckpt_path=ckpt)
+
+    full, resumed = Seen(), Seen()
+    fit(full)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(Seen(), CrashAt())
+    fit(resumed, ckpt=tmp_path / "mid.ckpt")
+    assert len(full.seen) == 18 and len(resumed.seen) == 18 - 9
+    for key, x in resumed.seen.items():
+        assert torch.equal(x, full.seen[key])  # same samples, same augmentation, bit for bit

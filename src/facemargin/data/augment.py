@@ -18,7 +18,7 @@
 
 The call is ``augment(images_uint8 [B, 3, H, W], sample_index int64 [B], epoch) -> uint8 images``.
 Every random decision of a sample is a hash of ``(seed, epoch, sample index, operation, draw)``
-(splitmix64 in numpy), never a global RNG: the output for a sample does not depend on the rest of
+(:func:`counter_uniform`, splitmix64 in numpy), never a global RNG: the output for a sample does not depend on the rest of
 its batch, the worker that loaded it or the process's RNG history, so a resumed run augments
 exactly as the uninterrupted one. The image work is batched tensor ops on the input's device;
 a low-resolution pass is one pair of per-sample ``[H, H]`` / ``[W, W]`` matrix products (the
@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .plan import hash_uniform
+
 __all__ = ["FaceAugment", "counter_uniform"]
 
 _MODES = ("nearest", "bilinear", "area", "bicubic")
@@ -43,24 +45,18 @@ _CROP_TRIES = 10
 _CROP, _LOWRES, _PHOTO, _GRAY = 1, 2, 3, 4
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def counter_uniform(seed: int, epoch: int, index: np.ndarray, stream: int, num: int) -> np.ndarray:
-    """``float64 [len(index), num]`` uniforms in [0, 1), a pure function of every argument."""
-    with np.errstate(over="ignore"):
-        key = np.array([seed, epoch, stream], dtype=np.int64).view(np.uint64)
-        h = _mix(key[0:1] + np.uint64(0x9E3779B97F4A7C15))
-        h = _mix(h ^ _mix(key[1:2] + np.uint64(0x632BE59BD9B4E019)))
-        h = _mix(h ^ _mix(key[2:3] + np.uint64(0x8CB92BA72F3D8DD7)))
-        idx = np.asarray(index, dtype=np.int64).reshape(-1).view(np.uint64)
-        row = _mix(h ^ _mix(idx + np.uint64(0xD1B54A32D192ED03)))
-        draws = _mix(row[:, None] ^ _mix(np.arange(1, num + 1, dtype=np.uint64) * np.uint64(0xA0761D6478BD642F)))
-    return (draws >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    """``float64 [len(index), num]`` uniforms in [0, 1), a pure function of every argument.
+
+    Draw ``k`` of ``stream`` is :func:`~facemargin.data.plan.hash_uniform` (the flips' splitmix64
+    hash of ``(seed, epoch, index)``) under the seed ``seed * 2**16 + stream * 2**8 + k``: streams
+    and draws never share a seed with each other or with the flips.
+    """
+    if not 0 <= stream < 256 or not 0 <= num < 256:
+        raise ValueError(f"counter_uniform: stream and num must be in [0, 256), got {stream}, {num}")
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    base = (int(seed) << 16) + (int(stream) << 8)
+    return np.stack([hash_uniform(base + k, epoch, index) for k in range(num)], axis=1).reshape(index.size, num)
 
 
 @lru_cache(maxsize=1024)
