@@ -183,3 +183,21 @@ def test_augmented_training_batches_are_identical_after_a_mid_epoch_resume(tmp_p
     assert len(full.seen) == 18 and len(resumed.seen) == 18 - 9
     for key, x in resumed.seen.items():
         assert torch.equal(x, full.seen[key])  # same samples, same augmentation, bit for bit
+
+
+def test_data_augment_adaface_config_is_off_by_default_and_builds_adafaces_set():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from facemargin.train import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        assert compose("config").data.augment is None
+        assert compose("config", overrides=["data=folder", "data.root=/x"]).data.augment is None
+        cfg = compose("config", overrides=["data/augment=adaface", "seed=11"])
+    augment = instantiate(cfg.data.augment)
+    x, index = faces(64), torch.arange(64)
+    y = augment(x, index, 1)
+    assert torch.equal(y, FaceAugment(seed=11)(x, index, 1))  # the config holds the class defaults, the run's seed
+    changed = (y != x).flatten(1).any(1).float().mean().item()
+    assert 0.2 < changed < 0.8  # three steps at p = 0.2: about 1 - 0.8**3 = 49 % of the samples touched
