@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -72,3 +73,42 @@ def test_bad_batches_name_the_image():
     broken = jpeg(3)[:40]
     with pytest.raises(CorruptImageError, match="JPEG batch: image 1: cannot decode"):
         decoder(*collate_encoded([jpeg(0), broken]))
+
+
+def test_datamodule_gpu_decode_gives_the_cpu_pipelines_batches(tmp_path):
+    from facemargin.data.gpu_decode import EncodedBatch
+    from facemargin.data.module import FaceRecordDataModule
+    from facemargin.data.synthetic import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "set", num_identities=5, images_per_identity=4, num_val_identities=2,
+                             num_val_pairs=10, image_size=24, seed=1)
+    kw = dict(batch_size=6, num_workers=0, seed=3, flip_p=0.5)
+    cpu = FaceRecordDataModule(root, **kw)
+    gpu = FaceRecordDataModule(root, decode="gpu", **kw)
+    with pytest.raises(ValueError, match="decode must be 'cpu' or 'gpu', got 'nvjpeg'"):
+        FaceRecordDataModule(root, decode="nvjpeg", **kw)
+    want = list(cpu.train_dataloader())
+    shipped = list(gpu.train_dataloader())
+    assert isinstance(shipped[0][0], EncodedBatch) and shipped[0][0].data.dtype == torch.uint8
+    with pytest.warns(RuntimeWarning, match="CUDA is not available") if not torch.cuda.is_available() else nullcontext():
+        got = [gpu.on_before_batch_transfer(b, 0) for b in shipped]
+    assert len(got) == len(want) == 3
+    for (x, y, i), (xw, yw, iw) in zip(got, want):
+        assert torch.equal(i, iw) and torch.equal(y, yw) and torch.equal(x.cpu(), xw)
+    flips = torch.cat([b[0].flip for b in shipped])
+    assert 0 < int(flips.sum()) < len(flips)  # flipped on the device side, as the workers would
+
+
+def test_a_damaged_body_behind_a_sound_header_names_its_record(tmp_path):
+    """The workers check headers only; the device decoder finds the rest and names the record."""
+    from facemargin.data.module import FaceRecordDataModule
+    from facemargin.data.pack import write_faceset
+
+    images = [jpeg(k, h=24, w=24) for k in range(6)]
+    images[4] = images[4][: images[4].index(b"\xff\xda") + 40]  # headers intact, scan cut short
+    root = write_faceset(tmp_path / "set", [0, 0, 0, 1, 1, 1], images, 2, (24, 24))
+    dm = FaceRecordDataModule(root, batch_size=6, num_workers=0, seed=0, decode="gpu")
+    (batch,) = list(dm.train_dataloader())  # shipped without complaint
+    with pytest.warns(RuntimeWarning) if not torch.cuda.is_available() else nullcontext():
+        with pytest.raises(CorruptImageError, match=r"JPEG batch: sample 4 \(.*train.rec at offset \d+ \(key 5\)\): cannot decode"):
+            dm.on_before_batch_transfer(batch, 0)

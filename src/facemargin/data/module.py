@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from .decode import normalize_uint8
 from .faceset import FaceRecordSet
+from .gpu_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
 from .loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
 from .plan import PlanSpec
 from .sources import FaceSource, FolderSource
@@ -64,6 +66,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
         image_size: ``(height, width)`` of a folder source's images (default: the first image's).
         augment: optional callable applied to training batches on the device, on uint8 images,
             before normalisation (see :data:`Augment`).
+        decode: ``"cpu"``: DataLoader workers decode the JPEGs. ``"gpu"``: workers ship the encoded
+            bytes and the batch is decoded on the training device with nvJPEG
+            (:mod:`facemargin.data.gpu_decode`; without CUDA: on the CPU, with a warning).
         demo: force the demo set; ``demo_cache_dir`` is where it is generated (default
             ``$FACEMARGIN_CACHE`` or ``~/.cache/facemargin``); ``demo_options`` overrides its
             generation parameters (``num_identities``, ``images_per_identity``, ...).
@@ -94,6 +99,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         source: str | Callable[[str], FaceSource] = "recordio",
         image_size: Sequence[int] | None = None,
         augment: Augment | None = None,
+        decode: str = "cpu",
     ) -> None:
         super().__init__()
         val_list = [val_sets] if isinstance(val_sets, (str, os.PathLike)) else list(val_sets or [])
@@ -108,7 +114,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
                 demo_cache_dir=None if demo_cache_dir is None else str(demo_cache_dir),
                 demo_options=dict(demo_options or {}),
                 source=source if isinstance(source, str) else getattr(source, "__qualname__", repr(source)),
-                image_size=None if image_size is None else [int(x) for x in image_size],
+                image_size=None if image_size is None else [int(x) for x in image_size], decode=decode,
             )
         )
         if on_corrupt not in ("raise", "skip"):
@@ -133,6 +139,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.flip_p = float(flip_p)
         self.on_corrupt = on_corrupt
         self.augment = augment
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
+        self.decode = decode
+        self._decoder: Any = None
         self._source_kind = source
         self._source: FaceSource | None = None
         if source == "recordio":
@@ -220,7 +230,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if self._resume is not None:
             sampler.load_state_dict(self._resume)
             self._resume = None
-        reader = BatchReader(self.source, seed=self.seed, flip_p=self.flip_p, on_corrupt=self.on_corrupt)
+        reader_class = EncodedBatchReader if self.decode == "gpu" else BatchReader
+        reader = reader_class(self.source, seed=self.seed, flip_p=self.flip_p, on_corrupt=self.on_corrupt)
         self._train_loader = TrainLoader(reader, sampler, **self._loader_kwargs())
         return self._train_loader
 
@@ -246,6 +257,20 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]) and batch[0].dtype == torch.uint8:
             images = normalize_uint8(batch[0])
             return [images, *batch[1:]] if isinstance(batch, list) else (images, *batch[1:])
+        return batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``data.decode=gpu``: decode a training batch's JPEGs on the training device, then flip."""
+        if isinstance(batch, (list, tuple)) and len(batch) == 3 and isinstance(batch[0], EncodedBatch):
+            if self._decoder is None:
+                trainer = self._trainer_or_none()
+                device = trainer.strategy.root_device if trainer is not None else torch.device("cuda")
+                if device.type != "cuda":
+                    warnings.warn(f"data.decode=gpu but training runs on {device.type}: the JPEGs are decoded "
+                                  "there, in the training process (slower than in DataLoader workers); "
+                                  "use data.decode=cpu", RuntimeWarning, stacklevel=2)
+                self._decoder = JpegBatchDecoder(device)
+            return decode_batch(batch, self._decoder, self.source.where)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
