@@ -18,6 +18,7 @@ from .gpu_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, deco
 from .loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
 from .plan import PlanSpec
 from .sources import FaceSource, FolderSource
+from .storage import cached_copy, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         root: the training set: a RecordIO directory (``train.rec/.idx/property``, plus
             ``<name>.bin`` val sets) for ``source="recordio"``, or an image folder / list file for
             ``source="folder"``; ``None`` or ``"demo"`` (or ``demo=True``) uses the built-in synthetic set.
+            A RecordIO set may be a URL (``http(s)://``, ``s3://``, ``gs://``, any fsspec URL, see
+            :mod:`facemargin.data.storage`): ``train.rec`` is read in place with ranged reads, the
+            small files (``.idx``, ``property``, ``.bin``) are cached locally; val-set names resolve
+            inside it. Map-style random access over a network is slower than ``streaming=True``.
         source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.FolderSource`) or a
             callable ``root -> FaceSource`` (Hydra: ``_target_: my.Source`` with ``_partial_: true``).
         val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files,
@@ -128,7 +133,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
             val_list = [demo_bin] + [v for v in val_list if Path(v) != demo_bin and str(v) != "demo_val"]
             source = "recordio"
         else:
-            self.root = Path(root).expanduser()  # type: ignore[arg-type]
+            self.root = str(root) if is_remote(root) else Path(root).expanduser()  # type: ignore[arg-type]
+            if is_remote(root) and source == "folder":
+                raise ValueError(f"a remote data.root ({root}) must be a packed RecordIO set; "
+                                 "data=folder reads local folders (pack them: python -m facemargin.data.pack)")
         self.val_paths = [self._resolve_val(v) for v in val_list]
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -160,8 +168,14 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self._resume: dict[str, Any] | None = None  # loader state from a checkpoint, for the next train loader
 
     # ---- paths and datasets
-    def _resolve_val(self, v: str | os.PathLike) -> Path:
+    def _resolve_val(self, v: str | os.PathLike) -> Path | str:
+        """A verification set: a URL, a local file, or a name / relative path inside ``root``."""
+        if is_remote(v):
+            return str(v)
         p = Path(v).expanduser()
+        if is_remote(self.root) and not (p.is_absolute() or p.is_file()):  # inside the remote set
+            name = p.as_posix()
+            return f"{self.root.rstrip('/')}/{name if p.suffix == '.bin' else name + '.bin'}"
         if p.suffix == ".bin" or p.is_file() or len(p.parts) > 1:
             return p if p.is_absolute() or p.is_file() else self.root / p
         return self.root / f"{p}.bin"
@@ -179,10 +193,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if self._val is None:
             from ..evaluation.pairs import BinPairsEvaluator
 
-            missing = [str(p) for p in self.val_paths if not p.is_file()]
+            missing = [str(p) for p in self.val_paths if not is_remote(p) and not Path(p).is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [BinPairsEvaluator(p) for p in self.val_paths]
+            self._val = [BinPairsEvaluator(cached_copy(p)) for p in self.val_paths]
         return list(self._val)
 
     def _rank_world(self) -> tuple[int, int]:
