@@ -7,7 +7,9 @@ and the best score kept across resumes.
   every ``every_n_train_steps`` optimizer steps when that is > 0. On SIGTERM (a scheduler stopping
   the job) or SIGUSR1 (SLURM's warning signal, when Lightning's SLURM auto-requeue does not own
   it) Lightning ends the step; the state is saved, the resume command logged, and the process
-  exits with ``128 + signal`` (143 for SIGTERM) so the scheduler does not record a success.
+  exits with ``128 + signal`` (143 for SIGTERM) so the scheduler does not record a success. When
+  Lightning's SLURM auto-requeue owns SIGUSR1, its handler (HPC checkpoint, ``scontrol requeue``)
+  runs at the end of the step instead of wherever the signal lands.
 * :class:`RNGStateCheckpointing` (attached by :class:`~facemargin.module.FaceRecognitionModule`
   itself) saves the torch, CUDA, numpy and Python RNG states of every rank in each checkpoint
   and restores this rank's at the start of the resumed training, after every loader is set up.
@@ -163,10 +165,7 @@ class LastCheckpoint(Checkpoint):
     # ---- when to save
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._run_deferred_requeue()
-        if trainer.received_sigterm:
-            self._save(trainer)  # Lightning stops right after this step: keep exactly this state
-            return
+        self._maybe_requeue(trainer)
         n = self.every_n_train_steps
         # the epoch's last step is saved after its validation, or at the epoch end
         if n and trainer.global_step % n == 0 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
@@ -176,7 +175,7 @@ class LastCheckpoint(Checkpoint):
         # where Lightning's ModelCheckpoint saves after validation: the scores and the best
         # checkpoint's state are in it, and resuming from it does not validate again
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._run_deferred_requeue()
+            self._maybe_requeue(trainer)
             self._save(trainer, force=True)
             self._validated_step = trainer.global_step
 
@@ -190,7 +189,9 @@ class LastCheckpoint(Checkpoint):
                 log.warning("training stopped (%s); the latest saved state is %s (step %d). Resume with:\n  %s",
                             type(exception).__name__, self.path, self.saved_step, self.resume_hint())
             return
-        self._save(trainer)  # stopped outside a training step (e.g. during validation)
+        # Lightning raised this at the end of the step in progress (on every rank: rank 0's signal is
+        # broadcast), or in validation; the state is consistent there and resumes exactly
+        self._save(trainer)
         signum = self._signal or signal.SIGTERM
         name = signal.Signals(signum).name
         exception.code = 128 + int(signum)  # SystemExit(None) would exit 0: the scheduler would record a success
@@ -240,9 +241,20 @@ class LastCheckpoint(Checkpoint):
             self._slurm_requeue = usr1 if callable(usr1) else None
             signal.signal(signal.SIGUSR1, defer_requeue if callable(usr1) else stop)
 
-    def _run_deferred_requeue(self) -> None:
-        signum, self._requeue_signal = self._requeue_signal, None
-        if signum is not None and self._slurm_requeue is not None:
+    def _maybe_requeue(self, trainer: pl.Trainer) -> None:
+        """Run Lightning's SLURM requeue handler if SIGUSR1 reached any rank. Under DDP the ranks agree
+        first (one all-reduce a step, only while SLURM auto-requeue is on), so that all of them save
+        the HPC checkpoint (a collective) at the same step."""
+        if self._slurm_requeue is None:
+            return
+        pending = self._requeue_signal is not None
+        dist = torch.distributed
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([int(pending)], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            pending = bool(flag.item())
+        if pending:
+            signum, self._requeue_signal = self._requeue_signal or signal.SIGUSR1, None
             self._slurm_requeue(signum, None)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

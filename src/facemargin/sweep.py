@@ -172,7 +172,7 @@ class SweepSummaryCallback(Callback):
         except FileNotFoundError as err:
             print(f"[facemargin] no sweep summary: {err}")
             return
-        print(f"[facemargin] sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'}")
+        print(f"[facemargin] sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
         print((sweep_dir / "summary.md").read_text())
 
 

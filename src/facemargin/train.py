@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         last_cb.resume_command = resume_command(cfg)
     if trainer.is_global_zero:
         log.info("run folder: %s", out)
-        if last_cb is not None and last_cb.resume_command:
+        if last_cb is not None and last_cb.resume_command and not trainer.fast_dev_run:
             last = Path(last_cb.dirpath or out / "checkpoints") / last_cb.filename
             log.info("if it stops, resume with: %s ckpt_path=%s", last_cb.resume_command, shlex.quote(str(last)))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
