@@ -195,15 +195,19 @@ def test_last_ckpt_is_the_final_step_when_later_epochs_do_not_improve(demo_env, 
     assert not list((second / "checkpoints").glob("epoch*.ckpt"))  # ... and its file stays in the first folder
 
 
-def test_without_verification_pairs_the_training_loss_is_monitored(demo_env, tmp_path, caplog):
+@pytest.mark.parametrize("limit", ["0", "0.5"])
+def test_without_scored_verification_pairs_the_training_loss_is_monitored(demo_env, tmp_path, caplog, limit):
+    """No pairs scored (validation off, or limited to part of each set): no "could not find the monitored
+    key" warning (an error once validation ran), the training loss chooses the best checkpoint."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO", logger="facemargin.train"):
         warnings.simplefilter("always")
         metrics = train_in_process(tmp_path, *TINY_RUN, "data.num_workers=0", "trainer.max_epochs=1",
-                                   "trainer.limit_val_batches=0")
+                                   f"trainer.limit_val_batches={limit}", "val_batch_size=8")
     assert not [w for w in caught if "could not find the monitored key" in str(w.message)]
-    assert "no verification pairs in this run" in caplog.text and "lowest train/loss_epoch" in caplog.text
+    assert f"no verification pairs are scored in this run (trainer.limit_val_batches={limit}" in caplog.text
+    assert "callbacks.checkpoint keeps the checkpoint with the lowest train/loss_epoch instead of the highest val/acc" in caplog.text
     assert metrics["best/train/loss_epoch"] == pytest.approx(metrics["train/loss_epoch"])
     (best,) = (tmp_path / "checkpoints").glob("epoch00-loss*.ckpt")
     assert caplog.text.count(f"best checkpoint: {best}") == 1
@@ -232,3 +236,8 @@ def test_demo_set_generation_says_where_and_when_it_is_ready(tmp_path, caplog):
     assert caplog.text.count(f"generating the demo face set once into {root}: 3 identities x 2 images + "
                              "10 verification pairs") == 1
     assert caplog.text.count("demo face set ready in ") == 1 and caplog.text.rstrip().endswith(str(root))
+
+
+def test_a_missing_checkpoint_is_named_before_anything_is_built(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^ckpt_path=.*nope\.ckpt: no such checkpoint$"):
+        train_in_process(tmp_path, f"ckpt_path={tmp_path / 'nope.ckpt'}")

@@ -51,29 +51,33 @@ def build_model(cfg: DictConfig, num_classes: int) -> FaceRecognitionModule:
     )
 
 
-def has_verification(cfg: DictConfig, model: FaceRecognitionModule, datamodule: Any) -> bool:
-    """Whether validation will score any verification pairs (the model's or the DataModule's sets)."""
-    if cfg.trainer.get("limit_val_batches", 1.0) == 0:
-        return False
+def why_unscored(cfg: DictConfig, model: FaceRecognitionModule, datamodule: Any) -> str | None:
+    """Why validation will score no verification pairs in this run, or ``None`` when it will."""
+    limit = cfg.trainer.get("limit_val_batches", 1.0)
+    if limit == 0:
+        return "trainer.limit_val_batches=0"
+    if isinstance(limit, float) and limit < 1.0:
+        return f"trainer.limit_val_batches={limit}: only whole verification sets are scored"
     provide = getattr(datamodule, "evaluators", None)
-    return bool(len(model.evaluators) or (callable(provide) and provide()))
+    if not (len(model.evaluators) or (callable(provide) and provide())):
+        return "no verification sets: data.val_sets is empty and there are no eval= sets"
+    return None
 
 
 #: what the checkpoint callbacks monitor when a run has no verification pairs
 TRAIN_MONITOR = {"monitor": "train/loss_epoch", "mode": "min", "filename": "epoch{epoch:02d}-loss{train/loss_epoch:.4f}"}
 
 
-def _callback_nodes(cfg: DictConfig, validates: bool) -> list[DictConfig]:
-    """The callback nodes; without verification pairs, a ``val/`` monitor becomes the training loss."""
+def _callback_nodes(cfg: DictConfig, unscored: str | None) -> list[DictConfig]:
+    """The callback nodes; when no verification pairs are scored, a ``val/`` monitor becomes the training loss."""
     nodes = []
     for name, node in (cfg.callbacks or {}).items():
         if not node:
             continue
-        if not validates and str(node.get("monitor") or "").startswith("val/"):
+        if unscored and str(node.get("monitor") or "").startswith("val/"):
             node = node.copy()
-            log.info("no verification pairs in this run (no data.val_sets / eval sets, or trainer.limit_val_batches=0): "
-                     "callbacks.%s keeps the checkpoint with the lowest %s instead of the highest %s",
-                     name, TRAIN_MONITOR["monitor"], node.monitor)
+            log.info("no verification pairs are scored in this run (%s): callbacks.%s keeps the checkpoint with the "
+                     "lowest %s instead of the highest %s", unscored, name, TRAIN_MONITOR["monitor"], node.monitor)
             node.monitor, node.mode = TRAIN_MONITOR["monitor"], TRAIN_MONITOR["mode"]
             if "{val/" in str(node.get("filename") or ""):
                 node.filename = TRAIN_MONITOR["filename"]
@@ -86,7 +90,7 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, FaceRecognitionModule, pl.Lightn
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node]
-    callbacks = [instantiate(node) for node in _callback_nodes(cfg, has_verification(cfg, model, datamodule))]
+    callbacks = [instantiate(node) for node in _callback_nodes(cfg, why_unscored(cfg, model, datamodule))]
     if not loggers:  # nothing to log learning rates to (logger=none)
         dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
         callbacks = [c for c in callbacks if c not in dropped]
@@ -117,8 +121,10 @@ def _checkpoint_callbacks(trainer: pl.Trainer) -> tuple[ModelCheckpoint | None, 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume from ``cfg.ckpt_path``) and return the final logged metrics."""
-    if cfg.ckpt_path and "://" not in str(cfg.ckpt_path) and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint")
+    lightning_names = ("last", "hpc")  # Lightning finds these itself (last.ckpt of this run folder, SLURM's)
+    ckpt = cfg.ckpt_path
+    if ckpt and ckpt not in lightning_names and "://" not in str(ckpt) and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint")
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir).resolve()
     trainer, model, datamodule = build(cfg)
