@@ -149,8 +149,9 @@ class LastCheckpoint(Checkpoint):
 
     def resume_hint(self) -> str:
         """The one-line command that continues this run from :attr:`path`."""
-        command = self.resume_command or "python -m facemargin.train <your overrides>"
-        return f"{command} ckpt_path={shlex.quote(self.path)}"
+        if self.resume_command is None:  # not started by facemargin.train
+            return f"trainer.fit(model, datamodule, ckpt_path={self.path!r})"
+        return f"{self.resume_command} ckpt_path={shlex.quote(self.path)}"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:
@@ -195,9 +196,13 @@ class LastCheckpoint(Checkpoint):
         signum = self._signal or signal.SIGTERM
         name = signal.Signals(signum).name
         exception.code = 128 + int(signum)  # SystemExit(None) would exit 0: the scheduler would record a success
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        if self.saved_step is None:  # stopped before the first step, or in a fast_dev_run
+            log.warning("stopped by %s before any state was saved; exiting with status %d", name, exception.code)
+        else:
             log.warning("stopped by %s at epoch %d, step %d: the state is saved in %s; exiting with status %d. "
-                        "Resume with:\n  %s", name, trainer.current_epoch, trainer.global_step, self.path,
+                        "Resume with:\n  %s", name, trainer.current_epoch, self.saved_step, self.path,
                         exception.code, self.resume_hint())
 
     def _save(self, trainer: pl.Trainer, force: bool = False) -> None:

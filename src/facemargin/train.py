@@ -133,9 +133,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         last_cb.resume_command = resume_command(cfg)
     if trainer.is_global_zero:
         log.info("run folder: %s", out)
-        if last_cb is not None and last_cb.resume_command and not trainer.fast_dev_run:
-            last = Path(last_cb.dirpath or out / "checkpoints") / last_cb.filename
-            log.info("if it stops, resume with: %s ckpt_path=%s", last_cb.resume_command, shlex.quote(str(last)))
+        if last_cb is not None and last_cb.resume_command and last_cb.dirpath and not trainer.fast_dev_run:
+            log.info("if it stops, resume with: %s", last_cb.resume_hint())
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
