@@ -276,8 +276,9 @@ class BestCheckpoint(ModelCheckpoint):
     deleted by it, so the earlier run's best stays where it is until this run beats it."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        continued = bool(self.dirpath) and any(Path(str(self.dirpath)).glob("last*.ckpt"))
         with warnings.catch_warnings():
-            if trainer.ckpt_path:  # a resume into its own run folder: its checkpoints are expected there
+            if continued:  # a run folder being continued (resume, requeue): its checkpoints are expected there
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
 
