@@ -185,3 +185,38 @@ def signal_at_step(out: Path, overrides: list[str], step: int, signum: int = _si
     assert seen >= 0, f"the run ended (exit {proc.exitcode}) before step {step} could be signalled"
     return proc.exitcode, seen
 # ----- END runs fixtures ----------------------------------------------------------------------
+
+
+# ----- BEGIN eval fixtures (evaluate / export / embed / compare) ------------------------------
+#: a small demo set: 120 training images, demo_val.bin with 100 pairs (200 images)
+EVAL_DEMO = dict(num_identities=24, images_per_identity=5, num_val_identities=12, num_val_pairs=100)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """One checkpoint of the demo config, trained 2 steps and validated on a small demo_val.bin,
+    shared by the evaluation, export and CLI tests. A thin iresnet_demo (widths 8/16/32, 64-d)
+    keeps every forward cheap. ``demo_checkpoint.parent / "demo_val.bin"`` is its verification set."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from facemargin.train import build, config_dir
+
+    out = tmp_path_factory.mktemp("eval-demo")
+    overrides = [
+        f"output_dir={out}", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.batch_size=32",
+        "data.num_workers=0", "val_num_workers=0", "logger=none", "~callbacks.progress_bar",
+        "~callbacks.checkpoint", f"data.demo_cache_dir={out / 'cache'}",
+        *(f"+data.demo_options.{k}={v}" for k, v in EVAL_DEMO.items()),
+        "backbone.embedding_size=64", "+backbone.kwargs.widths=[8,16,32]", "+backbone.kwargs.stem_width=8",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    trainer, model, dm = build(cfg)
+    trainer.fit(model, datamodule=dm)
+    ckpt = out / "demo.ckpt"
+    trainer.save_checkpoint(ckpt)
+    shutil.copy(dm.root / "demo_val.bin", out / "demo_val.bin")
+    return ckpt
+# ----- END eval fixtures ----------------------------------------------------------------------

@@ -292,3 +292,57 @@ def test_far_targets_are_chosen_by_the_user() -> None:
     for key, far in (("tar@far=1e-1", 0.1), ("tar@far=1e-2", 0.01)):
         assert 0.0 <= got[key] <= 1.0, key
     assert got["tar@far=1e-1"] >= got["tar@far=1e-2"]  # a looser FAR accepts at least as many
+
+
+def test_null_tar_is_explained_once_per_set_and_target() -> None:
+    import warnings
+
+    emb, same = planted(300, 8, seed=5)
+    have = min(int(np.sum(~same[train])) for train, _ in ref_folds(300, 10))
+    metric = PairsEvaluator([b""] * 600, same, name="small_set")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):  # three validation epochs
+            metric.update(torch.tensor(emb), torch.arange(600))
+            scores = metric.compute()
+            metric.reset()
+    assert math.isnan(scores["tar@far=1e-3"]) and math.isnan(scores["tar@far=1e-4"])
+    want = {
+        "tar@far=1e-3": f"FAR 0.001 needs at least 1000 negative pairs in each of the 10 training splits, this set "
+                        f"has {have}; choose larger far_targets or a larger set",
+        "tar@far=1e-4": f"FAR 0.0001 needs at least 10000 negative pairs in each of the 10 training splits, this set "
+                        f"has {have}; choose larger far_targets or a larger set",
+    }
+    assert metric.notes == want
+    messages = [str(w.message) for w in caught if "is null" in str(w.message)]
+    assert messages == [f"small_set: {k} is null: {v}" for k, v in want.items()]  # once each, naming the set
+
+
+def test_folder_pairs_refuse_mixed_sizes_naming_both_files(tmp_path: Path) -> None:
+    import simplejpeg
+
+    from facemargin.evaluation.pairs import FolderPairsEvaluator
+
+    for person, size in (("Ann", 16), ("Bob", 20)):
+        (tmp_path / person).mkdir()
+        (tmp_path / person / f"{person}_0001.jpg").write_bytes(simplejpeg.encode_jpeg(np.zeros((size, size, 3), np.uint8)))
+    (tmp_path / "pairs.txt").write_text("Ann 1 1\nAnn 1 Bob 1\n")
+    with pytest.raises(ValueError, match=r"pairs\.txt: images differ in size: .*Bob_0001\.jpg is 20x20 but .*Ann_0001\.jpg is 16x16"):
+        FolderPairsEvaluator(tmp_path / "pairs.txt", tmp_path)
+    (tmp_path / "pairs.txt").write_text("Ann 1 1\nAnn 1 Ann 1\n")
+    ev = FolderPairsEvaluator(tmp_path / "pairs.txt", tmp_path, nfolds=2)
+    assert ev.name == tmp_path.name and ev.issame.tolist() == [True, False] and ev.num_images == 4
+    image, index = ev.dataset()[3]
+    assert image.shape == (3, 16, 16) and int(index) == 3
+
+
+def test_runner_refuses_images_of_another_size_than_the_model_takes(tmp_path: Path) -> None:
+    from facemargin.data.verification import write_bin
+    from facemargin.evaluation.embedder import Embedder
+    from facemargin.evaluation.pairs import BinPairsEvaluator
+    from facemargin.evaluation.runner import run_evaluator
+
+    path = write_bin(tmp_path / "small_faces.bin", [_face(60), _face(90)], [True])
+    model = Embedder.from_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4)))
+    with pytest.raises(ValueError, match=r"small_faces: image 0 is 16x16 but the model takes 112x112 aligned faces"):
+        run_evaluator(model, BinPairsEvaluator(path), num_workers=0, progress=False)

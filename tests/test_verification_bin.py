@@ -92,8 +92,7 @@ def test_hostile_pickle_is_refused_and_not_executed(tmp_path):
 @pytest.mark.parametrize(
     "obj, msg",
     [
-        (([np.frombuffer(b"ab", np.uint8), b"x"], [True]), r"refused global numpy"),
-        (([b"a", b"b"], [np.bool_(True)]), r"refused global numpy"),
+        (([b"a", b"b"], [np.bool_(True)]), r"refused global numpy\.(_)?core\.multiarray\.scalar"),
         ((["text", b"b"], [True]), r"image 0 is str, expected bytes"),
         (([b"a", b"b"], ["yes"]), r"issame\[0\] is 'yes', expected a bool"),
         (([b"a", b"b"], [2]), r"issame\[0\] is 2, expected a bool"),
@@ -143,3 +142,202 @@ def test_write_bin_count_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"3 images for 1 pairs"):
         write_bin(tmp_path / "v.bin", IMAGES[:3], [True])
     assert not (tmp_path / "v.bin").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# insightface's real files: images as numpy uint8 arrays of encoded bytes
+# --------------------------------------------------------------------------------------------
+
+
+def _arrays(images, column: bool = False):
+    return [np.frombuffer(im, np.uint8).reshape((-1, 1) if column else -1) for im in images]
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4])
+@pytest.mark.parametrize("column", [False, True])
+def test_numpy_uint8_array_images_load(tmp_path, protocol, column):
+    path = tmp_path / "small_lfw.bin"
+    path.write_bytes(pickle.dumps((_arrays(IMAGES, column), [True, False]), protocol=protocol))
+    images, issame = load_bin(path)
+    assert images == IMAGES and all(type(im) is bytes for im in images)
+    assert issame.tolist() == [True, False]
+
+
+def test_python2_numpy_pickle_loads(tmp_path):
+    # what python2 + numpy 1.x write for pickle.dump(([np.frombuffer('abc', np.uint8), 'z'], [True]), f, 2)
+    data = (
+        b"\x80\x02](cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85U\x01b\x87R"
+        b"(K\x01K\x03\x85cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        b"\x89U\x03abctbU\x01ze]\x88a\x86."
+    )
+    path = tmp_path / "py2np.bin"
+    path.write_bytes(data)
+    images, issame = load_bin(path)
+    assert images == [b"abc", b"z"] and issame.tolist() == [True]
+
+
+def _numpy_global(module: str, name: str, args: bytes = b")") -> bytes:
+    """A protocol-2 list holding ``module.name(*args)`` followed by a valid issame list."""
+    return b"\x80\x02](c" + module.encode() + b"\n" + name.encode() + b"\n" + args + b"RU\x01ze]\x88a\x86."
+
+
+@pytest.mark.parametrize(
+    "data, msg",
+    [
+        (pickle.dumps((_arrays([b"ab", b"cd"]), [True]), protocol=5), r"refused global numpy\._core\.numeric\._frombuffer"),
+        (_numpy_global("numpy", "frombuffer", b"U\x02ab\x85"), r"refused global numpy\.frombuffer"),
+        (_numpy_global("numpy", "load", b"U\x01x\x85"), r"refused global numpy\.load"),
+        (_numpy_global("numpy.core.multiarray", "scalar", b")"), r"refused global numpy\.core\.multiarray\.scalar"),
+        (_numpy_global("numpy.testing", "assert_", b")"), r"refused global numpy\.testing\.assert_"),
+        (pickle.dumps(([np.frombuffer(b"abcd", np.float32), b"x"], [True]), 2), r"numpy\.dtype\('f4'.* only uint8"),
+        (pickle.dumps(([np.array([b"a", b"b"], dtype=object), b"x"], [True]), 2), r"numpy\.dtype\('O8'.* only uint8"),
+        (pickle.dumps(([np.zeros((2, 3), np.uint8), b"x"], [True]), 2), r"shape \(2, 3\) refused: only 1-D or \(n, 1\)"),
+        (pickle.dumps(([np.zeros((1, 2, 3), np.uint8), b"x"], [True]), 3), r"shape \(1, 2, 3\) refused"),
+        (pickle.dumps(([np.frombuffer(b"ab", ">u2"), b"x"], [True]), 2), r"numpy\.dtype\('u2'.* only uint8"),
+    ],
+    ids=["protocol5-frombuffer", "frombuffer", "load", "scalar", "testing", "float", "object", "2d", "3d", "uint16"],
+)
+def test_other_numpy_content_is_refused(tmp_path, data, msg):
+    path = tmp_path / "np.bin"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=r"np\.bin: not a valid insightface verification \.bin: .*" + msg):
+        load_bin(path)
+
+
+def test_numpy_stand_ins_check_their_arguments(tmp_path):
+    # a uint8 dtype whose state claims a big-endian 2-byte layout; an array whose data is too short
+    bad_state = pickle.dumps((_arrays([b"ab"]) + [b"x"], [True]), 2).replace(b"X\x01\x00\x00\x00|", b"X\x01\x00\x00\x00>")
+    short = pickle.dumps((_arrays([b"abc"]) + [b"x"], [True]), 3).replace(b"K\x03\x85", b"K\x09\x85", 1)
+    ndarray_arg = pickle.dumps((_arrays([b"ab"]) + [b"x"], [True]), 3).replace(b"K\x00\x85", b"K\x05\x85", 1)
+    for data, msg in [
+        (bad_state, r"dtype state .* is not plain uint8"),
+        (short, r"numpy array data is not 9 raw bytes"),
+        (ndarray_arg, r"only allowed as _reconstruct\(ndarray, \(0,\), b'b'\)"),
+    ]:
+        path = tmp_path / "stand_in.bin"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=r"stand_in\.bin: .*" + msg):
+            load_bin(path)
+
+
+class _Eval:
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return (eval, (self.code,))
+
+
+def test_eval_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "eval.bin"
+    path.write_bytes(pickle.dumps(([_Eval(f"open({str(marker)!r}, 'w')"), b"x"], [True]), protocol=2))
+    with pytest.raises(ValueError, match=r"eval\.bin: .*refused global (__builtin__|builtins)\.eval"):
+        load_bin(path)
+    assert not marker.exists()
+
+
+def _peak_mib(fn) -> float:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20, str(info.value)
+    finally:
+        tracemalloc.stop()
+
+
+def test_memo_amplification_is_refused_without_allocating(tmp_path):
+    big = bytearray(b"\xff\xd8\xff" + bytes(2**20))
+    # 1: the list references one bytearray 20 000 times (a 1 MiB file worth 20 GiB of images)
+    shared = tmp_path / "shared.bin"
+    shared.write_bytes(pickle.dumps(([big] * 20000, [True] * 10000), protocol=2))
+    assert shared.stat().st_size < 2**20 + 2**17
+    peak, msg = _peak_mib(lambda: load_bin(shared))
+    assert "shared.bin: not a valid insightface verification .bin" in msg and "memo amplification" in msg
+    assert peak < 16, peak
+    # 2: each image is a *new* bytearray(...) built from one memoised string: refused while unpickling
+    blob = b"B" + len(big).to_bytes(4, "little") + bytes(big) + b"q\x01"  # BINBYTES, memo 1
+    call = b"cbuiltins\nbytearray\nh\x01\x85R"  # bytearray(memo[1])
+    data = b"\x80\x03](" + blob + call * 19999 + b"e](" + b"\x88" * 10000 + b"e\x86."
+    path = tmp_path / "rebuilt.bin"
+    path.write_bytes(data)
+    peak, msg = _peak_mib(lambda: load_bin(path))
+    assert "rebuilt.bin" in msg and "more than twice the bytes the file holds" in msg
+    assert peak < 16, peak
+
+
+# --------------------------------------------------------------------------------------------
+# image sizes read from headers
+# --------------------------------------------------------------------------------------------
+
+
+def _jpeg(h: int, w: int, **kw) -> bytes:
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.zeros((h, w, 3), np.uint8), **kw)
+
+
+def _pil(h: int, w: int, fmt: str, **kw) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_encoded_image_size_reads_headers():
+    from facemargin.data.verification import encoded_image_size
+
+    assert encoded_image_size(_jpeg(112, 96)) == (112, 96)
+    assert encoded_image_size(_pil(50, 70, "JPEG", progressive=True, exif=b"Exif\x00\x00" + bytes(300))) == (50, 70)
+    assert encoded_image_size(_pil(33, 17, "PNG")) == (33, 17)
+    assert encoded_image_size(b"\xff\xd8\xffjunk") is None and encoded_image_size(b"") is None
+    assert encoded_image_size(_pil(8, 8, "BMP")) is None
+
+
+def test_images_of_different_sizes_are_refused_at_load(tmp_path):
+    images = [_jpeg(112, 112), _jpeg(112, 112), _jpeg(112, 112), _pil(112, 96, "PNG")]
+    path = write_bin(tmp_path / "mixed.bin", images, [True, False])
+    with pytest.raises(ValueError, match=r"mixed\.bin: images differ in size: image 3 is 96x112 but image 0 is 112x112"):
+        load_bin(path)
+    path.write_bytes(pickle.dumps((_arrays(images[:2] + [_jpeg(100, 100), images[0]]), [True, False]), 3))
+    with pytest.raises(ValueError, match=r"image 2 is 100x100 but image 0 is 112x112"):
+        load_bin(path)
+
+
+def test_write_bin_stores_repeated_images_in_full(tmp_path):
+    im = _jpeg(16, 16)
+    path = write_bin(tmp_path / "rep.bin", [im, im, im, im], [True, True])
+    images, _ = load_bin(path)
+    assert images == [im] * 4
+
+
+def test_pairs_txt_lfw_and_generic_layouts(tmp_path):
+    from facemargin.data.verification import read_pairs_txt
+
+    root = tmp_path / "lfw"
+    for person, n in [("Ann_A", 2), ("Bob_B", 1)]:
+        (root / person).mkdir(parents=True)
+        for k in range(1, n + 1):
+            (root / person / f"{person}_{k:04d}.jpg").write_bytes(_jpeg(8, 8))
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1\t2\nAnn_A\t1\t2\nAnn_A\t2\tBob_B\t1\n\nAnn_A/Ann_A_0001.jpg Bob_B/Bob_B_0001.jpg 0\n")
+    paths, issame = read_pairs_txt(pairs, root)
+    assert issame.tolist() == [True, False, False]
+    assert [p.relative_to(root).as_posix() for p in paths] == [
+        "Ann_A/Ann_A_0001.jpg", "Ann_A/Ann_A_0002.jpg", "Ann_A/Ann_A_0002.jpg", "Bob_B/Bob_B_0001.jpg",
+        "Ann_A/Ann_A_0001.jpg", "Bob_B/Bob_B_0001.jpg",
+    ]
+    pairs.write_text("Ann_A\t1\t3\n")
+    with pytest.raises(FileNotFoundError, match=r"pairs\.txt:1: image not found: .*Ann_A_0003\.jpg"):
+        read_pairs_txt(pairs, root)
+    pairs.write_text("Ann_A 1 2\nAnn_A x\n")
+    with pytest.raises(ValueError, match=r"pairs\.txt:2: expected 'name i j'"):
+        read_pairs_txt(pairs, root)
+    with pytest.raises(FileNotFoundError, match=r"image folder not found"):
+        read_pairs_txt(pairs, tmp_path / "nope")

@@ -6,21 +6,38 @@ model) iterates :meth:`Evaluator.dataset`, embeds each image and its horizontal 
 views and calls :meth:`Evaluator.update` with the images' indices; :meth:`Evaluator.compute`
 gathers the embeddings across ranks, drops the duplicates the ``DistributedSampler`` pads with,
 orders them by index and scores them with the subclass's :meth:`Evaluator.score`.
+
+Two additions to the torchmetrics contract serve the entry points: :attr:`Evaluator.notes` explains
+figures that come out null (``NaN``: e.g. a FAR the set has too few negative pairs to resolve; each
+explanation is also warned once), and :meth:`Evaluator.cache_key` names the set's files so
+``python -m facemargin.evaluate`` can cache embeddings and re-score instantly.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 
+from ..align import align_face
 from ..data.decode import CorruptImageError, decode_image, to_uint8_chw
 
-__all__ = ["EncodedImages", "Evaluator"]
+__all__ = ["EncodedImages", "Evaluator", "ImageFiles", "file_key"]
+
+
+def file_key(*paths: str | os.PathLike) -> str:
+    """Identity of files for caching: resolved path, size and modification time of each."""
+    parts = []
+    for p in paths:
+        st = Path(p).stat()
+        parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
 
 
 class EncodedImages(Dataset):
@@ -45,6 +62,37 @@ class EncodedImages(Dataset):
         return to_uint8_chw(img), torch.tensor(index, dtype=torch.long)
 
 
+class ImageFiles(Dataset):
+    """Image files decoded on access: ``(uint8 [3, H, W] RGB, int64 index)``; errors name the file.
+
+    With ``landmarks [N, 5, 2]`` each image is first aligned to the ``size x size`` ArcFace crop
+    (:func:`facemargin.align.align_face`).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], landmarks: np.ndarray | None = None, size: int = 112) -> None:
+        self.paths = [Path(p) for p in paths]
+        if landmarks is not None and len(landmarks) != len(self.paths):
+            raise ValueError(f"{len(landmarks)} landmark rows for {len(self.paths)} images")
+        self.landmarks = landmarks
+        self.size = int(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(index)
+        path = self.paths[index]
+        try:
+            img = decode_image(path.read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {path}") from None
+        except CorruptImageError as exc:
+            raise CorruptImageError(f"{path}: corrupt image: {exc}") from exc
+        if self.landmarks is not None:
+            img = align_face(img, self.landmarks[index], self.size)
+        return to_uint8_chw(img), torch.tensor(index, dtype=torch.long)
+
+
 class Evaluator(Metric):
     """Base class of every evaluator: collects per-image embeddings, scores them with :meth:`score`.
 
@@ -65,6 +113,9 @@ class Evaluator(Metric):
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
         self.add_state("indices", default=[], dist_reduce_fx="cat")
         self.add_state("view_norms", default=[], dist_reduce_fx="cat")
+        #: why a figure of the last :meth:`compute` is null, by key (plain sentences)
+        self.notes: dict[str, str] = {}
+        self._warned: set[str] = set()
 
     # ---- what a subclass provides
     def dataset(self) -> Dataset:
@@ -74,6 +125,17 @@ class Evaluator(Metric):
     def score(self, embeddings: np.ndarray, view_norms: np.ndarray) -> dict[str, float]:
         """Figures from every image's embedding ``[num_images, D]`` (index order, un-normalised)."""
         raise NotImplementedError
+
+    def cache_key(self) -> str | None:
+        """A string that changes whenever the set's images or their order change (``None``: never cache)."""
+        return None
+
+    def explain(self, key: str, why: str) -> None:
+        """Record why figure ``key`` is null; warn the first time (rank zero only)."""
+        self.notes[key] = why
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"{self.name}: {key} is null: {why}")
 
     # ---- the metric
     def update(
@@ -122,6 +184,7 @@ class Evaluator(Metric):
         return emb[first], norms[first]
 
     def compute(self) -> dict[str, torch.Tensor]:
+        self.notes = {}
         scores = self.score(*self.gathered())
         return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}
 

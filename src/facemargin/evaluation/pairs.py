@@ -9,6 +9,10 @@ the threshold maximising accuracy on the 9 training folds (first maximum) scores
 fold. TAR@FAR follows ``calculate_val`` (thresholds ``arange(0, 4, 0.001)``): per fold, the
 threshold reaching the target FAR on the training folds is found by linear interpolation of
 (FAR, threshold) and the TAR of the held-out fold at that threshold is averaged.
+
+A FAR target needs at least ``1 / FAR`` negative pairs in every training split to be resolved
+(LFW's 2 700 negatives per split resolve 1e-3, not 1e-4); otherwise its TAR is NaN (``null`` in
+JSON) and the evaluator says why in :attr:`~facemargin.evaluation.base.Evaluator.notes`.
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ from typing import Any, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .base import EncodedImages, Evaluator
+from .base import EncodedImages, Evaluator, ImageFiles, file_key
 
-__all__ = ["BinPairsEvaluator", "PairsEvaluator", "far_key", "kfold_splits", "verification_scores"]
+__all__ = [
+    "BinPairsEvaluator",
+    "FolderPairsEvaluator",
+    "PairsEvaluator",
+    "far_key",
+    "kfold_splits",
+    "unresolved_far_targets",
+    "verification_scores",
+]
 
 ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -104,6 +116,16 @@ def _tar_far(dist: np.ndarray, same: np.ndarray, threshold: float) -> tuple[floa
     return tar, far
 
 
+def unresolved_far_targets(
+    issame: np.ndarray, nfolds: int = 10, far_targets: Sequence[float] = FAR_TARGETS
+) -> dict[float, tuple[int, int]]:
+    """FAR targets these pairs cannot resolve: ``{far: (negatives needed, negatives in the smallest
+    training split)}``; a target needs ``round(1 / far)`` negative pairs in every training split."""
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    have = min(int((~same[train]).sum()) for train, _ in kfold_splits(same.size, nfolds))
+    return {float(f): (round(1.0 / f), have) for f in far_targets if have < round(1.0 / f)}
+
+
 def verification_scores(
     embeddings: np.ndarray,
     issame: np.ndarray,
@@ -142,10 +164,10 @@ def verification_scores(
         "threshold": float(np.mean(best_thresholds)),
         "xnorm": xnorm,
     }
-    min_train_negatives = min(int((~same[train]).sum()) for train, _ in folds)
+    unresolved = unresolved_far_targets(same, nfolds, far_targets)
     for far_target in far_targets:
         key = far_key(far_target)
-        if min_train_negatives < round(1.0 / far_target):
+        if float(far_target) in unresolved:
             scores[key] = float("nan")
             continue
         tars = []
@@ -157,18 +179,17 @@ def verification_scores(
     return scores
 
 
-
-
 class PairsEvaluator(Evaluator):
     """insightface's 1:1 verification protocol over encoded images whose pairs are ``(2i, 2i+1)``.
 
     ``compute()`` returns ``acc``, ``acc_std``, ``threshold``, ``xnorm`` and ``tar@far=<far>`` for
-    each of ``far_targets`` (see :func:`verification_scores`).
+    each of ``far_targets`` (see :func:`verification_scores`). ``images``: the encoded images (a
+    subclass may hold what its :meth:`dataset` reads instead, e.g. file paths).
     """
 
     def __init__(
         self,
-        images: Sequence[bytes],
+        images: Sequence[bytes] | Sequence[Path],
         issame: Sequence[bool] | np.ndarray,
         name: str = "pairs",
         nfolds: int = 10,
@@ -190,11 +211,20 @@ class PairsEvaluator(Evaluator):
         return EncodedImages(self.images, self.source)
 
     def score(self, embeddings: np.ndarray, view_norms: np.ndarray) -> dict[str, float]:
+        for far, (need, have) in unresolved_far_targets(self.issame, self.nfolds, self.far_targets).items():
+            self.explain(
+                far_key(far),
+                f"FAR {far:g} needs at least {need} negative pairs in each of the {self.nfolds} training "
+                f"splits, this set has {have}; choose larger far_targets or a larger set",
+            )
         return verification_scores(embeddings, self.issame, self.nfolds, view_norms, self.far_targets)
 
 
 class BinPairsEvaluator(PairsEvaluator):
-    """A :class:`PairsEvaluator` over an insightface ``.bin`` (``lfw.bin`` -> name ``lfw``)."""
+    """A :class:`PairsEvaluator` over an insightface ``.bin`` (``lfw.bin`` -> name ``lfw``).
+
+    ``path``: a local path or a URL (read through :func:`facemargin.data.storage.cached_copy`).
+    """
 
     def __init__(
         self,
@@ -206,7 +236,56 @@ class BinPairsEvaluator(PairsEvaluator):
     ) -> None:
         from ..data.verification import load_bin
 
-        path = Path(path)
-        images, issame = load_bin(path)
-        super().__init__(images, issame, name or path.stem, nfolds, far_targets, source=str(path), **kwargs)
-        self.path = path
+        self.path = str(path)
+        images, issame = load_bin(self.path)
+        super().__init__(images, issame, name or Path(self.path).stem, nfolds, far_targets, source=self.path, **kwargs)
+
+    @classmethod
+    def demo(cls, name: str = "demo_val", **kwargs: Any) -> "BinPairsEvaluator":
+        """The built-in demo set's ``demo_val.bin`` (generated on first use, like ``data=demo``)."""
+        from ..data.synthetic import ensure_demo_dataset
+
+        return cls(ensure_demo_dataset() / "demo_val.bin", name=name, **kwargs)
+
+    def cache_key(self) -> str:
+        from ..data.storage import cached_copy
+
+        return file_key(cached_copy(self.path))
+
+
+class FolderPairsEvaluator(PairsEvaluator):
+    """insightface's protocol over an LFW-style ``pairs.txt`` and a folder of aligned face images.
+
+    ``pairs``: the pairs file (see :func:`facemargin.data.verification.read_pairs_txt` for the
+    accepted line formats); ``root``: the image folder (``root/<name>/<name>_0001.jpg``, or the
+    relative paths the file gives). The faces must already be aligned crops of the model's input
+    size; images of different sizes are refused here, naming two of them.
+    """
+
+    def __init__(
+        self,
+        pairs: str | os.PathLike,
+        root: str | os.PathLike,
+        name: str | None = None,
+        ext: str = ".jpg",
+        nfolds: int = 10,
+        far_targets: Sequence[float] = FAR_TARGETS,
+        **kwargs: Any,
+    ) -> None:
+        from ..data.verification import check_same_size, read_pairs_txt
+
+        self.pairs_file = Path(pairs)
+        paths, issame = read_pairs_txt(self.pairs_file, root, ext)
+        unique = sorted(set(paths))
+        heads = []
+        for p in unique:
+            with open(p, "rb") as f:
+                heads.append(f.read(1 << 16))
+        check_same_size(heads, str(self.pairs_file), names=[str(p) for p in unique])
+        super().__init__(paths, issame, name or Path(root).name, nfolds, far_targets, source=str(self.pairs_file), **kwargs)
+
+    def dataset(self) -> Dataset:
+        return ImageFiles(self.images)
+
+    def cache_key(self) -> str:
+        return file_key(self.pairs_file, *sorted(set(self.images)))

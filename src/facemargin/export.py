@@ -1,0 +1,154 @@
+"""Export a trained embedder: ``python -m facemargin.export ckpt_path=... format=onnx|torchscript out=...``.
+
+Only the backbone (with its embedding neck) is exported: normalised float images
+``[B, 3, H, W]`` -> embeddings ``[B, D]`` (not L2-normalised), with a dynamic batch axis. The file
+carries what a user of the model must know (:data:`~facemargin.evaluation.embedder.METADATA_KEY`,
+JSON): ``channel_order`` (RGB), ``mean``/``std`` of ``(x / 255 - mean) / std``, ``input_size``,
+``embedding_size``, ``flip_fused``, the ``margin`` and the training ``config``, and the
+``verification`` thresholds validation chose. In ONNX it is a ``metadata_props`` entry; in
+TorchScript the extra file ``facemargin.json``.
+
+``flip_fused=true`` exports ``f(x) + f(flip(x))`` as one graph (one batched forward of both views),
+the embedding insightface's protocol uses. Every exported file runs in
+``python -m facemargin.evaluate``, ``facemargin.embed`` and ``facemargin.compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FORMATS", "FlipFused", "checkpoint_export_metadata", "export_checkpoint", "export_model"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class FlipFused(nn.Module):
+    """``net(x) + net(flip(x))`` with both views in one batch."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        both = self.net(torch.cat([x, torch.flip(x, dims=[3])]))
+        n = x.shape[0]
+        return both[:n] + both[n:]
+
+
+def _export_onnx(net: nn.Module, example: Tensor, out: Path, metadata: str, opset: int) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx package: pip install 'facemargin[onnx]'") from None
+    from .evaluation.embedder import METADATA_KEY
+
+    with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated but needs no onnxscript
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (example,), str(out), dynamo=False, opset_version=opset,
+            input_names=["images"], output_names=["embeddings"],
+            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+        )
+    model = onnx.load(str(out))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata
+    model.producer_name = "facemargin"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+
+
+def _export_torchscript(net: nn.Module, example: Tensor, out: Path, metadata: str) -> None:
+    from .evaluation.embedder import METADATA_KEY
+
+    with warnings.catch_warnings():  # TorchScript is deprecated in recent torch; it still loads everywhere
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, example, check_trace=False)
+        torch.jit.save(traced, str(out), _extra_files={f"{METADATA_KEY}.json": metadata})
+
+
+def export_model(
+    net: nn.Module,
+    out: str | os.PathLike,
+    format: str = "onnx",
+    metadata: dict[str, Any] | None = None,
+    flip_fused: bool = False,
+    opset: int = 17,
+) -> Path:
+    """Write ``net`` (float images -> embeddings) as ONNX or TorchScript with ``metadata`` inside.
+
+    ``metadata`` is completed with facemargin's input pipeline defaults (RGB, mean/std 0.5, input
+    size from ``net.input_size`` or 112) and ``flip_fused``. The file appears atomically.
+    """
+    from .evaluation.embedder import default_metadata
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+    out = Path(out)
+    size = int(getattr(net, "input_size", None) or (metadata or {}).get("input_size") or 112)
+    meta = {**default_metadata(size, getattr(net, "embedding_size", None)), **(metadata or {}), "flip_fused": bool(flip_fused)}
+    net = net.eval().cpu()
+    wrapped = FlipFused(net) if flip_fused else net
+    example = torch.zeros(2, 3, int(meta["input_size"]), int(meta["input_size"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if format == "onnx":
+            _export_onnx(wrapped, example, tmp, json.dumps(meta), opset)
+        else:
+            _export_torchscript(wrapped, example, tmp, json.dumps(meta))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def checkpoint_export_metadata(record: dict[str, Any], source: str) -> dict[str, Any]:
+    """What an exported file records from a module's :meth:`~facemargin.module.FaceRecognitionModule.record`."""
+    keys = ("channel_order", "mean", "std", "input_size", "embedding_size", "num_classes", "verification", "config")
+    head = record["config"].get("head") or {}
+    return {**{k: record[k] for k in keys}, "margin": head.get("margin"), "source": Path(source).name}
+
+
+def export_checkpoint(
+    ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None, format: str = "onnx",
+    flip_fused: bool = False, opset: int = 17,
+) -> Path:
+    """Export the backbone of a training checkpoint (default ``out``: the checkpoint's name with
+    ``.onnx`` / ``.pt``)."""
+    from .checkpoint import load_module
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+    ckpt_path = Path(ckpt_path)
+    module = load_module(ckpt_path, map_location="cpu")
+    meta = checkpoint_export_metadata(module.record(), str(ckpt_path))
+    target = Path(out) if out else ckpt_path.with_suffix(FORMATS[format])
+    return export_model(module.backbone, target, format, meta, flip_fused, opset)
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from .train import config_dir
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
+    def _run(cfg: DictConfig) -> None:
+        path = export_checkpoint(cfg.ckpt_path, cfg.out, cfg.format, cfg.flip_fused, cfg.opset)
+        print(f"exported {cfg.format} model ({'flip-fused, ' if cfg.flip_fused else ''}batch axis dynamic): {path}")
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()
