@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facemargin.partial_fc import PartialFCHead
+from facemargin.heads import PartialFCHead
 
 
 def _rss_mib() -> float:

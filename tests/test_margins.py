@@ -1,4 +1,5 @@
-"""Margin functions against values computed by hand (plain ``math``, independent of torch)."""
+"""psi-margins and the dynamic margins against values computed by hand (plain ``math`` / float64
+torch written from the papers and the ExpFace authors' ``losses.py``, not from the library)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import math
 import pytest
 import torch
 
-from facemargin.margins import THETA_EPS, Margin, available_margins, build_margin, target_logit
+from facemargin.margins import (
+    MARGINS,
+    THETA_EPS,
+    Margin,
+    MarginInput,
+    available_margins,
+    build_margin,
+    target_logit,
+)
+
+PSI = list(MARGINS)
 
 THETAS = [0.0, math.pi / 6, math.pi / 3, math.pi / 2, 2 * math.pi / 3, math.pi - 1e-4]
 
@@ -34,7 +45,12 @@ PARAMS = {"combined": {"m1": 0.9, "m2": 0.3, "m3": 0.2}}
 
 
 def test_registry_lists_every_loss():
-    assert available_margins() == ["softmax", "sphereface", "cosface", "arcface", "combined", "expface"]
+    assert available_margins() == [
+        "softmax", "sphereface", "cosface", "arcface", "combined", "expface",
+        "curricularface", "adaface", "magface", "sphereface_r",
+    ]
+    assert PSI == available_margins()[:6]
+    assert type(build_margin("adaface", m=0.3)).__name__ == "AdaFace"
 
 
 def test_paper_defaults():
@@ -46,7 +62,7 @@ def test_paper_defaults():
 
 
 def test_unknown_names_list_valid_choices():
-    with pytest.raises(ValueError, match="valid margins: softmax, sphereface, cosface, arcface, combined, expface"):
+    with pytest.raises(ValueError, match="valid margins: softmax, sphereface, cosface, arcface, combined, expface, curricularface"):
         build_margin("arcfase")
     with pytest.raises(ValueError, match="valid: m"):
         Margin("expface", q=1.0)
@@ -66,7 +82,7 @@ def test_literal_values_worked_on_paper():
     assert target_logit("sphereface", torch.tensor([-0.5])).item() == pytest.approx(-1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", available_margins())
+@pytest.mark.parametrize("name", PSI)
 @pytest.mark.parametrize("grad", ["detached", "exact"])
 def test_values_at_the_six_angles(name, grad):
     cos = torch.tensor([math.cos(t) for t in THETAS], dtype=torch.float32)
@@ -85,7 +101,7 @@ def dpsi_dcos_by_hand(name: str, c: float) -> float:
     return dpsi_dt * (-1.0 / math.sin(t))
 
 
-@pytest.mark.parametrize("name", available_margins())
+@pytest.mark.parametrize("name", PSI)
 def test_gradients_both_modes(name):
     cos = torch.tensor([math.cos(t) for t in THETAS], dtype=torch.float32, requires_grad=True)
     target_logit(name, cos, grad="detached", **PARAMS.get(name, {})).sum().backward()
@@ -113,7 +129,7 @@ def test_exact_gradients_known_closed_forms():
     assert cos.grad.item() == pytest.approx(math.sin(math.pi * x**0.7) * 0.7 * x ** (0.7 - 1), abs=1e-5)
 
 
-@pytest.mark.parametrize("name", available_margins())
+@pytest.mark.parametrize("name", PSI)
 @pytest.mark.parametrize("grad", ["detached", "exact"])
 def test_no_nan_or_inf_at_plus_minus_one(name, grad):
     cos = torch.tensor([1.0, -1.0, 1.0 - 1e-7, -1.0 + 1e-7, 1.0000001, -1.0000001], requires_grad=True)
@@ -122,7 +138,7 @@ def test_no_nan_or_inf_at_plus_minus_one(name, grad):
     assert torch.isfinite(out).all() and torch.isfinite(cos.grad).all()
 
 
-@pytest.mark.parametrize("name", available_margins())
+@pytest.mark.parametrize("name", PSI)
 @pytest.mark.parametrize("grad", ["detached", "exact"])
 def test_bf16_autocast_computes_in_float32(name, grad):
     cos32 = torch.linspace(-1, 1, 101)
@@ -176,3 +192,143 @@ def test_logits_margin_on_target_only_and_minus_one_rows_untouched():
             want[i, y] -= 0.35
     torch.testing.assert_close(out, want * 10.0)
     torch.testing.assert_close(out[1], cos[1] * 10.0)
+
+
+# ----------------------------------------------------------------------------- float64, ranges, labels
+@pytest.mark.parametrize("name", PSI)
+def test_float64_in_float64_out_and_gradcheck_exact(name):
+    params = PARAMS.get(name, {})
+    # interior angles, away from SphereFace's branch point (120 deg) and ArcFace's pi - m
+    cos = torch.tensor([0.93, 0.41, -0.05, -0.37, -0.6], dtype=torch.float64, requires_grad=True)
+    assert target_logit(name, cos, **params).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda c: target_logit(name, c, grad="exact", **params), (cos,))
+    block = torch.tensor([[0.3, -0.2, 0.7], [0.1, 0.5, -0.9]], dtype=torch.float64, requires_grad=True)
+    margin = Margin(name, grad="exact", **params)
+    assert margin.logits(block, torch.tensor([2, -1])).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda c: margin.logits(c, torch.tensor([2, 0])), (block,))
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("expface", {"m": 0.0}, r"'expface': m must lie in \(0, 1\]; got 0.0"),
+        ("expface", {"m": 1.5}, r"'expface': m must lie in \(0, 1\]"),
+        ("expface", {"s": 0.0}, r"s must lie in \(0, inf\]"),
+        ("expface", {"s": -64.0}, r"s must lie in \(0"),
+        ("cosface", {"m": -0.1}, r"'cosface': m must lie in \[0, 1\]"),
+        ("arcface", {"m": 3.5}, r"'arcface': m must lie in \[0, 3.14159\)"),
+        ("sphereface", {"m": 0.5}, r"'sphereface': m must lie in \[1, inf\)"),
+        ("combined", {"m1": 0.0}, r"'combined': m1 must lie in \(0, inf\)"),
+        ("expface", {"m": float("nan")}, r"m must lie in"),
+    ],
+)
+def test_parameters_are_range_checked(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        Margin(name, **params)
+
+
+def test_dynamic_only_where_defined():
+    with pytest.raises(ValueError, match="dynamic='balanced' is defined for expface, cosface, arcface, sphereface"):
+        Margin("softmax", dynamic="balanced")
+    with pytest.raises(ValueError, match="unknown dynamic mode 'sometimes'"):
+        Margin("expface", dynamic="sometimes")
+    with pytest.raises(ValueError, match="m depends on the batch"):
+        Margin("expface", dynamic="plain").target_logit(torch.zeros(3))
+
+
+def test_margin_logits_reject_bad_labels():
+    m, cos = Margin("cosface"), torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\) or be -1; got range \[-2, 1\]"):
+        m.logits(cos, torch.tensor([0, -2, 1]))
+    with pytest.raises(TypeError, match="integer tensor; got torch.bool"):
+        m.logits(cos, torch.tensor([True, False, True]))
+    with pytest.raises(TypeError, match="integer tensor; got torch.float32"):
+        m.logits(cos, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"labels must have shape \(3,\)"):
+        m.logits(cos, torch.tensor([0, 1]))
+
+
+# ----------------------------------------------------------------------------- dynamic margins
+def psi_with(name: str, t: float, m: float) -> float:
+    """psi(theta) with margin m (the papers' formulas, scalars)."""
+    if name == "expface":
+        return math.cos(math.pi * (t / math.pi) ** m)
+    if name == "cosface":
+        return math.cos(t) - m
+    if name == "arcface":
+        return math.cos(t + m)
+    k = math.floor(m * t / math.pi)  # sphereface
+    return (-1) ** k * math.cos(m * t) - 2 * k
+
+
+def dynamic_m_by_hand(name: str, cos: list[list[float]], labels: list[int], s: float, balanced: bool) -> float:
+    """The ExpFace authors' PowerFace_d / CosFace_d / ArcFace_d / SphereFace_d margin (``*_dd``
+    without the ln(C-1)/s term), over the labelled rows, with plain Python floats."""
+    c = len(cos[0])
+    pos = [row[y] for row, y in zip(cos, labels) if y >= 0]
+    neg = [v for row, y in zip(cos, labels) if y >= 0 for j, v in enumerate(row) if j != y]
+    p, n = sum(pos) / len(pos), sum(neg) / len(neg)
+    b = math.log(c - 1) / s if balanced else 0.0
+    if name == "cosface":
+        return p - n - b
+    theta_p, phi = math.acos(p), math.acos(n + b)
+    if name == "expface":
+        return math.log(phi / math.pi) / math.log(theta_p / math.pi)
+    if name == "arcface":
+        return phi - theta_p
+    return phi / theta_p
+
+
+DYN_COS = [
+    [1.0, 0.2, -0.3, 0.05, -1.0],  # target (col 0) at cos = +1, a non-target at -1
+    [0.1, -0.4, 0.6, 0.3, 0.0],
+    [-1.0, 0.25, 0.1, -0.2, 0.4],  # target (col 0) at cos = -1
+    [0.3, 0.3, 0.3, 0.3, 0.3],  # label -1: ignored by the means
+    [0.2, -0.1, 0.45, 0.0, 0.75],
+]
+DYN_LABELS = [0, 2, 0, -1, 4]
+
+
+@pytest.mark.parametrize("name", ["expface", "cosface", "arcface", "sphereface"])
+@pytest.mark.parametrize("mode", ["balanced", "plain"])
+@pytest.mark.parametrize("grad", ["detached", "exact"])
+def test_dynamic_margin_values_gradients_and_log(name, mode, grad):
+    s = 16.0
+    cos = torch.tensor(DYN_COS, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor(DYN_LABELS)
+    margin = Margin(name, s=s, dynamic=mode, grad=grad)
+    out = margin(MarginInput.single(cos, labels))
+    m = dynamic_m_by_hand(name, DYN_COS, DYN_LABELS, s, mode == "balanced")
+    assert out.logs["m"].item() == pytest.approx(m, rel=1e-12)
+    want = [[s * v for v in row] for row in DYN_COS]
+    for i, y in enumerate(DYN_LABELS):
+        if y >= 0:
+            want[i][y] = s * psi_with(name, math.acos(DYN_COS[i][y]), m)
+    torch.testing.assert_close(out.logits, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-9)
+    weights = torch.linspace(-1, 1, cos.numel(), dtype=torch.float64).view_as(cos)
+    (out.logits * weights).sum().backward()
+    grad_want = weights * s  # m has no gradient; non-targets and detached targets: d/dcos = s
+    if grad == "exact":
+        for i, y in enumerate(DYN_LABELS):
+            if y >= 0:
+                t = min(max(math.acos(DYN_COS[i][y]), THETA_EPS), math.pi - THETA_EPS)
+                h = 1e-6
+                dpsi = (psi_with(name, t + h, m) - psi_with(name, t - h, m)) / (2 * h) * (-1.0 / math.sin(t))
+                grad_want[i, y] = weights[i, y] * s * dpsi
+    torch.testing.assert_close(cos.grad, grad_want, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(cos.grad).all()
+
+
+def test_dynamic_margin_without_labelled_rows_is_plain_scaled_cosine():
+    cos = torch.tensor(DYN_COS)
+    out = Margin("expface", dynamic="balanced")(MarginInput.single(cos, torch.full((5,), -1)))
+    assert "m" not in out.logs
+    torch.testing.assert_close(out.logits, cos * 64.0)
+
+
+def test_dynamic_m_uses_the_global_number_of_classes():
+    cos = torch.tensor(DYN_COS, dtype=torch.float64)
+    inp = MarginInput(cos, torch.tensor(DYN_LABELS), torch.tensor(DYN_LABELS) >= 0, num_classes=1000)
+    m = Margin("cosface", s=16.0, dynamic="balanced")(inp).logs["m"].item()
+    by_hand = dynamic_m_by_hand("cosface", DYN_COS, DYN_LABELS, 16.0, False) - math.log(999) / 16.0
+    assert m == pytest.approx(by_hand, rel=1e-12)

@@ -1,5 +1,6 @@
 """PartialFCHead inside a real Lightning ``Trainer``: 2-process DDP (gloo, CPU) fit, checkpoint,
-resume at world 2, then resume at world 1 (re-shard).
+resume at world 2, then resume at world 1 (re-shard); centres, optimizer rows, the margin's
+running statistic (CurricularFace ``t``) and the sampling counter all come back exactly.
 
 The two ranks are started the way ``torchrun`` starts them (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``
 in the environment, ``strategy="ddp"``), so Lightning launches nothing itself.
@@ -17,33 +18,33 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from facemargin.partial_fc import (
-    FULL_STATE_PREFIX,
-    PartialFCHead,
-    consolidate_checkpoint,
-    setup_partial_fc,
-    shard_checkpoint,
-)
+from facemargin.distributed import exclude_from_ddp
+from facemargin.heads import PartialFCHead
+from facemargin.heads.sharding import FULL_STATE_PREFIX
 
 D, C, WORLD = 8, 12, 2
 MOM = FULL_STATE_PREFIX + "momentum_buffer"
 
 
 class TinyFace(L.LightningModule):
-    """Linear backbone + sampled Partial FC head, wired exactly as docs/multi_gpu.md says."""
+    """Linear backbone + sampled Partial FC head, wired through the head hooks exactly as
+    docs/multi_gpu.md says."""
 
     def __init__(self, out_dir: str, tag: str) -> None:
         super().__init__()
         self.backbone = nn.Linear(6, D)
-        self.head = PartialFCHead(D, C, margin="cosface", sample_rate=0.5, seed=21)
+        self.head = PartialFCHead(D, C, margin="curricularface", sample_rate=0.5, seed=21)
         self.out_dir, self.tag = Path(out_dir), tag
 
     def setup(self, stage: str) -> None:
-        setup_partial_fc(self)
+        self.head.setup_distributed()
+        exclude_from_ddp(self, [f"head.{n}" for n in self.head.ddp_ignored_parameters()])
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return self.head.loss(self.backbone(x), y)
+        out = self.head.output(self.backbone(x), y)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
+        return out.loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -51,10 +52,10 @@ class TinyFace(L.LightningModule):
         return opt
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        consolidate_checkpoint(checkpoint, self, self.trainer.optimizers)
+        self.head.on_save_checkpoint(checkpoint, "head.", self.trainer.optimizers)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        shard_checkpoint(checkpoint, self)
+        self.head.on_load_checkpoint(checkpoint, "head.")
 
     def _snapshot(self, when: str) -> None:
         opt = self.trainer.optimizers[0]
@@ -65,6 +66,8 @@ class TinyFace(L.LightningModule):
             "start": self.head.start,
             "momentum": state[MOM].clone() if MOM in state else None,
             "backbone": self.backbone.weight.detach().clone(),
+            "t": self.head.margin.t.clone(),
+            "sample_step": int(self.head.sample_step),
         }
         ddp = self.trainer.strategy.model
         if isinstance(ddp, nn.parallel.DistributedDataParallel):
@@ -129,7 +132,9 @@ def test_lightning_ddp_fit_checkpoint_resume(tmp_path: Path) -> None:
         assert rec["ignored"] == ["head.weight", "head.weight_active"]
         assert not rec["head_in_reducer"] and rec["flag_ignored"]
         assert rec["momentum"] is not None and rec["momentum"].shape == (C // WORLD, D)
+        assert rec["sample_step"] == 3 and rec["t"].item() != 0.0
     assert fit[0]["start"] == 0 and fit[1]["start"] == C // WORLD
+    assert torch.equal(fit[0]["t"], fit[1]["t"])  # the running statistic is the same on every rank
     assert not torch.equal(fit[0]["shard"], fit[1]["shard"])
     assert torch.equal(fit[0]["backbone"], fit[1]["backbone"])  # the backbone is still synced
 
@@ -149,6 +154,7 @@ def test_lightning_ddp_fit_checkpoint_resume(tmp_path: Path) -> None:
         assert start["global_step"] == 3 and end["global_step"] == 5
         assert torch.equal(start["shard"], fit[r]["shard"])
         assert torch.equal(start["momentum"], fit[r]["momentum"])
+        assert torch.equal(start["t"], fit[r]["t"]) and start["sample_step"] == 3 and end["sample_step"] == 5
         assert not torch.equal(end["shard"], start["shard"])
 
     # (c') resume in one process: re-shard 2 -> 1
@@ -159,4 +165,5 @@ def test_lightning_ddp_fit_checkpoint_resume(tmp_path: Path) -> None:
     assert start["global_step"] == 3 and end["global_step"] == 5
     assert torch.equal(start["shard"], full) and torch.equal(start["momentum"], full_mom)
     assert torch.equal(start["backbone"], fit[0]["backbone"])
+    assert torch.equal(start["t"], fit[0]["t"]) and start["sample_step"] == 3
     assert torch.isfinite(end["shard"]).all() and not torch.equal(end["shard"], full)

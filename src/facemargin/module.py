@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from .config import to_plain
 from .data.decode import CHANNEL_ORDER, MEAN, STD, normalize_uint8
+from .distributed import exclude_from_ddp
 
 __all__ = ["FaceRecognitionModule", "RECORD_KEY"]
 
@@ -164,15 +165,8 @@ class FaceRecognitionModule(pl.LightningModule):
         if callable(setup_distributed):
             setup_distributed()  # e.g. shard the class centres for this process group
         ignored = getattr(self.head, "ddp_ignored_parameters", None)
-        if callable(ignored):
-            names = [f"head.{n}" for n in ignored()]
-            if names:
-                from torch.nn.parallel import DistributedDataParallel
-
-                keep = list(getattr(self, "_ddp_params_and_buffers_to_ignore", []))
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    self, keep + [n for n in names if n not in keep]
-                )
+        if callable(ignored) and ignored():
+            exclude_from_ddp(self, [f"head.{n}" for n in ignored()])
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         provide = getattr(datamodule, "evaluators", None)
         if callable(provide) and not self._datamodule_evaluators_added:

@@ -1,0 +1,9 @@
+"""Heads: embeddings + labels -> loss. ``MarginHead`` (every centre on every rank) and
+``PartialFCHead`` (centres sharded across ranks) implement the contract of :mod:`.base`."""
+
+from .base import HeadHooks, HeadOutput
+from .margin_head import MarginHead
+from .objectives import SoftmaxCrossEntropy
+from .partial_fc import PartialFCHead
+
+__all__ = ["HeadHooks", "HeadOutput", "MarginHead", "PartialFCHead", "SoftmaxCrossEntropy"]
