@@ -48,6 +48,51 @@ def tiny_recdir(tmp_path: Path) -> Path:
     (root / "train.idx").write_text("".join(idx))
     (root / "property").write_text("3,8,8")
     return root
+
+
+FACE = 16  # side of the faces write_face_set writes
+
+
+def face_image(label: int, size: int = FACE) -> np.ndarray:
+    """Left half's grey level encodes ``label % 20``, right half black: flips and labels are visible."""
+    img = np.zeros((size, size, 3), np.uint8)
+    img[:, : size // 2] = 20 + 10 * (label % 20)
+    return img
+
+
+def label_of(image) -> tuple[int, bool]:
+    """``(label % 20, flipped)`` of a uint8 ``[3, H, W]`` tensor made from :func:`face_image`."""
+    x = image.float()
+    left, right = float(x[:, :, 1:6].mean()), float(x[:, :, -6:-1].mean())
+    return round((max(left, right) - 20) / 10), right > left
+
+
+def write_face_set(root: Path, labels: list[int], layout: str = "insightface", num_classes: int | None = None,
+                   corrupt: tuple[int, ...] = (), size: int = FACE) -> Path:
+    """A RecordIO face set written with the writer: insightface (meta record, images, identity ranges;
+    labels must be sorted) or im2rec (every key an image). ``corrupt`` samples get garbage JPEG bytes."""
+    from facemargin.data.recordio import IRHeader, RecordIOWriter, pack_record
+
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    classes = num_classes or (max(labels) + 1)
+    meta = layout == "insightface"
+    first = 1 if meta else 0
+    with RecordIOWriter(root / "train.rec", root / "train.idx") as w:
+        if meta:
+            assert labels == sorted(labels)
+            w.write(0, pack_record(IRHeader(0, 0.0, 0, 0), b"", labels=[n + 1, n + 1 + classes]))
+        for i, lab in enumerate(labels):
+            data = simplejpeg.encode_jpeg(face_image(lab, size), quality=95, colorspace="RGB")
+            if i in corrupt:
+                data = data[:10] + b"\x00garbage"
+            w.write(first + i, pack_record(IRHeader(0, float(lab), first + i, 0), data))
+        if meta:
+            bounds = np.searchsorted(np.asarray(labels), np.arange(classes + 1)) + 1
+            for c in range(classes):
+                w.write(n + 1 + c, pack_record(IRHeader(0, 0.0, n + 1 + c, 0), b"", labels=[bounds[c], bounds[c + 1]]))
+    (root / "property").write_text(f"{classes},{size},{size}")
+    return root
 # ----- END data-format fixtures ---------------------------------------------------------------
 
 

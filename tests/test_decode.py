@@ -97,3 +97,57 @@ def test_truncated_real_jpeg_raises() -> None:
     data = simplejpeg.encode_jpeg(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), quality=90)
     with pytest.raises(CorruptImageError):
         decode_image(data[: len(data) // 3])
+
+
+# --------------------------------------------------------------------------- declared size before decoding
+def _jpeg_claiming(h: int, w: int) -> bytes:
+    """A real 16x16 JPEG whose SOF0 header is rewritten to claim ``w x h`` (a decompression bomb)."""
+    data = bytearray(simplejpeg.encode_jpeg(np.zeros((16, 16, 3), np.uint8), quality=90, colorspace="RGB"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5: sof + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(data)
+
+
+def _png_claiming(h: int, w: int) -> bytes:
+    import struct
+    import zlib
+
+    data = bytearray(_png(np.zeros((4, 4, 3), np.uint8)))
+    data[16:24] = struct.pack(">II", w, h)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("make", [_jpeg_claiming, _png_claiming], ids=["jpeg", "png"])
+def test_bombs_are_refused_from_the_header(make) -> None:
+    import time
+
+    from facemargin.data.decode import ImageSizeError, decode_face, decode_into, declared_size
+
+    bomb = make(65500, 65500)
+    assert declared_size(bomb) == (65500, 65500)
+    start = time.process_time()
+    with pytest.raises(ImageSizeError, match=r"image is 65500x65500 \(width x height\), the set's images are 112x112"):
+        decode_face(bomb, (112, 112))
+    with pytest.raises(ImageSizeError, match="65500x65500"):
+        decode_into(bomb, np.empty((112, 112, 3), np.uint8))
+    with pytest.raises(ImageSizeError, match=r"declares 65500x65500 pixels, more than the 16777216 allowed"):
+        decode_face(bomb, None)  # size unknown: a cap
+    assert time.process_time() - start < 1.0  # nothing was decoded (not a timing claim: 12 GiB would take minutes)
+
+
+def test_wrong_size_and_exact_size() -> None:
+    from facemargin.data.decode import ImageSizeError, decode_face, decode_into
+
+    src = _red_left_blue_right(64, 64)
+    data = simplejpeg.encode_jpeg(src, quality=95, colorspace="RGB")
+    with pytest.raises(ImageSizeError, match=r"image is 64x64 \(width x height\), the set's images are 112x112"):
+        decode_face(data, (112, 112))
+    out = np.zeros((64, 64, 3), np.uint8)
+    decode_into(data, out)
+    assert np.array_equal(out, decode_image(data)) and np.array_equal(decode_face(data, (64, 64)), out)
+    png = _png(src)
+    decode_into(png, out)  # not JPEG: the Pillow path, same checks
+    assert np.array_equal(out, src)
+    with pytest.raises(CorruptImageError):
+        decode_into(data[: len(data) // 2], out)

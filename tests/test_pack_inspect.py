@@ -153,34 +153,61 @@ def test_inspect_detects_bad_magic(tiny_recdir):
     assert f"key 4 -> offset {off}" in joined
 
 
-def test_inspect_detects_offset_past_end_and_mid_record(tiny_recdir):
+def test_inspect_detects_mid_record_offset(tiny_recdir):
     lines = (tiny_recdir / "train.idx").read_text().splitlines()
     k2, off2 = lines[2].split("\t")
-    lines[2] = f"{k2}\t{int(off2) + 4}"  # points inside record 1's bytes... its own header
-    lines[5] = lines[5].split("\t")[0] + "\t999999"
+    lines[2] = f"{k2}\t{int(off2) + 4}"  # points inside record 2: its lrecord field
     (tiny_recdir / "train.idx").write_text("\n".join(lines) + "\n")
     info = inspect_dir(tiny_recdir)
     joined = "\n".join(info["problems"])
     assert not info["ok"]
     assert f"key 2 -> offset {int(off2) + 4}" in joined and "bad magic" in joined
-    assert "key 5 -> offset 999999" in joined and "offset 999999 (key" not in joined
-    assert "past the end of the file" in joined
 
 
-def test_inspect_detects_label_out_of_range(tiny_recdir):
-    (tiny_recdir / "property").write_text("2,8,8")  # identity 2 no longer exists
+def test_inspect_reports_an_unusable_index(tiny_recdir):
+    lines = (tiny_recdir / "train.idx").read_text().splitlines()
+    lines[5] = lines[5].split("\t")[0] + "\t999996"
+    (tiny_recdir / "train.idx").write_text("\n".join(lines) + "\n")
     info = inspect_dir(tiny_recdir)
+    assert info["problems"] == [f"{tiny_recdir / 'train.idx'}: key 5 -> offset 999996 is past the end of "
+                                f"{tiny_recdir / 'train.rec'} ({(tiny_recdir / 'train.rec').stat().st_size} bytes)"]
+
+
+def test_inspect_detects_label_out_of_range(tmp_path):
+    from facemargin.data.recordio import IRHeader, RecordIOWriter, pack_record
+
+    root = tmp_path / "s"
+    root.mkdir()
+    with RecordIOWriter(root / "train.rec", root / "train.idx") as w:
+        for k, label in enumerate([0, 1, 2, 1, 2]):
+            w.write(k, pack_record(IRHeader(0, float(label), k, 0), jpeg(k, 8, 8)))
+    (root / "property").write_text("2,8,8")  # identity 2 does not exist
+    info = inspect_dir(root)
     assert not info["ok"]
-    assert [p.split(": ", 1)[1] for p in info["problems"]] == [
-        "label 2 is outside [0, 2) (num_classes from " + str(tiny_recdir / "property") + ")"] * 2
-    assert all(f"{tiny_recdir / 'train.rec'} (key {k})" in p for k, p in zip((6, 7), info["problems"]))
-    assert TINY_LABELS[5:] == [2, 2]
+    assert info["problems"] == [f"{root / 'train.rec'} (key {k}): label 2 is outside [0, 2) (num_classes from "
+                                f"{root / 'property'})" for k in (2, 4)]
+
+
+def test_inspect_lists_every_label_that_contradicts_its_identity_range(tiny_recdir):
+    data = bytearray((tiny_recdir / "train.rec").read_bytes())
+    fs = FaceRecordSet(tiny_recdir)
+    for key, label in ((2, 1.0), (4, 2.0), (7, 0.0)):  # one flipped label per identity
+        struct.pack_into("<f", data, fs.reader.offset(key) + 12, label)
+    (tiny_recdir / "train.rec").write_bytes(bytes(data))
+    info = inspect_dir(tiny_recdir)
+    assert [p.split("): ")[1].split(":")[0] for p in info["problems"]] == [
+        "label 1 does not match the identity ranges of the meta record",
+        "label 2 does not match the identity ranges of the meta record",
+        "label 0 does not match the identity ranges of the meta record"]
+    assert [f"(key {k})" in p for k, p in zip((2, 4, 7), info["problems"])] == [True] * 3
 
 
 def test_inspect_detects_wrong_image_size(tiny_recdir):
     (tiny_recdir / "property").write_text("3,112,112")
     info = inspect_dir(tiny_recdir, decode=1)
-    assert info["problems"] == [f"{tiny_recdir / 'train.rec'} (key 1): image is 8x8, property says 112x112"]
+    off = FaceRecordSet(tiny_recdir).reader.offset(1)
+    assert info["problems"] == [f"{tiny_recdir / 'train.rec'} at offset {off} (key 1): image is 8x8 (width x height), "
+                                "the set's images are 112x112"]
 
 
 def test_inspect_missing_files(tmp_path):
@@ -190,9 +217,8 @@ def test_inspect_missing_files(tmp_path):
 
 def test_inspect_truncated_file(tiny_recdir):
     rec = tiny_recdir / "train.rec"
-    size = rec.stat().st_size
-    rec.write_bytes(rec.read_bytes()[: size - 6])
+    off10 = FaceRecordSet(tiny_recdir).reader.offset(10)
+    rec.write_bytes(rec.read_bytes()[: rec.stat().st_size - 6])
     info = inspect_dir(tiny_recdir)
     assert not info["ok"]
-    off10 = FaceRecordSet(tiny_recdir).reader.offset(10)
-    assert any(f"train.rec at offset {off10}: truncated record" in p for p in info["problems"])
+    assert any(f"train.rec at offset {off10} (key 10): truncated record" in p for p in info["problems"])

@@ -152,7 +152,6 @@ def test_round_trip_random_payloads(tmp_path):
     for key, payload in records:
         assert reader.read(key) == payload
         assert reader.read_at(reader.offset(key)) == payload
-        assert reader.read_head(key, 7) == payload[:7]
     scanned = list(reader.scan())
     assert [p for _, p in scanned] == [p for _, p in records]
     assert [o for o, _ in scanned] == [reader.offset(k) for k, _ in records]
@@ -171,14 +170,26 @@ def test_idx_tolerates_spaces_crlf_and_blank_lines(tmp_path):
     assert reader.read(2) == b"bbbb" and reader.read(7) == b"aaaa"
 
 
-def test_idx_bad_line_names_file_and_line(tmp_path):
-    with pytest.raises(RecordIOError, match=r"x\.idx: line 2 is not 'key<TAB>offset'"):
-        write_raw(tmp_path, M + lrec(0, 0), "0\t0\n1\tabc\n")
-
-
-def test_idx_duplicate_key(tmp_path):
-    with pytest.raises(RecordIOError, match=r"x\.idx: key 0 appears more than once"):
-        write_raw(tmp_path, M + lrec(0, 0), "0\t0\n0\t0\n")
+@pytest.mark.parametrize(
+    "idx, msg",
+    [
+        ("0\t0\n1\tabc\n", r"line 2 is not 'key<TAB>offset' \(unexpected 'a'\): '1\\tabc'"),
+        ("0\t0\n1\t\n2\t8\n", r"line 2 is not 'key<TAB>offset' \(1 fields\)"),  # empty field: no mis-pairing
+        ("0\t0\n\t8\n", r"line 2 is not 'key<TAB>offset' \(1 fields\)"),
+        ("0\t0\n1 2 3\n", r"line 2 is not 'key<TAB>offset' \(3 fields\)"),
+        ("0\t-8\n", r"line 1 is not 'key<TAB>offset' \(unexpected '-'\)"),
+        ("0\t0\n1\t99999999999999999999\n", r"line 2 has a number of more than 18 digits"),
+        ("", r"the index is empty"),
+        ("\n \n", r"the index is empty"),
+        ("0\t0\n0\t8\n", r"key 0 appears more than once"),
+        ("0\t0\n1\t0\n", r"keys 0 and 1 both point at offset 0 \(one record would be read twice\)"),
+        ("0\t0\n1\t4096\n", r"key 1 -> offset 4096 is past the end of .*x\.rec \(16 bytes\)"),
+        ("0\t0\n1\t6\n", r"key 1 -> offset 6 is not a multiple of 4"),
+    ],
+)
+def test_idx_defects_name_file_and_line_or_key(tmp_path, idx, msg):
+    with pytest.raises(RecordIOError, match=r"x\.idx: " + msg):
+        write_raw(tmp_path, M + lrec(0, 8) + b"abcdefgh", idx)
 
 
 # --------------------------------------------------------------------------- reader errors
@@ -222,11 +233,39 @@ def test_truncated_multipart_record(tmp_path):
 
 
 def test_offset_past_end(tmp_path):
-    reader = write_raw(tmp_path, M + lrec(0, 4) + b"abcd", "0\t0\n1\t4096\n")
-    with pytest.raises(RecordIOError, match=r"x\.rec at offset 4096 \(key 1\): offset is past the end of the file \(12 bytes\)"):
-        reader.read(1)
+    reader = write_raw(tmp_path, M + lrec(0, 4) + b"abcd", "0\t0\n")
+    with pytest.raises(RecordIOError, match=r"x\.rec at offset 4096: offset is past the end of the file \(12 bytes\)"):
+        reader.read_at(4096)
     with pytest.raises(RecordIOError, match=r"offset 4096"):
         list(reader.scan(4096))
+
+
+def test_index_pointing_inside_a_record(tmp_path):
+    rec = M + lrec(0, 8) + b"abcdefgh" + M + lrec(0, 4) + b"ijkl"
+    reader = write_raw(tmp_path, rec, "0\t0\n1\t8\n2\t16\n")  # key 1 points into key 0's payload
+    with pytest.raises(RecordIOError, match=r"x\.rec at offset 0 \(key 0\): the record needs 16 bytes but the next "
+                       r"indexed record starts 8 bytes after it"):
+        reader.read(0)
+    assert reader.read(2) == b"ijkl"
+
+
+def test_one_pread_per_record(tmp_path):
+    from facemargin.data.storage import LocalSource
+
+    records = [(k, bytes([k]) * (10 + 7 * k)) for k in range(20)] + [(20, b"x" + M + b"yz" * 5)]
+    rec, idx = write_records(tmp_path, records)
+
+    class Counting(LocalSource):
+        calls = 0
+
+        def pread(self, n, offset):
+            Counting.calls += 1
+            return super().pread(n, offset)
+
+    reader = RecordIOReader(rec, idx, source=Counting(rec))
+    for key, payload in records[::-1]:
+        before = Counting.calls
+        assert reader.read(key) == payload and Counting.calls == before + 1
 
 
 @pytest.mark.parametrize(
@@ -260,24 +299,25 @@ def test_pickle_drops_handle_and_reads(tmp_path):
     rec, idx = write_records(tmp_path, [(0, b"zero"), (1, b"one!" + M + b"more")])
     reader = RecordIOReader(rec, idx)
     assert reader.read(1) == b"one!" + M + b"more"  # opens the handle
-    assert reader._fd is not None
+    assert reader.source._fd is not None
     clone = pickle.loads(pickle.dumps(reader))
-    assert clone._fd is None
+    assert clone.source._fd is None
     assert clone.read(0) == b"zero" and clone.keys == [0, 1]
 
 
 def test_handle_reopened_after_fork(tmp_path):
     rec, idx = write_records(tmp_path, [(0, b"parent"), (1, b"child-data")])
     reader = RecordIOReader(rec, idx)
+    source = reader.source
     assert reader.read(0) == b"parent"
-    parent_fd = reader._fd
+    parent_fd = source._fd
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: must open its own descriptor
         try:
             data = reader.read(1)
-            ok = reader._fd != parent_fd or reader._pid == os.getpid()
-            os.write(w, data + (b"|reopened" if ok and reader._pid == os.getpid() else b"|stale"))
+            ok = source._fd != parent_fd or source._pid == os.getpid()
+            os.write(w, data + (b"|reopened" if ok and source._pid == os.getpid() else b"|stale"))
         finally:
             os._exit(0)
     os.close(w)
@@ -285,4 +325,4 @@ def test_handle_reopened_after_fork(tmp_path):
     os.waitpid(pid, 0)
     os.close(r)
     assert out == b"child-data|reopened"
-    assert reader._pid == os.getpid() and reader.read(0) == b"parent"
+    assert source._pid == os.getpid() and reader.read(0) == b"parent"

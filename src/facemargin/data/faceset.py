@@ -1,50 +1,97 @@
-"""A face-recognition training set stored as ``train.rec`` / ``train.idx`` / ``property``.
+"""A RecordIO face set (``train.rec`` / ``train.idx`` / ``property``) as a training source.
 
 Two layouts are recognised:
 
 * **insightface**: record 0 is a meta record (``flag > 0``, no image) whose labels ``(a, b)``
-  say images are keys ``1 .. a-1`` and per-identity ranges are keys ``a .. b-1``;
+  say images are keys ``1 .. a-1`` and per-identity ranges are keys ``a .. b-1``; identity
+  ``c``'s record holds ``(first_key, last_key + 1)`` of its images;
 * **im2rec**: record 0 is an ordinary image (``flag == 0`` or it carries image bytes), so every key
   in the ``.idx`` is an image.
 
-A sample's identity is its first label, cast to ``int`` here (RecordIO stores float32).
+Samples are the image records in file order. A sample's identity is its first label, checked on
+every read: an integer in ``[0, num_classes)`` and, when the set has identity ranges, one whose
+range holds the record's key -- a bit flip in a stored float label then fails naming the key
+instead of silently training another class.
+
+Opening validates the meta record before allocating anything it sizes (a short or huge range,
+keys it does not cover), the ``property`` bounds and the index (:mod:`facemargin.data.index`),
+then caches the result as one memory-mapped array next to the ``.idx`` (or under
+``$FACEMARGIN_CACHE`` when that folder is read-only), so later opens -- every rank, every worker --
+only ``stat`` the files and map the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .recordio import RecordIOError, RecordIOReader, unpack_record
+from .index import RecordIndex, cache_dir_for, file_stamp, load_stamped, parse_idx, save_stamped
+from .recordio import MAGIC, RecordIOError, RecordIOReader, unframe, unpack_record
+from .sources import FaceSource
+from .storage import cached_copy, is_remote, open_source
 
-__all__ = ["FaceRecordSet", "read_property"]
+__all__ = ["FaceRecordSet", "read_property", "MAX_CLASSES", "MAX_SIDE"]
 
-_LABEL_CACHE_VERSION = 1
-_HEAD_BYTES = 28  # IRHeader (24) + the first float32 label
+log = logging.getLogger(__name__)
+
+#: Float32 labels hold every integer below 2**24 exactly; no set has more identities.
+MAX_CLASSES = 1 << 24
+MAX_SIDE = 16384
+_INSIGHTFACE, _IM2REC = 1, 0
+_LAYOUTS = {_INSIGHTFACE: "insightface", _IM2REC: "im2rec"}
+_RUN_BYTES = 64 << 20  # most bytes one read of neighbouring records asks for
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+_HEAD = struct.Struct("<IIIf")  # magic, lrecord, IRHeader flag, IRHeader label
+_FLOAT = struct.Struct("<f")
 
 
 def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
-    """Parse a ``property`` file: ``num_classes,height,width``."""
-    path = Path(path)
-    if not path.is_file():
+    """Parse a ``property`` file: ``num_classes,height,width`` within sane bounds."""
+    local = Path(cached_copy(path))
+    if not local.is_file():
         raise FileNotFoundError(f"property file not found: {path} (expected 'num_classes,height,width')")
-    text = path.read_text(encoding="ascii", errors="replace").strip()
+    text = local.read_bytes()[:200].decode("ascii", errors="replace").strip()
     try:
         fields = [int(x) for x in text.split(",")]
-        if len(fields) != 3 or min(fields) <= 0:
+        if len(fields) != 3 or min(fields) <= 0 or any(len(x.strip()) > 9 for x in text.split(",")):
             raise ValueError
     except ValueError:
         raise ValueError(f"{path}: expected 'num_classes,height,width' with positive integers, got {text[:80]!r}") from None
-    return fields[0], fields[1], fields[2]
+    classes, h, w = fields
+    if classes > MAX_CLASSES:
+        raise ValueError(f"{path}: {classes} classes is more than float32 labels can hold exactly ({MAX_CLASSES})")
+    if max(h, w) > MAX_SIDE:
+        raise ValueError(f"{path}: image size {w}x{h} is larger than {MAX_SIDE} pixels a side")
+    return classes, h, w
 
 
-class FaceRecordSet:
-    """An insightface/im2rec RecordIO face set directory.
+def _join(root: str | os.PathLike, name: str) -> str | Path:
+    return f"{str(root).rstrip('/')}/{name}" if is_remote(root) else Path(root).expanduser() / name
+
+
+def _refuse_image_folder(root: str | os.PathLike, rec: str | Path, idx: str | Path) -> None:
+    """A folder of identity sub-folders given where a RecordIO set is expected: say what to do."""
+    if is_remote(root) or not Path(root).is_dir() or Path(idx).exists() or Path(rec).exists():
+        return
+    folders = [p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    with_images = [f for f in folders[:50] if any(c.suffix.lower() in _IMAGE_SUFFIXES for c in f.iterdir())]
+    if with_images:
+        raise FileNotFoundError(
+            f"{root} is an image folder ({len(folders)} identity sub-folders), not a RecordIO set "
+            f"(no {Path(rec).name} / {Path(idx).name}). Train from it directly with "
+            f"data=folder data.root={root}, or pack it once for faster reads with "
+            f"python -m facemargin.data.pack {root} OUT_DIR and use data.root=OUT_DIR"
+        )
+
+
+class FaceRecordSet(FaceSource):
+    """An insightface/im2rec RecordIO face set directory (local path or URL).
 
     Args:
         root: directory holding ``train.rec``, ``train.idx`` and ``property``.
@@ -53,171 +100,314 @@ class FaceRecordSet:
             (otherwise it is read from the first image's header).
         name: base name of the record files (``train``).
 
-    Attributes: ``num_classes``, ``image_size``, ``image_keys`` (int64 array), ``layout``
-    (``"insightface"`` or ``"im2rec"``), ``identity_range`` (``(a, b)`` or ``None``).
+    Attributes: ``num_classes``, ``image_size``, ``image_keys`` (int64, file order), ``layout``
+    (``"insightface"`` or ``"im2rec"``), ``identity_range`` (``(a, b)`` or ``None``), ``reader``.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        num_classes: int | None = None,
-        image_size: tuple[int, int] | None = None,
-        name: str = "train",
-    ) -> None:
-        self.root = Path(root)
-        self.rec_path = self.root / f"{name}.rec"
-        self.idx_path = self.root / f"{name}.idx"
-        self.property_path = self.root / "property"
-        self.reader = RecordIOReader(self.rec_path, self.idx_path)
-        if self.property_path.is_file():
-            prop_classes, h, w = read_property(self.property_path)
-            self.num_classes = int(num_classes) if num_classes is not None else prop_classes
-            self.image_size = tuple(image_size) if image_size is not None else (h, w)
+    def __init__(self, root: str | os.PathLike, num_classes: int | None = None,
+                 image_size: tuple[int, int] | None = None, name: str = "train") -> None:
+        self.root = root if is_remote(root) else Path(root).expanduser()
+        self.rec_path = _join(root, f"{name}.rec")
+        self.idx_path = _join(root, f"{name}.idx")
+        self.property_path = _join(root, "property")
+        self.name = str(self.rec_path)
+        _refuse_image_folder(root, self.rec_path, self.idx_path)
+        self._idx_local = Path(cached_copy(self.idx_path))
+        if not self._idx_local.is_file():
+            raise FileNotFoundError(f"RecordIO index not found: {self.idx_path}")
+        try:
+            source = open_source(self.rec_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}") from None
+        prop = self.property_path
+        if is_remote(prop) or Path(prop).is_file():
+            classes, h, w = read_property(prop)
+            self.num_classes = int(num_classes) if num_classes is not None else classes
+            self.image_size: tuple[int, int] | None = tuple(image_size) if image_size else (h, w)  # type: ignore[assignment]
         elif num_classes is not None:
             self.num_classes = int(num_classes)
-            self.image_size = tuple(image_size) if image_size is not None else None
+            self.image_size = tuple(image_size) if image_size else None  # type: ignore[assignment]
         else:
             raise FileNotFoundError(
-                f"property file not found: {self.property_path} (expected 'num_classes,height,width'; "
-                "or pass num_classes= explicitly)"
+                f"property file not found: {prop} (expected 'num_classes,height,width'; or pass num_classes= explicitly)"
             )
-        self.layout, self.image_keys, self.identity_range = self._detect_layout()
+        self._cache_file = cache_dir_for(self._idx_local) / f"{self._idx_local.name}.facemargin.npy"
+        self._stamp = self._file_stamp(source)
+        self._open_index(source)
         if self.image_size is None:
-            self.image_size = self._first_image_size()
+            from .decode import declared_size
+
+            self.image_size = declared_size(self.read(int(self.image_keys[0]))[1]) if len(self) else None
         self._labels: np.ndarray | None = None
 
-    # ---- layout
-    def _detect_layout(self) -> tuple[str, np.ndarray, tuple[int, int] | None]:
-        keys = self.reader.key_array
-        if 0 in self.reader:
-            header, labels, image = unpack_record(self.reader.read(0))
+    @staticmethod
+    def peek(root: str | os.PathLike, name: str = "train") -> tuple[int, tuple[int, int]]:
+        """``(num_classes, image_size)`` without opening the index: from ``property`` when present."""
+        _refuse_image_folder(root, _join(root, f"{name}.rec"), _join(root, f"{name}.idx"))
+        prop = _join(root, "property")
+        if is_remote(prop) or Path(prop).is_file():
+            classes, h, w = read_property(prop)
+            return classes, (h, w)
+        fs = FaceRecordSet(root, name=name)
+        return fs.num_classes, fs.image_size  # type: ignore[return-value]
+
+    # ---- index and layout (built once, cached)
+    def _file_stamp(self, source) -> list[int]:
+        """What the cache is keyed on: the .idx's stat, the .rec size, hashes of sampled bytes of both."""
+        size = source.size
+        h = hashlib.blake2b(digest_size=8)
+        for k in range(16):
+            h.update(source.pread(64, (size * k // 16) & ~3))
+        with open(self._idx_local, "rb") as f:
+            h.update(f.read(1 << 16))
+            f.seek(max(0, self._idx_local.stat().st_size - (1 << 16)))
+            h.update(f.read())
+        return [*file_stamp(self._idx_local), size, int.from_bytes(h.digest(), "little") >> 1]
+
+    def _open_index(self, source) -> None:
+        arrays = load_stamped(self._cache_file, self._stamp, 6)
+        if arrays is None:
+            arrays = self._build_index(source)
+            if save_stamped(self._cache_file, self._stamp, arrays):
+                arrays = load_stamped(self._cache_file, self._stamp, 6) or arrays  # map it: shared pages
+            else:
+                log.info("%s: cannot write the index cache %s; kept in memory", self.idx_path, self._cache_file)
+        self._set_arrays(arrays, source)
+
+    def _set_arrays(self, arrays: list[np.ndarray], source) -> None:
+        keys, offsets, samples, lo, hi, meta = arrays
+        self.index = RecordIndex(keys, offsets, source.size)
+        self.reader = RecordIOReader(self.rec_path, self.idx_path, index=self.index, source=source)
+        layout, a, b, start, count = (int(x) for x in meta[:5])
+        self.layout = _LAYOUTS[layout]
+        self.identity_range = (a, b) if layout == _INSIGHTFACE and b > a else None
+        self._samples = samples if samples.size else None
+        self._sample_start, self._count = start, count
+        self._lo, self._hi = lo, hi
+        self._arrays = arrays
+
+    def _build_index(self, source) -> list[np.ndarray]:
+        keys, offsets = parse_idx(self._idx_local.read_bytes(), str(self.idx_path))
+        index = RecordIndex.from_entries(keys, offsets, source.size, str(self.idx_path), source.name)
+        reader = RecordIOReader(self.rec_path, self.idx_path, index=index, source=source)
+        empty = np.zeros(0, dtype=np.int64)
+        pos0 = int(index.positions(0))
+        if pos0 >= 0:
+            header, labels, image = _unpack(reader.payload_at(pos0), reader.where(pos0))
             if header.flag > 0 and len(image) == 0:
-                a = _as_key(labels[0], self.rec_path, 0)
-                b = _as_key(labels[1], self.rec_path, 0) if header.flag > 1 else None
-                if a < 1:
-                    raise RecordIOError(f"{self.rec_path} (key 0): meta record says images end at key {a}")
-                image_keys = np.arange(1, a, dtype=np.int64)
-                present = np.isin(image_keys, keys)
-                if not present.all():
-                    missing = int(image_keys[~present][0])
-                    raise RecordIOError(
-                        f"{self.idx_path}: meta record (key 0) lists image keys 1..{a - 1}, "
-                        f"but key {missing} is absent from the index"
-                    )
-                return "insightface", image_keys, (a, b) if b is not None else None
-        return "im2rec", np.array(keys, dtype=np.int64), None
+                return self._insightface_layout(reader, labels)
+        start, count = 0, len(index)
+        return [index.keys, index.offsets, empty, empty, empty, np.asarray([_IM2REC, 0, 0, start, count], np.int64)]
 
-    def _first_image_size(self) -> tuple[int, int] | None:
-        if self.image_keys.size == 0:
-            return None
-        from PIL import Image  # local: only needed without a property file
-        import io
+    def _insightface_layout(self, reader: RecordIOReader, meta_labels: np.ndarray) -> list[np.ndarray]:
+        index, where = reader.index, f"{self.rec_path} (key 0)"
+        n = len(index)
+        a = _as_key(meta_labels[0], where)
+        b = _as_key(meta_labels[1], where) if meta_labels.size > 1 else a
+        if a < 1 or b < a:
+            raise RecordIOError(f"{where}: meta record says images are keys 1..{a - 1} and identities {a}..{b - 1}")
+        if b > n:  # checked before anything of that size is allocated
+            raise RecordIOError(
+                f"{where}: meta record lists {a - 1} images and {b - a} identities (keys 0..{b - 1}) "
+                f"but {self.idx_path} has only {n} records"
+            )
+        image_pos = index.positions(np.arange(1, a, dtype=np.int64))
+        ident_pos = index.positions(np.arange(a, b, dtype=np.int64))
+        for name, pos, first in (("image", image_pos, 1), ("identity", ident_pos, a)):
+            if (pos < 0).any():
+                missing = int(np.argmax(pos < 0)) + first
+                raise RecordIOError(
+                    f"{self.idx_path}: meta record (key 0) lists {name} keys {first}..{first + pos.size - 1}, "
+                    f"but key {missing} is absent from the index"
+                )
+        if n != b:
+            extra = np.setdiff1d(index.keys, np.arange(b, dtype=np.int64))
+            raise RecordIOError(
+                f"{self.idx_path}: {extra.size} keys are not covered by the meta record (key 0: images 1..{a - 1}, "
+                f"identities {a}..{b - 1}), e.g. key {int(extra[0])}; their images would be dropped silently"
+            )
+        lo, hi = self._identity_ranges(reader, ident_pos, a)
+        if lo.size and self.num_classes < lo.size:
+            raise RecordIOError(
+                f"{self.property_path}: {self.num_classes} classes, but the meta record of {self.rec_path} "
+                f"lists {lo.size} identities"
+            )
+        if lo.size and self.num_classes > lo.size:
+            log.warning("%s: %d classes, the meta record lists %d identities", self.property_path, self.num_classes, lo.size)
+        if image_pos.size > 1 and not bool(np.all(image_pos[1:] > image_pos[:-1])):
+            image_pos = np.sort(image_pos)
+        contiguous = image_pos.size == 0 or int(image_pos[-1] - image_pos[0]) == image_pos.size - 1
+        start = int(image_pos[0]) if image_pos.size else 0
+        samples = np.zeros(0, dtype=np.int64) if contiguous else image_pos
+        meta = np.asarray([_INSIGHTFACE, a, b, start, image_pos.size], np.int64)
+        return [index.keys, index.offsets, samples, lo, hi, meta]
 
-        _, image = self.read(int(self.image_keys[0]))
-        with Image.open(io.BytesIO(image)) as im:
-            return (im.height, im.width)
+    def _identity_ranges(self, reader: RecordIOReader, ident_pos: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(first_key, last_key + 1)`` of every identity, checked to partition the image keys ``1..a-1``."""
+        ranges = _packed_ranges(reader, ident_pos)
+        if ranges is None:  # not the usual packed layout: one record at a time
+            ranges = np.empty((ident_pos.size, 2), dtype=np.int64)
+            for c, raw in enumerate(_read_runs(reader, ident_pos)):
+                pos = int(ident_pos[c])
+                where = reader.where(pos)
+                payload = unframe(raw, where, at_eof=pos + 1 >= len(reader), file_offset=int(reader.index.offsets[pos]))[0]
+                header, labels, image = _unpack(payload, where)
+                if header.flag < 2 or len(image):
+                    raise RecordIOError(f"{where}: identity record {c} must hold labels (first_key, end_key), no image")
+                ranges[c] = _as_key(labels[0], where), _as_key(labels[1], where)
+        lo, hi = ranges[:, 0].copy(), ranges[:, 1].copy()
+        if lo.size:
+            ends = np.r_[lo[1:], a]
+            bad = np.flatnonzero((hi < lo) | (hi != ends) | (np.r_[lo[0] != 1, np.zeros(lo.size - 1, bool)]))
+            if bad.size:
+                c = int(bad[0])
+                raise RecordIOError(
+                    f"{reader.where(int(ident_pos[c]))}: identity {c} claims image keys {int(lo[c])}..{int(hi[c]) - 1}; "
+                    f"the identity ranges must split keys 1..{a - 1} in order"
+                )
+        return lo, hi
 
     # ---- samples
     def __len__(self) -> int:
-        return int(self.image_keys.size)
+        return int(self._count)
 
-    def check_label(self, value: float, key: int) -> int:
-        """Validate a stored float label of ``key``: an integer in ``[0, num_classes)``; returns it as int."""
+    def positions(self, indices: np.ndarray | int) -> np.ndarray:
+        """File positions of samples ``indices``."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return idx + self._sample_start if self._samples is None else self._samples[idx]
+
+    @property
+    def image_keys(self) -> np.ndarray:
+        """Key of every sample, in sample (file) order."""
+        return np.asarray(self.index.keys[self.positions(np.arange(len(self)))])
+
+    def where(self, i: int) -> str:
+        return self.reader.where(int(self.positions(i)))
+
+    def read_raw(self, i: int) -> bytes:
+        return self.reader.read_span(int(self.positions(i)))
+
+    def read_raws(self, indices: np.ndarray) -> list[bytes]:
+        return _read_runs(self.reader, self.positions(indices))
+
+    def parse(self, i: int, raw: bytes) -> tuple[int, bytes]:
+        pos = i + self._sample_start if self._samples is None else int(self._samples[i])
+        if len(raw) >= 36:  # fast path: one part, valid label (anything else: the checks below, with messages)
+            magic, lrec, flag, value = _HEAD.unpack_from(raw, 0)
+            end = 8 + lrec
+            if magic == MAGIC and lrec >> 29 == 0 and end <= len(raw):
+                start = 32 + 4 * flag
+                if flag:
+                    (value,) = _FLOAT.unpack_from(raw, 32)
+                label = int(value) if value == value and abs(value) < MAX_CLASSES else -1
+                key = int(self.index.keys[pos])
+                if (start <= end and label == value and 0 <= label < self.num_classes
+                        and (not self._lo.size or (label < self._lo.size and self._lo[label] <= key < self._hi[label]))):
+                    return label, raw[start:end]
+        where = self.reader.where(pos)
+        payload = unframe(raw, where, at_eof=pos + 1 >= len(self.index), file_offset=int(self.index.offsets[pos]))[0]
+        return self._label_and_image(payload, int(self.index.keys[pos]), where)
+
+    def _label_and_image(self, payload: bytes, key: int, where: str) -> tuple[int, bytes]:
+        n = len(payload)
+        if n < 24:
+            raise RecordIOError(f"{where}: record payload truncated ({n} bytes, the header needs 24)")
+        flag, value = struct.unpack_from("<If", payload, 0)
+        start = 24
+        if flag:
+            start = 24 + 4 * flag
+            if n < start:
+                raise RecordIOError(f"{where}: record payload truncated: flag={flag} labels need {start} bytes, it has {n}")
+            (value,) = struct.unpack_from("<f", payload, 24)
+        return self.check_label(value, key, where), payload[start:]
+
+    def check_label(self, value: float, key: int, where: str | None = None) -> int:
+        """Validate a stored float label of ``key``; returns it as int.
+
+        An integer in ``[0, num_classes)``; with identity ranges, the identity whose range holds ``key``.
+        """
+        where = where or f"{self.rec_path} (key {key})"
         if not math.isfinite(value) or value != int(value):
-            raise RecordIOError(f"{self.rec_path} (key {key}): label {value!r} is not an integer")
+            raise RecordIOError(f"{where}: label {value!r} is not an integer")
         label = int(value)
         if not 0 <= label < self.num_classes:
+            raise RecordIOError(f"{where}: label {label} is outside [0, {self.num_classes}) (num_classes from {self.property_path})")
+        if self._lo.size and not (label < self._lo.size and self._lo[label] <= key < self._hi[label]):
+            c = int(np.searchsorted(self._lo, key, side="right")) - 1
             raise RecordIOError(
-                f"{self.rec_path} (key {key}): label {label} is outside [0, {self.num_classes}) "
-                f"(num_classes from {self.property_path})"
+                f"{where}: label {label} does not match the identity ranges of the meta record: key {key} belongs to "
+                f"identity {c} (keys {int(self._lo[c])}..{int(self._hi[c]) - 1}); the stored label is damaged"
             )
         return label
 
-    _check_label = check_label  # older spelling, kept for callers
-
     def read(self, key: int) -> tuple[int, bytes]:
         """``(identity label, encoded image bytes)`` for the record under ``key``."""
-        key = int(key)
-        try:
-            header, labels, image = unpack_record(self.reader.read(key))
-        except RecordIOError:
-            raise
-        except ValueError as exc:
-            raise RecordIOError(f"{self.rec_path} (key {key}): {exc}") from None
-        value = float(labels) if header.flag == 0 else float(labels[0])
-        return self.check_label(value, key), image
+        pos = self.reader.position(int(key))
+        return self._label_and_image(self.reader.payload_at(pos), int(key), self.reader.where(pos))
 
     def label(self, key: int) -> int:
-        """Identity label of ``key`` (reads only the record header)."""
-        key = int(key)
-        return self.label_from_head(self.reader.read_head(key, _HEAD_BYTES), key)
+        """Identity label of ``key`` (validated)."""
+        return self.read(key)[0]
 
     def label_from_head(self, head: bytes, key: int) -> int:
-        """Identity label from the first 28 bytes of ``key``'s payload (validated)."""
-        if len(head) < 24:
-            raise RecordIOError(f"{self.rec_path} (key {key}): record payload truncated ({len(head)} bytes)")
-        flag, value = struct.unpack_from("<If", head, 0)
-        if flag > 0:
-            if len(head) < _HEAD_BYTES:
-                raise RecordIOError(f"{self.rec_path} (key {key}): record payload truncated ({len(head)} bytes)")
+        """Identity label from the start of ``key``'s payload (the first 28 bytes suffice; validated)."""
+        where = f"{self.rec_path} (key {key})"
+        flag, value = struct.unpack_from("<If", head, 0) if len(head) >= 24 else (0, None)
+        if value is None or (flag and len(head) < 28):
+            raise RecordIOError(f"{where}: record payload truncated ({len(head)} bytes)")
+        if flag:
             (value,) = struct.unpack_from("<f", head, 24)
-        return self.check_label(float(value), key)
+        return self.check_label(value, int(key), where)
 
     # ---- label table
     @property
     def labels_cache_path(self) -> Path:
-        """Where :meth:`labels` caches the label table."""
-        return self.idx_path.with_name(self.idx_path.name + ".labels.npz")
-
-    def _stamp(self) -> np.ndarray:
-        idx, rec = self.idx_path.stat(), self.rec_path.stat()
-        return np.array(
-            [_LABEL_CACHE_VERSION, idx.st_size, idx.st_mtime_ns, rec.st_size, rec.st_mtime_ns, self.num_classes],
-            dtype=np.int64,
-        )
-
-    def _load_cached_labels(self, stamp: np.ndarray) -> np.ndarray | None:
-        try:
-            with np.load(self.labels_cache_path, allow_pickle=False) as z:
-                if np.array_equal(z["stamp"], stamp) and np.array_equal(z["keys"], self.image_keys):
-                    return z["labels"].astype(np.int64)
-        except (OSError, KeyError, ValueError):
-            pass
-        return None
-
-    def _save_cached_labels(self, stamp: np.ndarray, labels: np.ndarray) -> None:
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=self.labels_cache_path.name, suffix=".tmp", dir=self.root)
-        except OSError:
-            return  # read-only directory: keep the table in memory only
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, stamp=stamp, keys=self.image_keys, labels=labels)
-            os.replace(tmp, self.labels_cache_path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        """Where :meth:`labels` caches the label table of an im2rec set."""
+        return self._cache_file.with_name(f"{self._idx_local.name}.labels.npy")
 
     def labels(self) -> np.ndarray:
-        """Identity label of every image key (int64, aligned with ``image_keys``).
+        """Identity of every sample (int64, sample order).
 
-        Read from the record headers once, then cached in memory and in
-        ``train.idx.labels.npz`` next to the index (validated by the .idx/.rec sizes and mtimes).
+        insightface sets: from the identity ranges (no reads). im2rec sets: every record header,
+        read once sequentially and cached next to the index (keyed like the index cache).
         """
         if self._labels is not None:
             return self._labels
-        stamp = self._stamp()
-        labels = self._load_cached_labels(stamp)
-        if labels is None:
-            labels = np.fromiter((self.label(k) for k in self.image_keys.tolist()), dtype=np.int64, count=len(self))
-            self._save_cached_labels(stamp, labels)
+        keys = self.image_keys
+        if self._lo.size:
+            self._labels = np.searchsorted(self._lo, keys, side="right").astype(np.int64) - 1
+            return self._labels
+        cached = load_stamped(self.labels_cache_path, [*self._stamp, self.num_classes], 1)
+        if cached is not None and cached[0].size == len(self):
+            self._labels = np.asarray(cached[0])
+            return self._labels
+        labels = np.empty(len(self), dtype=np.int64)
+        key_of = dict(zip(self.index.offsets.tolist(), self.index.keys.tolist()))
+        j = 0
+        for offset, payload in self.reader.scan():
+            key = key_of.get(offset)
+            if key is not None:
+                labels[j] = self._label_and_image(payload, key, f"{self.rec_path} at offset {offset} (key {key})")[0]
+                j += 1
+        save_stamped(self.labels_cache_path, [*self._stamp, self.num_classes], [labels])
         self._labels = labels
         return labels
 
+    # ---- pickling (DataLoader workers): re-map the cache instead of copying the arrays
     def __getstate__(self) -> dict:
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        if load_stamped(self._cache_file, self._stamp, 6) is not None:
+            for name in ("index", "reader", "_samples", "_lo", "_hi", "_arrays"):
+                state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "_arrays" not in state:
+            arrays = load_stamped(self._cache_file, self._stamp, 6)
+            if arrays is None:
+                raise RecordIOError(f"{self._cache_file}: the index cache changed while workers were starting")
+            self._set_arrays(arrays, open_source(self.rec_path))
 
     def __repr__(self) -> str:
         return (
@@ -226,8 +416,64 @@ class FaceRecordSet:
         )
 
 
-def _as_key(value: float, rec_path: Path, key: int) -> int:
+def _packed_ranges(reader: RecordIOReader, positions: np.ndarray) -> np.ndarray | None:
+    """Identity ranges ``[C, 2]`` read at once when the identity records are packed as insightface
+    writes them (consecutive 40-byte records: one part, flag 2, two integer float labels); else ``None``."""
+    index = reader.index
+    if positions.size == 0 or int(positions[-1]) - int(positions[0]) != positions.size - 1:
+        return None
+    start, end = int(index.offsets[positions[0]]), index.span(int(positions[-1]))[1]
+    if end - start != 40 * positions.size or bool(np.any(np.diff(index.offsets[positions]) != 40)):
+        return None
+    words = np.frombuffer(reader.source.pread(end - start, start), dtype="<u4")
+    if words.size != 10 * positions.size:
+        return None
+    words = words.reshape(-1, 10)  # magic, lrecord, flag, label, id (2), id2 (2), first_key, end_key
+    labels = words[:, 8:10].copy().view("<f4")
+    if (words[:, 0] != MAGIC).any() or (words[:, 1] != 32).any() or (words[:, 2] != 2).any():
+        return None
+    if not np.isfinite(labels).all() or (labels != np.round(labels)).any() or (labels < 0).any():
+        return None
+    return labels.astype(np.int64)
+
+
+def _read_runs(reader: RecordIOReader, positions: np.ndarray) -> list[bytes]:
+    """The spans of records at ``positions`` (any order), one read per run of neighbours."""
+    positions = np.asarray(positions, dtype=np.int64)
+    out: list[bytes] = [b""] * positions.size
+    if positions.size == 0:
+        return out
+    index, source = reader.index, reader.source
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    for run in np.split(np.arange(positions.size), breaks):
+        first = 0
+        while first < run.size:
+            p0 = int(positions[run[first]])
+            start = int(index.offsets[p0])
+            last = first
+            while last + 1 < run.size and index.span(int(positions[run[last + 1]]))[1] - start <= _RUN_BYTES:
+                last += 1
+            if last == first:
+                out[run[first]] = reader.read_span(p0)
+            else:
+                end = index.span(int(positions[run[last]]))[1]
+                data = source.pread(end - start, start)
+                for j in range(first, last + 1):
+                    s, e = index.span(int(positions[run[j]]))
+                    out[run[j]] = data[s - start: e - start]
+            first = last + 1
+    return out
+
+
+def _unpack(payload: bytes, where: str):
+    try:
+        return unpack_record(payload)
+    except ValueError as exc:
+        raise RecordIOError(f"{where}: {exc}") from None
+
+
+def _as_key(value: float, where: str) -> int:
     value = float(value)
     if not math.isfinite(value) or value != int(value) or value < 0:
-        raise RecordIOError(f"{rec_path} (key {key}): meta label {value!r} is not a valid key")
+        raise RecordIOError(f"{where}: meta label {value!r} is not a valid key")
     return int(value)

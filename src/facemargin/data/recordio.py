@@ -7,14 +7,18 @@ File format (dmlc-core ``RecordIOWriter``, as used by ``mx.recordio.MXIndexedRec
   to a multiple of 4. A payload that contains the magic number at a 4-byte-aligned offset is
   split there (the magic itself is dropped): flag 1 = first part, 2 = middle, 3 = last;
   0 = a whole record. Readers join the parts with the magic number between them.
-* ``.idx``: text, one ``key<TAB>offset`` line per record (offset of the record's first part).
+* ``.idx``: text, one ``key<TAB>offset`` line per record (offset of the record's first part);
+  parsed strictly by :mod:`facemargin.data.index`.
 * Payload: :class:`IRHeader` packed ``<IfQQ``; if ``flag > 0``, ``flag`` float32 labels follow
   and the header's ``label`` field is unused; the rest is the encoded image.
+
+Reading: the index gives every record's offset, and the next offset in file order (or the file
+size) bounds its bytes, so :class:`RecordIOReader` reads a record with **one** ``pread`` through a
+:class:`~facemargin.data.storage.ByteSource` and splits the parts in memory (:func:`unframe`).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 from pathlib import Path
@@ -22,14 +26,20 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from .index import RecordIndex, RecordIOError, parse_idx
+from .storage import ByteSource, cached_copy, open_source
+
 __all__ = [
     "MAGIC",
     "IRHeader",
     "RecordIOError",
+    "TruncatedRecordError",
     "RecordIOReader",
     "RecordIOWriter",
     "pack_record",
     "unpack_record",
+    "unframe",
+    "load_index",
 ]
 
 MAGIC = 0xCED7230A
@@ -38,11 +48,12 @@ _IR_FORMAT = "<IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
 _LEN_MASK = (1 << 29) - 1
 MAX_RECORD_LENGTH = 1 << 29
-_SCAN_BUFFER = 1 << 22
+_SCAN_BLOCK = 4 << 20
+_ONE_READ_LIMIT = 16 << 20  # a record span larger than this (a damaged index) is read header-first
 
 
-class RecordIOError(ValueError):
-    """A malformed .rec/.idx file; the message names the file and the key or offset."""
+class TruncatedRecordError(RecordIOError):
+    """The bytes end before the record does (a truncated file, or more bytes are needed)."""
 
 
 class IRHeader(NamedTuple):
@@ -77,7 +88,7 @@ def pack_record(
     return head + arr.tobytes() + bytes(image_bytes)
 
 
-def unpack_record(payload: bytes) -> tuple[IRHeader, float | np.ndarray, bytes]:
+def unpack_record(payload: bytes | memoryview) -> tuple[IRHeader, float | np.ndarray, bytes]:
     """Split a payload into ``(header, labels, image_bytes)``.
 
     ``labels`` is ``header.label`` (a float) when ``flag == 0``, else a float32 array of ``flag`` labels.
@@ -157,160 +168,192 @@ class RecordIOWriter:
         self.close()
 
 
-# --------------------------------------------------------------------------- index
-def _parse_idx_slow(text: bytes, idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    keys: list[int] = []
-    offsets: list[int] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            key, off = int(parts[0]), int(parts[1])
-            if off < 0:
-                raise ValueError
-        except ValueError:
+# --------------------------------------------------------------------------- framing
+def unframe(buf: bytes | bytearray, where: str, at_eof: bool = True, start: int = 0,
+            file_offset: int = 0) -> tuple[bytes, int]:
+    """The payload of the record whose first part starts at ``buf[start]``, and where it ends.
+
+    ``buf`` holds the record's bytes (possibly followed by others); ``file_offset`` is the file
+    offset of ``buf[start]`` (for messages). ``at_eof``: ``buf`` ends where the file ends (a short
+    record is *truncated*); otherwise it ends at the next indexed record (a short record means
+    the index points inside a record). Errors name ``where``.
+    """
+    n = len(buf)
+    pos = start
+    chunks: list[bytes] = []
+
+    def at(p: int) -> int:
+        return file_offset + p - start
+
+    while True:
+        if pos + 8 > n:
+            raise TruncatedRecordError(f"{where}: truncated record (part header at {at(pos)})")
+        magic, lrec = struct.unpack_from("<II", buf, pos)
+        if magic != MAGIC:
             raise RecordIOError(
-                f"{idx_path}: line {lineno} is not 'key<TAB>offset': {line[:80]!r}"
-            ) from None
-        keys.append(key)
-        offsets.append(off)
-    return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
-
-
-def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Parse an .idx file into (keys, offsets) int64 arrays; vectorised for well-formed files."""
-    text = idx_path.read_bytes()
-    if text and not text.endswith(b"\n"):
-        text += b"\n"
-    raw = np.frombuffer(text, dtype=np.uint8)
-    seps = raw[(raw == 9) | (raw == 10)]
-    well_formed = (
-        seps.size % 2 == 0
-        and bool(np.all(seps[0::2] == 9))
-        and bool(np.all(seps[1::2] == 10))
-        and b" " not in text
-        and b"\r" not in text
-        and b"\n\n" not in text
-        and b"\t\t" not in text
-        and not text.startswith((b"\n", b"\t"))
-    )
-    if well_formed:
-        try:
-            tokens = np.array(text.split(), dtype=bytes).astype(np.int64)
-        except ValueError:
-            tokens = None
-        if tokens is not None and not np.any(tokens[1::2] < 0):
-            return tokens[0::2].copy(), tokens[1::2].copy()
-    return _parse_idx_slow(text, idx_path)  # raises with the bad line, or handles odd whitespace
+                f"{where}: bad magic 0x{magic:08x} at offset {at(pos)} (expected 0x{MAGIC:08x}); "
+                "the index may not match the .rec file"
+            )
+        cflag, length = lrec >> 29, lrec & _LEN_MASK
+        first = not chunks
+        if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
+            expected = "a record must start with flag 0 or 1" if first else "expected 2 or 3 after a first part"
+            raise RecordIOError(f"{where}: bad continuation flag {cflag} at offset {at(pos)} ({expected})")
+        if pos + 8 + length > n:
+            if at_eof:
+                raise TruncatedRecordError(
+                    f"{where}: truncated record: part at {at(pos)} needs {length} bytes, file has {max(n - pos - 8, 0)}"
+                )
+            raise RecordIOError(
+                f"{where}: the record needs {pos + 8 + length - start} bytes but the next indexed record starts "
+                f"{n - start} bytes after it (an .idx offset points inside a record, or the record is damaged)"
+            )
+        if not first:
+            chunks.append(_MAGIC_BYTES)
+        chunks.append(bytes(buf[pos + 8: pos + 8 + length]))
+        pos += 8 + length + (-length % 4)
+        if cflag in (0, 3):
+            return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), min(pos, n)
 
 
 # --------------------------------------------------------------------------- reader
+def load_index(idx_path: str | os.PathLike, source: ByteSource) -> RecordIndex:
+    """Parse and validate an ``.idx`` (no cache: :class:`~facemargin.data.faceset.FaceRecordSet` caches)."""
+    local = cached_copy(idx_path)
+    keys, offsets = parse_idx(Path(local).read_bytes(), str(idx_path))
+    return RecordIndex.from_entries(keys, offsets, source.size, str(idx_path), source.name)
+
+
 class RecordIOReader:
     """Random-access and sequential reader of an indexed RecordIO pair.
 
-    The file descriptor is opened lazily and re-opened after a fork (DataLoader workers);
-    instances pickle without it. Random reads use ``os.pread`` so threads may share a reader.
+    Each record is read with one ``pread`` of ``[offset, next offset)``. Keys and offsets are
+    kept in file order. Instances pickle without open handles (DataLoader workers re-open).
     """
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
-        self.rec_path = Path(rec_path)
-        self.idx_path = Path(idx_path)
-        if not self.idx_path.is_file():
-            raise FileNotFoundError(f"RecordIO index not found: {self.idx_path}")
-        if not self.rec_path.is_file():
-            raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
-        self._key_array, self._offset_array = _parse_idx(self.idx_path)
-        order = np.argsort(self._key_array, kind="stable")
-        self._sorted_keys = self._key_array[order]
-        self._sorted_offsets = self._offset_array[order]
-        dup = np.flatnonzero(np.diff(self._sorted_keys) == 0)
-        if dup.size:
-            raise RecordIOError(f"{self.idx_path}: key {int(self._sorted_keys[dup[0]])} appears more than once")
-        self._keys_list: list[int] | None = None
-        self._fd: int | None = None
-        self._pid: int | None = None
-        self._size = 0
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike,
+                 index: RecordIndex | None = None, source: ByteSource | None = None) -> None:
+        self.rec_path = rec_path
+        self.idx_path = idx_path
+        if index is None and not Path(cached_copy(idx_path)).is_file():
+            raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
+        self.source = source if source is not None else open_source(rec_path)
+        self.index = index if index is not None else load_index(idx_path, self.source)
 
     # ---- index
     @property
     def keys(self) -> list[int]:
-        """Keys in .idx file order."""
-        if self._keys_list is None:
-            self._keys_list = self._key_array.tolist()
-        return self._keys_list
+        """Keys in file order."""
+        return self.index.keys.tolist()
 
     @property
     def key_array(self) -> np.ndarray:
-        """Keys in .idx file order as an int64 array (read-only view)."""
-        view = self._key_array.view()
-        view.flags.writeable = False
-        return view
+        """Keys in file order (int64, read-only)."""
+        return _read_only(self.index.keys)
 
     @property
     def offset_array(self) -> np.ndarray:
-        """Offsets in .idx file order as an int64 array (read-only view)."""
-        view = self._offset_array.view()
-        view.flags.writeable = False
-        return view
+        """Offsets in file order (int64, ascending, read-only)."""
+        return _read_only(self.index.offsets)
 
     def __len__(self) -> int:
-        return int(self._key_array.size)
+        return len(self.index)
 
     def __contains__(self, key: object) -> bool:
         try:
-            return self._find(int(key)) >= 0  # type: ignore[arg-type]
+            return int(self.index.positions(int(key))) >= 0  # type: ignore[call-overload]
         except (TypeError, ValueError):
             return False
 
-    def _find(self, key: int) -> int:
-        pos = int(np.searchsorted(self._sorted_keys, key))
-        if pos < self._sorted_keys.size and self._sorted_keys[pos] == key:
-            return pos
-        return -1
+    def position(self, key: int) -> int:
+        """File position (rank by offset) of ``key``'s record."""
+        pos = int(self.index.positions(int(key)))
+        if pos < 0:
+            raise KeyError(f"key {key} is not in the index {self.idx_path}")
+        return pos
 
     def offset(self, key: int) -> int:
         """Byte offset of ``key``'s record in the .rec file."""
-        pos = self._find(int(key))
-        if pos < 0:
-            raise KeyError(f"key {key} is not in the index {self.idx_path}")
-        return int(self._sorted_offsets[pos])
+        return int(self.index.offsets[self.position(key)])
 
-    # ---- file handle
-    def _handle(self) -> int:
-        pid = os.getpid()
-        if self._fd is None or self._pid != pid:
-            if self._fd is not None:  # inherited across fork: close this process's copy only
+    # ---- reading
+    def where(self, pos: int) -> str:
+        """``"<file> at offset O (key K)"`` for the record at file position ``pos``."""
+        return f"{self.source.name} at offset {int(self.index.offsets[pos])} (key {int(self.index.keys[pos])})"
+
+    def read_span(self, pos: int) -> bytes:
+        """All bytes of the record at file position ``pos`` (one ``pread``; header first if the span is huge)."""
+        offset, end = self.index.span(pos)
+        n = end - offset
+        if n > _ONE_READ_LIMIT:
+            head = self.source.pread(8, offset)
+            if len(head) == 8 and struct.unpack_from("<I", head, 0)[0] == MAGIC:
+                lrec = struct.unpack_from("<I", head, 4)[0]
+                if lrec >> 29 == 0:
+                    n = min(n, 8 + (lrec & _LEN_MASK))
+        return self.source.pread(n, offset)
+
+    def payload_at(self, pos: int, data: bytes | None = None) -> bytes:
+        """Payload of the record at file position ``pos`` (from ``data`` = its span, if already read)."""
+        data = self.read_span(pos) if data is None else data
+        at_eof = pos + 1 >= len(self.index)
+        return unframe(data, self.where(pos), at_eof=at_eof, file_offset=int(self.index.offsets[pos]))[0]
+
+    def read(self, key: int) -> bytes:
+        """Read the payload stored under ``key``."""
+        return self.payload_at(self.position(key))
+
+    def read_at(self, offset: int) -> bytes:
+        """Read the payload of the record whose first part starts at ``offset`` (an indexed offset)."""
+        offset = int(offset)
+        size = self.source.size
+        if offset < 0 or offset >= size:
+            raise RecordIOError(f"{self.source.name} at offset {offset}: offset is past the end of the file ({size} bytes)")
+        pos = int(np.searchsorted(self.index.offsets, offset))
+        if pos < len(self.index) and int(self.index.offsets[pos]) == offset:
+            return self.payload_at(pos)
+        end = int(self.index.offsets[pos]) if pos < len(self.index) else size
+        data = self.source.pread(min(end - offset, _ONE_READ_LIMIT), offset)
+        return unframe(data, f"{self.source.name} at offset {offset}", at_eof=end == size, file_offset=offset)[0]
+
+    def scan(self, start_offset: int = 0, end_offset: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """Stream ``(offset, payload)`` for records starting in ``[start_offset, end_offset)``, in file order.
+
+        Reads the file sequentially in large blocks (``ByteSource.iter_range``); independent of
+        the index (``start_offset`` must be a record start).
+        """
+        size = self.source.size
+        end = size if end_offset is None else min(int(end_offset), size)
+        start = int(start_offset)
+        if start < 0 or start > size or (start == size and end > start):
+            raise RecordIOError(f"{self.source.name} at offset {start}: offset is past the end of the file")
+        buf = bytearray()
+        buf_start = start  # file offset of buf[0]
+        blocks = self.source.iter_range(start, size, _SCAN_BLOCK)
+        eof = False
+        pos = start
+        while pos < end:
+            while True:
                 try:
-                    os.close(self._fd)
-                except OSError:
-                    pass
-            self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            self._pid = pid
-            self._size = os.fstat(self._fd).st_size
-        return self._fd
-
-    def _pread(self, n: int, offset: int) -> bytes:
-        fd = self._handle()
-        if hasattr(os, "pread"):
-            return os.pread(fd, n, offset)
-        os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - Windows
-        return os.read(fd, n)  # pragma: no cover
+                    payload, stop = unframe(buf, f"{self.source.name} at offset {pos}", at_eof=True,
+                                            start=pos - buf_start, file_offset=pos)
+                    break
+                except TruncatedRecordError:
+                    if eof:
+                        raise
+                    block = next(blocks, None)
+                    if block is None:
+                        eof = True
+                    else:
+                        del buf[: pos - buf_start]
+                        buf_start = pos
+                        buf += block
+            yield pos, payload
+            pos = buf_start + stop
 
     def close(self) -> None:
-        """Close the file descriptor (it is re-opened on the next read)."""
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
-        self._pid = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        """Close the file handle (it is re-opened on the next read)."""
+        self.source.close()
 
     def __enter__(self) -> "RecordIOReader":
         return self
@@ -318,125 +361,8 @@ class RecordIOReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.update(_fd=None, _pid=None, _keys_list=None)
-        return state
 
-    # ---- reading
-    def _where(self, offset: int, key: int | None) -> str:
-        return f"{self.rec_path} at offset {offset}" + ("" if key is None else f" (key {key})")
-
-    def _read_parts(self, offset: int, key: int | None, limit: int | None = None) -> bytes:
-        """Read (and join) the record starting at ``offset``; stop early once ``limit`` bytes are known."""
-        self._handle()
-        fd_size = self._size
-        if offset < 0 or offset >= fd_size:
-            raise RecordIOError(
-                f"{self._where(offset, key)}: offset is past the end of the file ({fd_size} bytes)"
-            )
-        chunks: list[bytes] = []
-        have = 0
-        pos = offset
-        expect_first = True
-        while True:
-            head = self._pread(8, pos)
-            if len(head) < 8:
-                raise RecordIOError(f"{self._where(offset, key)}: truncated record (part header at {pos})")
-            magic, lrec = struct.unpack("<II", head)
-            if magic != MAGIC:
-                raise RecordIOError(
-                    f"{self._where(offset, key)}: bad magic 0x{magic:08x} at offset {pos} "
-                    f"(expected 0x{MAGIC:08x}); the index may not match the .rec file"
-                )
-            cflag, length = lrec >> 29, lrec & _LEN_MASK
-            if expect_first and cflag not in (0, 1):
-                raise RecordIOError(
-                    f"{self._where(offset, key)}: bad continuation flag {cflag} at offset {pos} "
-                    "(a record must start with flag 0 or 1)"
-                )
-            if not expect_first and cflag not in (2, 3):
-                raise RecordIOError(
-                    f"{self._where(offset, key)}: bad continuation flag {cflag} at offset {pos} "
-                    "(expected 2 or 3 after a first part)"
-                )
-            want = length if limit is None else min(length, max(limit - have, 0))
-            data = self._pread(want, pos + 8) if want else b""
-            if len(data) < want or pos + 8 + length > self._size:
-                raise RecordIOError(
-                    f"{self._where(offset, key)}: truncated record: part at {pos} needs {length} bytes, "
-                    f"file has {max(self._size - pos - 8, 0)}"
-                )
-            if not expect_first:
-                chunks.append(_MAGIC_BYTES)
-                have += 4
-            chunks.append(data)
-            have += len(data)
-            if cflag in (0, 3) or (limit is not None and have >= limit):
-                return b"".join(chunks)
-            expect_first = False
-            pos += 8 + length + (-length % 4)
-
-    def read_at(self, offset: int) -> bytes:
-        """Read the payload of the record whose first part starts at ``offset``."""
-        return self._read_parts(int(offset), None)
-
-    def read(self, key: int) -> bytes:
-        """Read the payload stored under ``key``."""
-        return self._read_parts(self.offset(key), int(key))
-
-    def read_head(self, key: int, n: int) -> bytes:
-        """The first ``n`` bytes of ``key``'s payload (fewer if it is shorter), without reading the rest."""
-        return self._read_parts(self.offset(key), int(key), limit=n)[:n]
-
-    def scan(self, start_offset: int = 0, end_offset: int | None = None) -> Iterator[tuple[int, bytes]]:
-        """Stream ``(offset, payload)`` for records starting in ``[start_offset, end_offset)``, in file order.
-
-        ``start_offset`` must be a record start (e.g. from :meth:`offset`). Uses its own buffered
-        handle with large reads, so it is independent of random-access reads.
-        """
-        with open(self.rec_path, "rb", buffering=_SCAN_BUFFER) as f:
-            size = os.fstat(f.fileno()).st_size
-            end = size if end_offset is None else min(int(end_offset), size)
-            if start_offset < 0 or (start_offset > size) or (start_offset == size and end > start_offset):
-                raise RecordIOError(f"{self.rec_path} at offset {start_offset}: offset is past the end of the file")
-            f.seek(start_offset)
-            pos = int(start_offset)
-            while pos < end:
-                payload, nxt = self._scan_one(f, pos, size)
-                yield pos, payload
-                pos = nxt
-
-    def _scan_one(self, f: io.BufferedReader, offset: int, size: int) -> tuple[bytes, int]:
-        chunks: list[bytes] = []
-        pos = offset
-        first = True
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                raise RecordIOError(f"{self.rec_path} at offset {offset}: truncated record (part header at {pos})")
-            magic, lrec = struct.unpack("<II", head)
-            if magic != MAGIC:
-                raise RecordIOError(
-                    f"{self.rec_path} at offset {offset}: bad magic 0x{magic:08x} at offset {pos} "
-                    f"(expected 0x{MAGIC:08x})"
-                )
-            cflag, length = lrec >> 29, lrec & _LEN_MASK
-            if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
-                raise RecordIOError(
-                    f"{self.rec_path} at offset {offset}: bad continuation flag {cflag} at offset {pos}"
-                )
-            padded = length + (-length % 4)
-            data = f.read(padded)
-            if len(data) < length:
-                raise RecordIOError(
-                    f"{self.rec_path} at offset {offset}: truncated record: part at {pos} needs "
-                    f"{length} bytes, file has {len(data)}"
-                )
-            if not first:
-                chunks.append(_MAGIC_BYTES)
-            chunks.append(data[:length] if padded != length else data)
-            pos += 8 + padded
-            if cflag in (0, 3):
-                return b"".join(chunks), min(pos, size)
-            first = False
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view

@@ -60,6 +60,11 @@ class LocalSource:
     def _handle(self) -> int:
         pid = os.getpid()
         if self._fd is None or self._pid != pid:
+            if self._fd is not None:  # inherited across fork: close this process's copy only
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._pid = pid
             self._size = os.fstat(self._fd).st_size
