@@ -104,19 +104,27 @@ import os  # noqa: E402
 import signal as _signal  # noqa: E402
 import time  # noqa: E402
 
-#: a run of a few seconds: 16 identities x 3 images of 32x32 (6 batches of 8 an epoch), a 64-d demo
-#: backbone with dropout (so the global RNG matters), a constant learning rate (a 1-epoch run is the
-#: first epoch of a 2-epoch run), every step logged, no progress bar
+#: a run of a few seconds: 16 identities x 3 images of 32x32 (6 batches of 8 an epoch, random flips), a
+#: 64-d demo backbone with dropout (so the global RNG matters), the default SGD with momentum and poly
+#: schedule (warm-up over the first epoch: the learning rate changes every step, so the optimizer and
+#: scheduler states matter), every step logged, no progress bar
 TINY_RUN = [
     "+data.demo_options.num_identities=16", "+data.demo_options.images_per_identity=3",
     "+data.demo_options.num_val_identities=4", "+data.demo_options.num_val_pairs=20",
     "+data.demo_options.image_size=32", "+backbone.input_size=32", "backbone.embedding_size=64",
-    "backbone.dropout=0.2", "data.batch_size=8", "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "scheduler=constant",
+    "backbone.dropout=0.2", "data.batch_size=8", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
     "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
 ]
 TINY_STEPS_PER_EPOCH = 6
-#: the heads of the exact-resume tests: the default MarginHead, and Partial FC sampling 12 of 16 centres a step
-TINY_HEADS = {"default": [], "partial_fc": ["head=partial_fc", "head.sample_rate=0.75"]}
+#: the variants of the exact-resume tests: the default MarginHead with a user's augmentation that draws
+#: from the global torch RNG, Partial FC sampling 12 of 16 centres a step, and the default run with a
+#: constant learning rate (its first epoch is a 1-epoch run)
+TINY_CASES = {
+    "default": [],
+    "augment": ["data.augment={_target_:custom_augment.BrightnessJitter}"],
+    "partial_fc": ["head=partial_fc", "head.sample_rate=0.75"],
+    "constant_lr": ["scheduler=constant"],
+}
 
 
 @pytest.fixture(scope="session")
@@ -183,18 +191,18 @@ def last_ckpt(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory, demo_env):
-    """``tiny_reference(head)``: the uninterrupted TINY_RUN of a head (0 workers, one torch thread):
-    its per-step ``(step, loss)`` list and its final weights."""
+    """``tiny_reference(case)``: the uninterrupted TINY_RUN of a ``TINY_CASES`` variant (0 workers, one
+    torch thread): its per-step ``(step, loss)`` list and its final weights."""
     done: dict[str, tuple[list, dict]] = {}
 
-    def get(head: str) -> tuple[list, dict]:
-        if head not in done:
-            out = tmp_path_factory.mktemp(f"reference-{head}")
-            train_in_process(out, *TINY_RUN, *TINY_HEADS[head], "data.num_workers=0")
+    def get(case: str) -> tuple[list, dict]:
+        if case not in done:
+            out = tmp_path_factory.mktemp(f"reference-{case}")
+            train_in_process(out, *TINY_RUN, *TINY_CASES[case], "data.num_workers=0")
             losses = step_losses(out)
             assert [s for s, _ in losses] == list(range(2 * TINY_STEPS_PER_EPOCH))
-            done[head] = losses, last_ckpt(out)["state_dict"]
-        return done[head]
+            done[case] = losses, last_ckpt(out)["state_dict"]
+        return done[case]
 
     return get
 

@@ -1,9 +1,11 @@
 """Exact resume on CPU: a run killed with SIGKILL at a random step and resumed from ``last.ckpt``
 (step checkpoints on) logs the uninterrupted run's per-step losses and ends with its weights, bit
-for bit, for the default head and Partial FC with centre sampling, with 0 and 2 DataLoader workers
-(each head is killed with one count and resumed with the other: the data does not depend on it).
-The backbone has dropout, so the global RNG states in the checkpoint matter; ``metrics.csv`` of
-the resumed run folder holds every step and every epoch once."""
+for bit, for the default head with a user's augmentation and for Partial FC with centre sampling,
+with 0 and 2 DataLoader workers (each case is killed with one count and resumed with the other: the
+data does not depend on it). The backbone has dropout and the augmentation draws from the global
+torch RNG, so the RNG states in the checkpoint matter; the learning rate changes every step, so the
+optimizer and scheduler states do; ``metrics.csv`` of the resumed run folder holds every step and
+every epoch once."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from conftest import (
-    TINY_HEADS,
+    TINY_CASES,
     TINY_RUN,
     TINY_STEPS_PER_EPOCH,
     last_ckpt,
@@ -34,11 +36,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("head", "killed_workers", "resumed_workers"), [("default", 0, 2), ("partial_fc", 2, 0)])
-def test_sigkilled_run_resumes_exactly(tiny_reference, tmp_path, head, killed_workers, resumed_workers):
-    overrides = [*TINY_RUN, *TINY_HEADS[head], "callbacks.last.every_n_train_steps=1"]
+@pytest.mark.parametrize(("case", "killed_workers", "resumed_workers"), [("augment", 0, 2), ("partial_fc", 2, 0)])
+def test_sigkilled_run_resumes_exactly(tiny_reference, tmp_path, case, killed_workers, resumed_workers):
+    overrides = [*TINY_RUN, *TINY_CASES[case], "callbacks.last.every_n_train_steps=1"]
     run_dir = tmp_path / "run"
-    step = random.Random(head).randint(1, TOTAL_STEPS - 4)
+    step = random.Random(case).randint(1, TOTAL_STEPS - 4)
     code, seen = signal_at_step(run_dir, [*overrides, f"data.num_workers={killed_workers}"], step, signal.SIGKILL)
     assert code == -signal.SIGKILL
     resumed_from = last_ckpt(run_dir)["global_step"]
@@ -46,7 +48,8 @@ def test_sigkilled_run_resumes_exactly(tiny_reference, tmp_path, head, killed_wo
 
     train_in_process(run_dir, *overrides, f"data.num_workers={resumed_workers}",
                      f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
-    losses, weights = tiny_reference(head)
+    losses, weights = tiny_reference(case)
+    assert losses != tiny_reference("default")[0]  # the augmentation / the sampled centres change the run
     where = f"killed after step {seen}, resumed from global step {resumed_from}"
     assert step_losses(run_dir) == losses, where  # every step once, each loss bit-identical
     assert_same_weights(last_ckpt(run_dir)["state_dict"], weights)
@@ -55,9 +58,9 @@ def test_sigkilled_run_resumes_exactly(tiny_reference, tmp_path, head, killed_wo
 
 @pytest.mark.slow
 def test_resume_from_an_epoch_end_checkpoint_is_exact(tiny_reference, tmp_path):
-    """``last.ckpt`` written after an epoch's validation continues exactly too (2 workers: the train
-    loader's worker seeds must not shift the restored global RNG)."""
-    overrides = [*TINY_RUN, "data.num_workers=2"]
+    """``last.ckpt`` written after an epoch's validation continues exactly too, with 2 workers (a
+    constant learning rate: a 1-epoch run is then the first epoch of the 2-epoch reference)."""
+    overrides = [*TINY_RUN, *TINY_CASES["constant_lr"], "data.num_workers=2"]
     train_in_process(tmp_path, *overrides, "trainer.max_epochs=1")
     saved = last_ckpt(tmp_path)
     assert saved["global_step"] == TINY_STEPS_PER_EPOCH
@@ -66,7 +69,7 @@ def test_resume_from_an_epoch_end_checkpoint_is_exact(tiny_reference, tmp_path):
     assert len(state["python"]["internal"]) == 625
 
     train_in_process(tmp_path, *overrides, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
-    losses, weights = tiny_reference("default")
+    losses, weights = tiny_reference("constant_lr")
     assert step_losses(tmp_path) == losses
     assert_same_weights(last_ckpt(tmp_path)["state_dict"], weights)
     assert validated_epochs(tmp_path) == [0, 1]
