@@ -96,6 +96,150 @@ def write_face_set(root: Path, labels: list[int], layout: str = "insightface", n
 # ----- END data-format fixtures ---------------------------------------------------------------
 
 
+# ----- BEGIN runs fixtures (train entry point, resume, signals) -------------------------------
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import signal as _signal  # noqa: E402
+import time  # noqa: E402
+
+#: a run of a few seconds: 16 identities x 3 images of 32x32 (6 batches of 8 an epoch, random flips), a
+#: 64-d demo backbone with dropout (so the global RNG matters), the default SGD with momentum and poly
+#: schedule (warm-up over the first epoch: the learning rate changes every step, so the optimizer and
+#: scheduler states matter), every step logged, no progress bar
+TINY_RUN = [
+    "+data.demo_options.num_identities=16", "+data.demo_options.images_per_identity=3",
+    "+data.demo_options.num_val_identities=4", "+data.demo_options.num_val_pairs=20",
+    "+data.demo_options.image_size=32", "+backbone.input_size=32", "backbone.embedding_size=64",
+    "backbone.dropout=0.2", "data.batch_size=8", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+    "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+]
+TINY_STEPS_PER_EPOCH = 6
+#: the variants of the exact-resume tests: the default MarginHead with a user's augmentation that draws
+#: from the global torch RNG, Partial FC sampling 12 of 16 centres a step, and the default run with a
+#: constant learning rate (its first epoch is a 1-epoch run)
+TINY_CASES = {
+    "default": [],
+    "augment": ["data.augment={_target_:custom_augment.BrightnessJitter}"],
+    "partial_fc": ["head=partial_fc", "head.sample_rate=0.75"],
+    "constant_lr": ["scheduler=constant"],
+}
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory) -> dict[str, str]:
+    """One demo-set cache for the session (in-process runs and subprocesses); one torch thread in
+    subprocesses, like the in-process runs of :func:`train_in_process` (same float results)."""
+    cache = tmp_path_factory.mktemp("facemargin-cache")
+    os.environ["FACEMARGIN_CACHE"] = str(cache)  # in-process runs share the generated demo set
+    return {**os.environ, "FACEMARGIN_CACHE": str(cache), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+def compose_run(out: Path, *overrides: str):
+    """The composed config of ``python -m facemargin.train output_dir=out *overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from facemargin.train import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={out}", *overrides])
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Runs compared bit for bit use one intra-op thread (and a loaded 2-core machine runs them faster)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_in_process(out: Path, *overrides: str) -> dict[str, float]:
+    """``facemargin.train.run`` on one torch thread (the killed subprocesses use one too)."""
+    from facemargin.train import run
+
+    with one_torch_thread():
+        return run(compose_run(out, *overrides))
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(Path(run_dir) / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """``(step, train/loss_step)`` of every logged training step in ``run_dir/metrics.csv``."""
+    return [(int(r["step"]), float(r["train/loss_step"])) for r in metrics_rows(run_dir) if r.get("train/loss_step")]
+
+
+def validated_epochs(run_dir: Path) -> list[int]:
+    """The epoch of every ``metrics.csv`` row that carries ``val/acc``."""
+    return [int(r["epoch"]) for r in metrics_rows(run_dir) if r.get("val/acc")]
+
+
+def last_ckpt(run_dir: Path) -> dict:
+    import torch
+
+    return torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory, demo_env):
+    """``tiny_reference(case)``: the uninterrupted TINY_RUN of a ``TINY_CASES`` variant (0 workers, one
+    torch thread): its per-step ``(step, loss)`` list and its final weights."""
+    done: dict[str, tuple[list, dict]] = {}
+
+    def get(case: str) -> tuple[list, dict]:
+        if case not in done:
+            out = tmp_path_factory.mktemp(f"reference-{case}")
+            train_in_process(out, *TINY_RUN, *TINY_CASES[case], "data.num_workers=0")
+            losses = step_losses(out)
+            assert [s for s, _ in losses] == list(range(2 * TINY_STEPS_PER_EPOCH))
+            done[case] = losses, last_ckpt(out)["state_dict"]
+        return done[case]
+
+    return get
+
+
+def _train_child(out: Path, overrides: tuple[str, ...], env: dict[str, str]) -> None:
+    os.environ.update(env)
+    train_in_process(out, *overrides)
+
+
+def signal_at_step(out: Path, overrides: list[str], step: int, signum: int = _signal.SIGKILL,
+                   env: dict[str, str] | None = None, send=None, timeout: float = 300.0) -> tuple[int, int]:
+    """Train in a forked process (``env`` added to its environment); send ``signum`` (or call
+    ``send(pid)``) once ``metrics.csv`` shows training step ``step`` and a ``last.ckpt`` exists.
+    Returns ``(exit code, last step logged when signalled)``; a negative exit code is the signal
+    that killed it."""
+    proc = multiprocessing.get_context("fork").Process(target=_train_child, args=(out, tuple(overrides), env or {}))
+    proc.start()
+    seen, deadline = -1, time.monotonic() + timeout
+    while proc.is_alive() and time.monotonic() < deadline:
+        try:
+            losses = step_losses(out)
+        except (FileNotFoundError, KeyError, ValueError):  # not written yet, or being rewritten
+            losses = []
+        if losses and losses[-1][0] >= step and (out / "checkpoints" / "last.ckpt").is_file():
+            seen = losses[-1][0]
+            send(proc.pid) if send is not None else os.kill(proc.pid, signum)
+            break
+        time.sleep(0.005)
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    assert seen >= 0, f"the run ended (exit {proc.exitcode}) before step {step} could be signalled"
+    return proc.exitcode, seen
+# ----- END runs fixtures ----------------------------------------------------------------------
+
+
 # ----- BEGIN eval fixtures (evaluate / export / embed / compare) ------------------------------
 #: a small demo set: 120 training images, demo_val.bin with 100 pairs (200 images)
 EVAL_DEMO = dict(num_identities=24, images_per_identity=5, num_val_identities=12, num_val_pairs=100)

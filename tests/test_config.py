@@ -52,6 +52,15 @@ def test_defaults_are_the_cpu_demo():
     assert cfg.trainer.max_epochs == 6 and cfg.scheduler.warmup_epochs == 1
 
 
+def test_eval_sets_are_chosen_without_a_plus():
+    """`eval` is in the defaults list (empty), so `eval=[...]` selects verification sets in training."""
+    assert not compose_with().get("eval")
+    cfg = compose_with("eval=[lfw,cfp_fp]", "eval_root=/sets")
+    assert list(cfg.eval) == ["lfw", "cfp_fp"]
+    assert cfg.eval.lfw._target_ == "facemargin.evaluation.BinPairsEvaluator"
+    assert cfg.eval.cfp_fp.path == "/sets/cfp_fp.bin"
+
+
 def test_demo_settings_do_not_leak_into_a_chosen_trainer():
     """Choosing a trainer or an experiment gets its own schedule, not the CPU demo's."""
     assert compose_with("data=ms1mv3", "trainer=gpu").trainer.max_epochs == 20

@@ -19,7 +19,8 @@ from facemargin.data.faceset import FaceRecordSet
 from facemargin.data.inspect import inspect_dir
 from facemargin.data.inspect import main as inspect_main
 from facemargin.data.pack import main as pack_main
-from facemargin.data.pack import pack_images
+from facemargin.data.pack import pack_images, parse_crop, read_image_size
+from facemargin.data.synthetic import render_identity
 from facemargin.data.recordio import RecordIOReader
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -128,6 +129,144 @@ def test_module_entry_points(image_tree, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 1
     assert f"ERROR: property file not found: {out / 'property'}" in res.stderr
+
+
+def set_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_read_image_size_from_headers_matches_pil(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    variants = {"baseline": {}, "progressive": {"progressive": True}, "gray": {"mode": "L"}, "png": {"format": "PNG"},
+                "bmp": {"format": "BMP"}}
+    for name, kw in variants.items():
+        buf = io.BytesIO()
+        im = Image.fromarray(rgb).convert(kw.pop("mode", "RGB"))
+        im.save(buf, format=kw.pop("format", "JPEG"), **kw)
+        assert read_image_size(buf.getvalue()) == (21, 34), name
+    with pytest.raises(ValueError, match="cannot read image x.jpg: cannot read the image header"):
+        read_image_size(b"\xff\xd8\xff\xe0garbage", "x.jpg")
+
+
+def test_pack_copies_jpegs_already_at_the_target_size_without_pil(image_tree, tmp_path, monkeypatch):
+    (image_tree / "alice" / "2.png").unlink()
+    (image_tree / "dave").mkdir()
+    (image_tree / "dave" / "big.jpg").write_bytes(jpeg(7, 32, 32))  # the only one that needs work
+    pack_images(image_tree, tmp_path / "r16", resize=16, progress=False)
+    fs = FaceRecordSet(tmp_path / "r16")
+    sources = [image_tree / "alice" / "1.JPG", image_tree / "bob" / "x.jpeg", image_tree / "carol" / "a.jpg",
+               image_tree / "carol" / "b.jpg"]
+    for key, src in zip(fs.image_keys.tolist(), sources):
+        assert fs.read(key)[1] == src.read_bytes()  # byte for byte, not re-encoded
+    assert simplejpeg.decode_jpeg(fs.read(5)[1]).shape == (16, 16, 3)
+    (image_tree / "dave" / "big.jpg").unlink()
+    for name in ("PIL", "PIL.Image"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing PIL now fails
+    info = pack_images(image_tree, tmp_path / "nopil", resize=16, progress=False)
+    assert info["num_images"] == 4 and info["image_size"] == (16, 16)
+
+
+def framed_photo(face: np.ndarray, size: int, face_px: int, seed: int) -> np.ndarray:
+    """An LFW-style photo: the face scaled to ``face_px`` in the centre of a noisy ``size`` square."""
+    photo = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    top = (size - face_px) // 2
+    photo[top:top + face_px, top:top + face_px] = np.asarray(Image.fromarray(face).resize((face_px, face_px), Image.BICUBIC))
+    return photo
+
+
+def test_pack_crop_and_resize_frame_a_photo_sized_face(tmp_path):
+    faces = render_identity(0, 2, 112, seed=3)
+    root = tmp_path / "photos"
+    (root / "p0").mkdir(parents=True)
+    for i, face in enumerate(faces):  # 250x250 with the face in the central 125x125, as LFW frames them
+        Image.fromarray(framed_photo(face, 250, 125, i)).save(root / "p0" / f"{i}.jpg", quality=95)
+    wide = np.random.default_rng(5).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    wide[:, 50:250] = np.asarray(Image.fromarray(faces[0]).resize((200, 200), Image.BICUBIC))
+    (root / "p1").mkdir()
+    Image.fromarray(wide).save(root / "p1" / "wide.png")
+    pack_images(root, tmp_path / "framed", resize=112, crop="0.5", progress=False)
+    fs = FaceRecordSet(tmp_path / "framed")
+    got = [simplejpeg.decode_jpeg(fs.read(k)[1]).astype(float) for k in fs.image_keys.tolist()]
+    for img, face in zip(got[:2], faces):
+        assert img.shape == (112, 112, 3) and np.abs(img - face).mean() < 12  # the face fills the frame
+    assert np.abs(got[0][:, 5:-5] - faces[1][:, 5:-5]).mean() > 25  # (and it is not just any face)
+    unframed = FaceRecordSet(pack_images(root, tmp_path / "whole", resize=112, progress=False)["out_dir"])
+    keys = unframed.image_keys.tolist()
+    small = simplejpeg.decode_jpeg(unframed.read(keys[0])[1]).astype(float)
+    assert np.abs(small - faces[0]).mean() > 30  # the whole photo: the face is a quarter of the frame
+    squared = simplejpeg.decode_jpeg(unframed.read(keys[2])[1]).astype(float)  # 300x200: centre square, not squashed
+    assert np.abs(squared - faces[0]).mean() < 12
+
+
+def test_pack_align_maps_an_unaligned_photo_onto_the_template(tmp_path):
+    from facemargin.align import ARCFACE_TEMPLATE, warp_affine
+
+    face = render_identity(2, 1, 112, seed=4)[0]  # an aligned 112x112 face
+    # the "photo": that face rotated by 25 degrees, scaled 1.7x and shifted into a 320x240 frame
+    c, s_ = 1.7 * np.cos(np.radians(25)), 1.7 * np.sin(np.radians(25))
+    to_photo = np.array([[c, -s_, 120.0], [s_, c, 10.0]])
+    photo = warp_affine(face, to_photo, (320, 240))
+    marks = ARCFACE_TEMPLATE @ to_photo[:, :2].T + to_photo[:, 2]  # where the template points went
+    root = tmp_path / "photos"
+    (root / "id0").mkdir(parents=True)
+    Image.fromarray(photo).save(root / "id0" / "p.png")
+    Image.fromarray(np.fliplr(photo)).save(root / "id0" / "q.png")  # same photo mirrored
+    mirrored = marks[[1, 0, 2, 4, 3]] * [-1, 1] + [319, 0]  # mirror the points, swap left and right
+    lines = ["# path  left eye  right eye  nose  left mouth  right mouth",
+             "id0/p.png " + " ".join(f"{v:.4f}" for v in marks.reshape(-1)),
+             "id0/q.png " + " ".join(f"{v:.4f}" for v in mirrored.reshape(-1))]
+    (tmp_path / "marks.txt").write_text("\n".join(lines) + "\n")
+    assert pack_main([str(root), str(tmp_path / "rec"), "--align", str(tmp_path / "marks.txt"), "--quiet"]) == 0
+    fs = FaceRecordSet(tmp_path / "rec")
+    assert (tmp_path / "rec" / "property").read_text() == "1,112,112"
+    p, q = (simplejpeg.decode_jpeg(fs.read(k)[1]).astype(float) for k in fs.image_keys.tolist())
+    inner = (slice(8, -8), slice(8, -8))  # the border resamples pixels that fell outside the photo
+    assert np.abs(p[inner] - face[inner]).mean() < 6  # back on the template
+    assert np.abs(q[inner] - face[:, ::-1][inner]).mean() < 6  # the mirrored photo gives the mirrored face
+    assert np.abs(p[inner] - face[:, ::-1][inner]).mean() > 3 * np.abs(p[inner] - face[inner]).mean()
+
+    (tmp_path / "short.txt").write_text(lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"short\.txt has no landmarks for 1 image\(s\), e\.g\. .*id0/q\.png"):
+        pack_images(root, tmp_path / "rec2", align=tmp_path / "short.txt", progress=False)
+    (tmp_path / "bad.txt").write_text("id0/p.png 1 2 3\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: line 1 is not 'PATH x1 y1 \.\.\. x5 y5'"):
+        pack_images(root, tmp_path / "rec2", align=tmp_path / "bad.txt", progress=False)
+    with pytest.raises(ValueError, match="--align and --crop exclude each other"):
+        pack_images(root, tmp_path / "rec2", align=tmp_path / "marks.txt", crop="square", progress=False)
+    assert not (tmp_path / "rec2").exists()
+
+
+def test_pack_workers_give_identical_output(image_tree, tmp_path):
+    for w in (1, 2):
+        assert pack_main([str(image_tree), str(tmp_path / f"w{w}"), "--resize", "12", "--crop", "0.9",
+                          "--workers", str(w), "--quiet"]) == 0
+    assert set_files(tmp_path / "w1") == set_files(tmp_path / "w2")
+    assert (tmp_path / "w1" / "property").read_text() == "3,12,12"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pack_leaves_no_partial_files_on_error(image_tree, tmp_path, workers):
+    (image_tree / "carol" / "c.jpg").write_bytes(jpeg(9, 20, 16))  # the last image has another size
+    out = tmp_path / "new"
+    with pytest.raises(ValueError, match=r"carol/c\.jpg is 16x20 but earlier images are 16x16"):
+        pack_images(image_tree, out, progress=False, workers=workers)
+    assert not out.exists()  # created by the packer, removed again
+    good = tmp_path / "good"
+    (image_tree / "carol" / "c.jpg").unlink()
+    pack_images(image_tree, good, progress=False)
+    before = set_files(good)
+    (image_tree / "bob" / "broken.jpg").write_bytes(jpeg(10)[:30])
+    with pytest.raises(ValueError, match=r"bob/broken\.jpg"):
+        pack_images(image_tree, good, progress=False, overwrite=True, workers=workers, resize=8)
+    assert set_files(good) == before  # the old set is untouched, no temporaries left
+
+
+def test_pack_crop_specs():
+    assert parse_crop("square").kind == "square" and parse_crop("0.5").value == 0.5
+    assert parse_crop("120x100").box == (120, 100) and parse_crop(None) is None
+    for bad in ("0", "1.5", "12x0", "wide"):
+        with pytest.raises(ValueError, match="--crop must be 'square', a fraction in \\(0, 1\\] or WxH"):
+            parse_crop(bad)
 
 
 def test_inspect_dir_summary(tiny_recdir):

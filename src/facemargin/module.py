@@ -205,11 +205,14 @@ class FaceRecognitionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader of ``(uint8 images, indices)`` per evaluator."""
+        """One loader of ``(uint8 images, indices)`` per evaluator. Each owns the generator its
+        worker seeds come from, so validating never advances the global torch RNG (training
+        randomness does not depend on how often, or with how many workers, the run validates)."""
         workers = self.val_num_workers
         return [
-            DataLoader(ev.dataset(), batch_size=self.val_batch_size, shuffle=False, num_workers=workers)
-            for ev in self.evaluators
+            DataLoader(ev.dataset(), batch_size=self.val_batch_size, shuffle=False, num_workers=workers,
+                       generator=torch.Generator().manual_seed(i))
+            for i, ev in enumerate(self.evaluators)
         ]
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -290,6 +293,13 @@ class FaceRecognitionModule(pl.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # ------------------------------------------------------------------ checkpoints
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Every fit of this module saves each rank's RNG states in its checkpoints and restores them
+        on resume (:class:`facemargin.callbacks.RNGStateCheckpointing`), with or without Hydra."""
+        from .callbacks import RNGStateCheckpointing
+
+        return [RNGStateCheckpointing()]
+
     def record(self) -> dict[str, Any]:
         """The plain record saved as ``checkpoint["facemargin"]``."""
         return {

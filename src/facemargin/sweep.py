@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,28 +80,84 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict[str, Any]], swept: list[str], metric: str, path: Path) -> None:
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan  # null in metrics.json -> NaN
+
+
+def error_bar(row: dict[str, Any], metric: str) -> float:
+    """The 10-fold std behind ``row[metric]``: ``<metric>_std``, or for ``val/acc`` (the mean over the
+    verification sets) the root mean square of the sets' ``val/<set>/acc_std``; NaN when unknown."""
+    std = _number(row.get(f"{metric}_std"))
+    if not math.isnan(std):
+        return std
+    if metric == METRIC:
+        stds = [_number(v) for k, v in row.items() if k.startswith("val/") and k.endswith("/acc_std")]
+        stds = [v for v in stds if not math.isnan(v)]
+        if stds:
+            return math.sqrt(sum(s * s for s in stds) / len(stds))
+    return math.nan
+
+
+def y_limits(values: list[float], errors: list[float], accuracy: bool) -> tuple[float, float]:
+    """A y-range that shows the points with their error bars and spans at least 6 std (or 2
+    percentage points of accuracy), so that differences within the noise do not look like a cliff."""
+    pts = [(v, 0.0 if math.isnan(e) else e) for v, e in zip(values, errors) if not math.isnan(v)]
+    if not pts:
+        return (0.0, 1.0)
+    lo, hi = min(v - e for v, e in pts), max(v + e for v, e in pts)
+    floor = max([6 * e for _, e in pts] + [0.02 if accuracy else 0.0])
+    if hi - lo < floor:
+        mid = (lo + hi) / 2
+        lo, hi = mid - floor / 2, mid + floor / 2
+    pad = 0.08 * (hi - lo) or 0.05 * max(abs(hi), 1e-3)
+    lo, hi = lo - pad, hi + pad
+    if accuracy:  # keep the span inside [0, 1] by shifting the window, not by cutting it
+        shift = max(0.0, hi - 1.0) - max(0.0, -lo)
+        lo, hi = max(lo - shift, 0.0), min(hi - shift, 1.0)
+    return lo, hi
+
+
+def plot_summary(rows: list[dict[str, Any]], swept: list[str], metric: str = METRIC):
+    """The figure of ``summary.png``: ``metric`` against the first numeric swept key (one line per
+    combination of the others), each point with its 10-fold std as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x_key = next((k for k in swept if all(isinstance(r.get(k), (int, float)) for r in rows)), None)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         label = ", ".join(f"{k}={r.get(k)}" for k in swept if k != x_key) or metric
         groups.setdefault(label, []).append(r)
+    values, errors = [], []
     for label, group in groups.items():
-        pts = [(r.get(x_key) if x_key else r["job"], r.get(metric, float("nan"))) for r in group]
-        pts.sort(key=lambda p: p[0] if x_key else 0)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        pts = sorted(
+            ((r.get(x_key) if x_key else r["job"], _number(r.get(metric)), error_bar(r, metric)) for r in group),
+            key=lambda p: p[0] if x_key else 0,
+        )
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=[0.0 if math.isnan(e) else e for e in es], marker="o", capsize=3, label=label)
+        values += ys
+        errors += es
+    accuracy = "acc" in metric and all(0.0 <= v <= 1.0 for v in values if not math.isnan(v))
+    ax.set_ylim(*y_limits(values, errors, accuracy))
     ax.set_xlabel(x_key or "job")
     ax.set_ylabel(metric)
+    bars = "bars: ±1 std over the 10 folds" if any(not math.isnan(e) for e in errors) else "no fold std in metrics.json"
+    ax.set_title(f"{metric} vs {x_key or 'job'} ({len(rows)} jobs; {bars})", fontsize=9)
     ax.grid(alpha=0.3)
     if len(groups) > 1:
         ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def _plot(rows: list[dict[str, Any]], swept: list[str], metric: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = plot_summary(rows, swept, metric)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -115,7 +172,7 @@ class SweepSummaryCallback(Callback):
         except FileNotFoundError as err:
             print(f"[facemargin] no sweep summary: {err}")
             return
-        print(f"[facemargin] sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'}")
+        print(f"[facemargin] sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
         print((sweep_dir / "summary.md").read_text())
 
 
@@ -124,7 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--metric", default=METRIC)
     args = parser.parse_args(argv)
-    rows = summarize(args.sweep_dir, args.metric)
+    if not args.sweep_dir.is_dir():
+        raise SystemExit(f"facemargin.sweep: {args.sweep_dir}: no such folder (give a multirun folder, "
+                         "e.g. multirun/2026-11-22/10-00-00)")
+    try:
+        rows = summarize(args.sweep_dir, args.metric)
+    except FileNotFoundError as err:
+        raise SystemExit(f"facemargin.sweep: {err}") from None
     print((args.sweep_dir / "summary.md").read_text(), end="")
     print(f"{len(rows)} jobs -> {args.sweep_dir}/summary.csv, summary.md, summary.png")
 

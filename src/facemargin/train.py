@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from .callbacks import LastCheckpoint
 from .checkpoint import init_weights
 from .module import FaceRecognitionModule
 
@@ -50,6 +52,40 @@ def build_model(cfg: DictConfig, num_classes: int) -> FaceRecognitionModule:
     )
 
 
+def why_unscored(cfg: DictConfig, model: FaceRecognitionModule, datamodule: Any) -> str | None:
+    """Why validation will score no verification pairs in this run, or ``None`` when it will."""
+    limit = cfg.trainer.get("limit_val_batches", 1.0)
+    if limit == 0:
+        return "trainer.limit_val_batches=0"
+    if isinstance(limit, float) and limit < 1.0:
+        return f"trainer.limit_val_batches={limit}: only whole verification sets are scored"
+    provide = getattr(datamodule, "evaluators", None)
+    if not (len(model.evaluators) or (callable(provide) and provide())):
+        return "no verification sets: data.val_sets is empty and there are no eval= sets"
+    return None
+
+
+#: what the checkpoint callbacks monitor when a run has no verification pairs
+TRAIN_MONITOR = {"monitor": "train/loss_epoch", "mode": "min", "filename": "epoch{epoch:02d}-loss{train/loss_epoch:.4f}"}
+
+
+def _callback_nodes(cfg: DictConfig, unscored: str | None) -> list[DictConfig]:
+    """The callback nodes; when no verification pairs are scored, a ``val/`` monitor becomes the training loss."""
+    nodes = []
+    for name, node in (cfg.callbacks or {}).items():
+        if not node:
+            continue
+        if unscored and str(node.get("monitor") or "").startswith("val/"):
+            node = node.copy()
+            log.info("no verification pairs are scored in this run (%s): callbacks.%s keeps the checkpoint with the "
+                     "lowest %s instead of the highest %s", unscored, name, TRAIN_MONITOR["monitor"], node.monitor)
+            node.monitor, node.mode = TRAIN_MONITOR["monitor"], TRAIN_MONITOR["mode"]
+            if "{val/" in str(node.get("filename") or ""):
+                node.filename = TRAIN_MONITOR["filename"]
+        nodes.append(node)
+    return nodes
+
+
 def build(cfg: DictConfig) -> tuple[pl.Trainer, FaceRecognitionModule, pl.LightningDataModule]:
     """Instantiate the DataModule, the LightningModule and the Trainer from a composed config."""
     datamodule = instantiate(cfg.data)
@@ -57,7 +93,7 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, FaceRecognitionModule, pl.Lightn
     if cfg.get("init_weights") and not cfg.get("ckpt_path"):  # resuming restores everything anyway
         init_weights(model, cfg.init_weights)
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node]
-    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node]
+    callbacks = [instantiate(node) for node in _callback_nodes(cfg, why_unscored(cfg, model, datamodule))]
     if not loggers:  # nothing to log learning rates to (logger=none)
         dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
         callbacks = [c for c in callbacks if c not in dropped]
@@ -67,22 +103,57 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, FaceRecognitionModule, pl.Lightn
     return trainer, model, datamodule
 
 
+def resume_command(cfg: DictConfig) -> str | None:
+    """``python -m facemargin.train <this run's overrides> hydra.run.dir=<its folder>`` (no ``ckpt_path``),
+    or ``None`` outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    keep = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
+    args = ["python", "-m", "facemargin.train", *keep, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _checkpoint_callbacks(trainer: pl.Trainer) -> tuple[ModelCheckpoint | None, LastCheckpoint | None]:
+    best = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+    return best, last
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume from ``cfg.ckpt_path``) and return the final logged metrics."""
+    lightning_names = ("last", "hpc")  # Lightning finds these itself (last.ckpt of this run folder, SLURM's)
+    ckpt = cfg.ckpt_path
+    if ckpt and ckpt not in lightning_names and "://" not in str(ckpt) and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint")
     pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir).resolve()
     trainer, model, datamodule = build(cfg)
+    best_cb, last_cb = _checkpoint_callbacks(trainer)
+    if last_cb is not None:
+        last_cb.resume_command = resume_command(cfg)
+    if trainer.is_global_zero:
+        log.info("run folder: %s", out)
+        if last_cb is not None and last_cb.resume_command and last_cb.dirpath and not trainer.fast_dev_run:
+            log.info("if it stops, resume with: %s", last_cb.resume_hint())
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
-    best = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    best = getattr(best_cb, "best_model_score", None)
     if best is not None:
-        metrics["best/val/acc"] = float(best)
+        metrics[f"best/{best_cb.monitor}"] = float(best)
     if trainer.is_global_zero:
-        out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         finite = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # strict JSON: NaN -> null
         (out / METRICS_FILE).write_text(json.dumps(finite, indent=2, sort_keys=True))
-        log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
+        if best is not None:
+            log.info("best checkpoint: %s (%s = %.4f)", best_cb.best_model_path, best_cb.monitor, float(best))
+        if last_cb is not None and last_cb.saved_step is not None:
+            log.info("last checkpoint: %s (step %d)", last_cb.path, last_cb.saved_step)
+        shown = {k: metrics[k] for k in ("val/acc", f"best/{getattr(best_cb, 'monitor', '')}", "train/loss_epoch") if k in metrics}
+        log.info("metrics: %s (%s)", out / METRICS_FILE, ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     return metrics
 
 

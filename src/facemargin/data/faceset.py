@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .index import RecordIndex, cache_dir_for, file_stamp, load_stamped, parse_idx, save_stamped
-from .recordio import MAGIC, RecordIOError, RecordIOReader, unframe, unpack_record
+from .recordio import _ONE_READ_LIMIT, MAGIC, RecordIOError, RecordIOReader, unframe, unpack_record
 from .sources import FaceSource
 from .storage import cached_copy, is_remote, open_source
 
@@ -438,12 +438,16 @@ def _packed_ranges(reader: RecordIOReader, positions: np.ndarray) -> np.ndarray 
 
 
 def _read_runs(reader: RecordIOReader, positions: np.ndarray) -> list[bytes]:
-    """The spans of records at ``positions`` (any order), one read per run of neighbours."""
+    """The spans of records at ``positions`` (any order), one read per run of neighbours.
+
+    The runs are read with one ``pread_many``: a remote source keeps several requests in flight.
+    """
     positions = np.asarray(positions, dtype=np.int64)
     out: list[bytes] = [b""] * positions.size
     if positions.size == 0:
         return out
     index, source = reader.index, reader.source
+    runs: list[tuple[int, int, np.ndarray]] = []  # (start, end, members)
     breaks = np.flatnonzero(np.diff(positions) != 1) + 1
     for run in np.split(np.arange(positions.size), breaks):
         first = 0
@@ -453,15 +457,16 @@ def _read_runs(reader: RecordIOReader, positions: np.ndarray) -> list[bytes]:
             last = first
             while last + 1 < run.size and index.span(int(positions[run[last + 1]]))[1] - start <= _RUN_BYTES:
                 last += 1
-            if last == first:
-                out[run[first]] = reader.read_span(p0)
+            end = index.span(int(positions[run[last]]))[1]
+            if last == first and end - start > _ONE_READ_LIMIT:
+                out[run[first]] = reader.read_span(p0)  # a damaged index: read header-first
             else:
-                end = index.span(int(positions[run[last]]))[1]
-                data = source.pread(end - start, start)
-                for j in range(first, last + 1):
-                    s, e = index.span(int(positions[run[j]]))
-                    out[run[j]] = data[s - start: e - start]
+                runs.append((start, end, run[first:last + 1]))
             first = last + 1
+    for (start, _, members), data in zip(runs, source.pread_many([(e - s, s) for s, e, _ in runs])):
+        for j in members:
+            s, e = index.span(int(positions[j]))
+            out[j] = data[s - start: e - start]
     return out
 
 

@@ -261,6 +261,9 @@ class TrainLoader(DataLoader):
     """
 
     def __init__(self, reader: BatchReader, sampler: PlanSampler, **kwargs: Any) -> None:
+        # worker seeds come from the loader's own generator: starting an iterator (each epoch, and
+        # on resume) never draws from the global torch RNG, which a resumed run restores
+        kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.spec.seed))
         super().__init__(reader, batch_size=None, sampler=sampler, collate_fn=_as_is, **kwargs)
 
     def __iter__(self) -> _CountingIterator:  # type: ignore[override]

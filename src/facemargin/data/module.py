@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -13,9 +14,11 @@ from torch.utils.data import DataLoader
 
 from .decode import normalize_uint8
 from .faceset import FaceRecordSet
+from .gpu_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
 from .loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
 from .plan import PlanSpec
 from .sources import FaceSource, FolderSource
+from .storage import cached_copy, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         root: the training set: a RecordIO directory (``train.rec/.idx/property``, plus
             ``<name>.bin`` val sets) for ``source="recordio"``, or an image folder / list file for
             ``source="folder"``; ``None`` or ``"demo"`` (or ``demo=True``) uses the built-in synthetic set.
+            A RecordIO set may be a URL (``http(s)://``, ``s3://``, ``gs://``, any fsspec URL, see
+            :mod:`facemargin.data.storage`): ``train.rec`` is read in place with ranged reads, the
+            small files (``.idx``, ``property``, ``.bin``) are cached locally; val-set names resolve
+            inside it. Map-style random access over a network is slower than ``streaming=True``.
         source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.FolderSource`) or a
             callable ``root -> FaceSource`` (Hydra: ``_target_: my.Source`` with ``_partial_: true``).
         val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files,
@@ -67,6 +74,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
             last identities (``python -m facemargin.clean``) and keeps the model's class numbering.
         augment: optional callable applied to training batches on the device, on uint8 images,
             before normalisation (see :data:`Augment`).
+        decode: ``"cpu"``: DataLoader workers decode the JPEGs. ``"gpu"``: workers ship the encoded
+            bytes and the batch is decoded on the training device with nvJPEG
+            (:mod:`facemargin.data.gpu_decode`; without CUDA: on the CPU, with a warning).
         demo: force the demo set; ``demo_cache_dir`` is where it is generated (default
             ``$FACEMARGIN_CACHE`` or ``~/.cache/facemargin``); ``demo_options`` overrides its
             generation parameters (``num_identities``, ``images_per_identity``, ...).
@@ -97,6 +107,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         source: str | Callable[[str], FaceSource] = "recordio",
         image_size: Sequence[int] | None = None,
         augment: Augment | None = None,
+        decode: str = "cpu",
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
@@ -112,7 +123,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
                 demo_cache_dir=None if demo_cache_dir is None else str(demo_cache_dir),
                 demo_options=dict(demo_options or {}),
                 source=source if isinstance(source, str) else getattr(source, "__qualname__", repr(source)),
-                image_size=None if image_size is None else [int(x) for x in image_size],
+                image_size=None if image_size is None else [int(x) for x in image_size], decode=decode,
                 num_classes=None if num_classes is None else int(num_classes),
             )
         )
@@ -127,7 +138,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
             val_list = [demo_bin] + [v for v in val_list if Path(v) != demo_bin and str(v) != "demo_val"]
             source = "recordio"
         else:
-            self.root = Path(root).expanduser()  # type: ignore[arg-type]
+            self.root = str(root) if is_remote(root) else Path(root).expanduser()  # type: ignore[arg-type]
+            if is_remote(root) and source == "folder":
+                raise ValueError(f"a remote data.root ({root}) must be a packed RecordIO set; "
+                                 "data=folder reads local folders (pack them: python -m facemargin.data.pack)")
         self.val_paths = [self._resolve_val(v) for v in val_list]
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -138,6 +152,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.flip_p = float(flip_p)
         self.on_corrupt = on_corrupt
         self.augment = augment
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
+        self.decode = decode
+        self._decoder: Any = None
         self._source_kind = source
         self._source: FaceSource | None = None
         self._num_classes = None if num_classes is None else int(num_classes)
@@ -157,8 +175,14 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self._resume: dict[str, Any] | None = None  # loader state from a checkpoint, for the next train loader
 
     # ---- paths and datasets
-    def _resolve_val(self, v: str | os.PathLike) -> Path:
+    def _resolve_val(self, v: str | os.PathLike) -> Path | str:
+        """A verification set: a URL, a local file, or a name / relative path inside ``root``."""
+        if is_remote(v):
+            return str(v)
         p = Path(v).expanduser()
+        if is_remote(self.root) and not (p.is_absolute() or p.is_file()):  # inside the remote set
+            name = p.as_posix()
+            return f"{self.root.rstrip('/')}/{name if p.suffix == '.bin' else name + '.bin'}"
         if p.suffix == ".bin" or p.is_file() or len(p.parts) > 1:
             return p if p.is_absolute() or p.is_file() else self.root / p
         return self.root / f"{p}.bin"
@@ -176,10 +200,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if self._val is None:
             from ..evaluation.pairs import BinPairsEvaluator
 
-            missing = [str(p) for p in self.val_paths if not p.is_file()]
+            missing = [str(p) for p in self.val_paths if not is_remote(p) and not Path(p).is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [BinPairsEvaluator(p) for p in self.val_paths]
+            self._val = [BinPairsEvaluator(cached_copy(p)) for p in self.val_paths]
         return list(self._val)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -227,7 +251,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if self._resume is not None:
             sampler.load_state_dict(self._resume)
             self._resume = None
-        reader = BatchReader(self.source, seed=self.seed, flip_p=self.flip_p, on_corrupt=self.on_corrupt)
+        reader_class = EncodedBatchReader if self.decode == "gpu" else BatchReader
+        reader = reader_class(self.source, seed=self.seed, flip_p=self.flip_p, on_corrupt=self.on_corrupt)
         self._train_loader = TrainLoader(reader, sampler, **self._loader_kwargs())
         return self._train_loader
 
@@ -253,6 +278,20 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]) and batch[0].dtype == torch.uint8:
             images = normalize_uint8(batch[0])
             return [images, *batch[1:]] if isinstance(batch, list) else (images, *batch[1:])
+        return batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``data.decode=gpu``: decode a training batch's JPEGs on the training device, then flip."""
+        if isinstance(batch, (list, tuple)) and len(batch) == 3 and isinstance(batch[0], EncodedBatch):
+            if self._decoder is None:
+                trainer = self._trainer_or_none()
+                device = trainer.strategy.root_device if trainer is not None else torch.device("cuda")
+                if device.type != "cuda":
+                    warnings.warn(f"data.decode=gpu but training runs on {device.type}: the JPEGs are decoded "
+                                  "there, in the training process (slower than in DataLoader workers); "
+                                  "use data.decode=cpu", RuntimeWarning, stacklevel=2)
+                self._decoder = JpegBatchDecoder(device)
+            return decode_batch(batch, self._decoder, self.source.where)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

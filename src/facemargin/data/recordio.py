@@ -136,7 +136,7 @@ class RecordIOWriter:
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path)
-        self._rec = open(self.rec_path, "wb")
+        self._rec = open(self.rec_path, "wb", buffering=1 << 20)  # one write syscall per MiB, not per record
         self._idx = open(self.idx_path, "w", encoding="ascii", newline="\n")
         self._keys: set[int] = set()
 

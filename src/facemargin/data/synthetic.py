@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -49,6 +51,7 @@ DEFAULT_PARAMS = dict(
     seed=0,
 )
 _JPEG_QUALITY = 90
+log = logging.getLogger(__name__)
 _TRAIN, _VAL = 0, 1
 
 _HAIR_COLOURS = np.array(
@@ -271,17 +274,25 @@ def make_demo_dataset(
     num_val_pairs: int = 300,
     image_size: int = 112,
     seed: int = 0,
+    progress: bool = False,
 ) -> Path:
-    """Generate the demo set into ``out_dir`` (train.rec/.idx/property, demo_val.bin, manifest.json)."""
+    """Generate the demo set into ``out_dir`` (train.rec/.idx/property, demo_val.bin, manifest.json);
+    ``progress`` shows a bar of the images drawn on a terminal."""
     if num_val_identities < 2:
         raise ValueError("make_demo_dataset: num_val_identities must be >= 2 (different-identity pairs)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = np.repeat(np.arange(num_identities), images_per_identity)
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=num_identities * images_per_identity + 2 * num_val_pairs, unit="img", desc="demo face set",
+               disable=None if progress else True)  # None: shown on a terminal only
+
     def train_images() -> Iterator[bytes]:
         for ident in range(num_identities):
             for img in render_identity(ident, images_per_identity, image_size, seed, _TRAIN):
+                bar.update()
                 yield _jpeg(img)
 
     write_faceset(out, labels, train_images(), num_identities, (image_size, image_size))
@@ -289,7 +300,11 @@ def make_demo_dataset(
     need = np.bincount(ids.reshape(-1), minlength=num_val_identities)
     rendered = {j: iter(render_identity(j, int(need[j]), image_size, seed, _VAL)) for j in range(num_val_identities)
                 if need[j]}
-    val_images = [_jpeg(next(rendered[int(j)])) for j in ids.reshape(-1)]
+    val_images = []
+    for j in ids.reshape(-1):
+        val_images.append(_jpeg(next(rendered[int(j)])))
+        bar.update()
+    bar.close()
     write_bin(out / "demo_val.bin", val_images, issame)
     manifest = dict(version=DEMO_VERSION, **_params(num_identities, images_per_identity, num_val_identities,
                                                     num_val_pairs, image_size, seed))
@@ -334,8 +349,13 @@ def ensure_demo_dataset(cache_dir: str | os.PathLike | None = None, **overrides)
         raise FileExistsError(f"{target} exists but is incomplete; delete it to regenerate the demo set")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    main_process = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP ranks > 0 generate silently
+    if main_process:
+        log.info("generating the demo face set once into %s: %d identities x %d images + %d verification pairs",
+                 target, params["num_identities"], params["images_per_identity"], params["num_val_pairs"])
+    started = time.monotonic()
     try:
-        make_demo_dataset(tmp, **params)
+        make_demo_dataset(tmp, **params, progress=main_process)
         try:
             os.rename(tmp, target)  # atomic; also replaces an empty target directory
         except OSError:
@@ -344,4 +364,6 @@ def ensure_demo_dataset(cache_dir: str | os.PathLike | None = None, **overrides)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if main_process:
+        log.info("demo face set ready in %.0f s: %s", time.monotonic() - started, target)
     return target
