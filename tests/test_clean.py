@@ -139,7 +139,7 @@ def test_k1_checkpoint_holds_the_dominant_subcentres_and_starts_a_run(noisy_mode
     assert command[:3] == ["python", "-m", "facemargin.train"]
     cfg = compose_with("config", [*command[3:], *TINY, "data.num_workers=0", "data.batch_size=8",
                                   "trainer.max_epochs=1", "trainer.limit_train_batches=1",
-                                  "trainer.limit_val_batches=0", "logger=none", "callbacks=none",
+                                  "trainer.limit_val_batches=0", "logger=csv", "callbacks=none",
                                   f"output_dir={noisy_model['tmp'] / 'run'}"])
     trainer, model, dm = build(cfg)
     assert len(dm.source) == cleaned["summary"]["samples_kept"] and dm.num_classes == DEMO["num_identities"]

@@ -124,7 +124,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
                 demo_options=dict(demo_options or {}),
                 source=source if isinstance(source, str) else getattr(source, "__qualname__", repr(source)),
                 image_size=None if image_size is None else [int(x) for x in image_size], decode=decode,
-                num_classes=None if num_classes is None else int(num_classes),
+                # only when set: it then equals the model's, and Lightning merges the two hparams
+                **({} if num_classes is None else {"num_classes": int(num_classes)}),
             )
         )
         if on_corrupt not in ("raise", "skip"):
