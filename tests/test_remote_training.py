@@ -46,6 +46,18 @@ def test_an_epoch_over_http_equals_the_local_epoch(served_set, streaming, worker
     assert ev_remote.dataset().images == ev_local.dataset().images and len(ev_local.dataset()) == 40
 
 
+def test_retry_settings_come_from_the_config_and_a_dead_server_is_named(served_set):
+    server, _, url = served_set
+    with pytest.raises(ValueError, match=r"unknown remote option\(s\) \['retries'\]; valid: \['retry'"):
+        FaceRecordDataModule(url, remote={"retries": 2})
+    dm = FaceRecordDataModule(url, num_workers=0, batch_size=4, remote={"retry": {"attempts": 2, "base_delay": 0.01}})
+    assert dm.hparams.remote == {"retry": {"attempts": 2, "base_delay": 0.01}}  # plain: weights_only checkpoints
+    assert len(dm.source) == 35  # opened: .idx and property fetched; train.rec is read in the epoch
+    server.down = True
+    with pytest.raises(OSError, match=rf"^{url}/train.rec: reading \d+ bytes at offset \d+ failed 2 times .* HTTP 503"):
+        next(iter(dm.train_dataloader()))
+
+
 def test_a_remote_folder_source_is_refused(served_set):
     _, _, url = served_set
     with pytest.raises(ValueError, match="must be a packed RecordIO set; data=folder reads local folders"):

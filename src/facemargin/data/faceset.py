@@ -28,13 +28,14 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
 from .index import RecordIndex, cache_dir_for, file_stamp, load_stamped, parse_idx, save_stamped
 from .recordio import _ONE_READ_LIMIT, MAGIC, RecordIOError, RecordIOReader, unframe, unpack_record
 from .sources import FaceSource
-from .storage import cached_copy, is_remote, open_source
+from .storage import cached_copy, is_remote, open_source, remote_options
 
 __all__ = ["FaceRecordSet", "read_property", "MAX_CLASSES", "MAX_SIDE"]
 
@@ -51,9 +52,9 @@ _HEAD = struct.Struct("<IIIf")  # magic, lrecord, IRHeader flag, IRHeader label
 _FLOAT = struct.Struct("<f")
 
 
-def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
-    """Parse a ``property`` file: ``num_classes,height,width`` within sane bounds."""
-    local = Path(cached_copy(path))
+def read_property(path: str | os.PathLike, **remote: Any) -> tuple[int, int, int]:
+    """Parse a ``property`` file: ``num_classes,height,width`` within sane bounds (``remote``: see :func:`open_source`)."""
+    local = Path(cached_copy(path, **remote))
     if not local.is_file():
         raise FileNotFoundError(f"property file not found: {path} (expected 'num_classes,height,width')")
     text = local.read_bytes()[:200].decode("ascii", errors="replace").strip()
@@ -105,23 +106,25 @@ class FaceRecordSet(FaceSource):
     """
 
     def __init__(self, root: str | os.PathLike, num_classes: int | None = None,
-                 image_size: tuple[int, int] | None = None, name: str = "train") -> None:
+                 image_size: tuple[int, int] | None = None, name: str = "train",
+                 remote: Mapping[str, Any] | None = None) -> None:
         self.root = root if is_remote(root) else Path(root).expanduser()
+        self.remote = remote_options(root, remote)
         self.rec_path = _join(root, f"{name}.rec")
         self.idx_path = _join(root, f"{name}.idx")
         self.property_path = _join(root, "property")
         self.name = str(self.rec_path)
         _refuse_image_folder(root, self.rec_path, self.idx_path)
-        self._idx_local = Path(cached_copy(self.idx_path))
+        self._idx_local = Path(cached_copy(self.idx_path, **self.remote))
         if not self._idx_local.is_file():
             raise FileNotFoundError(f"RecordIO index not found: {self.idx_path}")
         try:
-            source = open_source(self.rec_path)
+            source = open_source(self.rec_path, **self.remote)
         except FileNotFoundError:
             raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}") from None
         prop = self.property_path
         if is_remote(prop) or Path(prop).is_file():
-            classes, h, w = read_property(prop)
+            classes, h, w = read_property(prop, **self.remote)
             self.num_classes = int(num_classes) if num_classes is not None else classes
             self.image_size: tuple[int, int] | None = tuple(image_size) if image_size else (h, w)  # type: ignore[assignment]
         elif num_classes is not None:
@@ -141,14 +144,15 @@ class FaceRecordSet(FaceSource):
         self._labels: np.ndarray | None = None
 
     @staticmethod
-    def peek(root: str | os.PathLike, name: str = "train") -> tuple[int, tuple[int, int]]:
+    def peek(root: str | os.PathLike, name: str = "train",
+             remote: Mapping[str, Any] | None = None) -> tuple[int, tuple[int, int]]:
         """``(num_classes, image_size)`` without opening the index: from ``property`` when present."""
         _refuse_image_folder(root, _join(root, f"{name}.rec"), _join(root, f"{name}.idx"))
         prop = _join(root, "property")
         if is_remote(prop) or Path(prop).is_file():
-            classes, h, w = read_property(prop)
+            classes, h, w = read_property(prop, **remote_options(root, remote))
             return classes, (h, w)
-        fs = FaceRecordSet(root, name=name)
+        fs = FaceRecordSet(root, name=name, remote=remote)
         return fs.num_classes, fs.image_size  # type: ignore[return-value]
 
     # ---- index and layout (built once, cached)
@@ -407,7 +411,7 @@ class FaceRecordSet(FaceSource):
             arrays = load_stamped(self._cache_file, self._stamp, 6)
             if arrays is None:
                 raise RecordIOError(f"{self._cache_file}: the index cache changed while workers were starting")
-            self._set_arrays(arrays, open_source(self.rec_path))
+            self._set_arrays(arrays, open_source(self.rec_path, **self.remote))
 
     def __repr__(self) -> str:
         return (

@@ -161,21 +161,10 @@ class EncodedBatchReader(BatchReader):
         return label
 
     def __getitem__(self, request: BatchRequest) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        epoch, indices = int(request.epoch), np.array(request.indices, dtype=np.int64)
-        raws = request.raws if request.raws is not None else self.source.read_raws(indices)
-        labels = np.empty(indices.size, dtype=np.int64)
-        payloads = []
-        for j in range(indices.size):
-            i = int(indices[j])
-            try:
-                labels[j] = self._decode(i, raws[j], None)
-            except (ValueError, OSError) as exc:
-                if self.on_corrupt == "raise":
-                    raise
-                indices[j], labels[j] = self._substitute(epoch, i, None, exc)  # type: ignore[arg-type]
-            payloads.append(self._payload)
+        payloads: list[bytes] = []
+        indices, labels = self._read_samples(request, None, lambda j, index: payloads.append(self._payload))
         data, lengths = collate_encoded(payloads)
-        flip = torch.from_numpy(hash_uniform(self.seed, epoch, indices) < self.flip_p)
+        flip = torch.from_numpy(hash_uniform(self.seed, int(request.epoch), indices) < self.flip_p)
         return EncodedBatch(data, lengths, flip), torch.from_numpy(labels), torch.from_numpy(indices)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator, Literal, NamedTuple
+from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -169,26 +169,44 @@ class BatchReader(Dataset):
         return int(self.skipped.sum())
 
     def __getitem__(self, request: BatchRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, w = self.source.image_size  # type: ignore[misc]
+        planned = np.asarray(request.indices, dtype=np.int64)
+        images = np.empty((planned.size, 3, h, w), dtype=np.uint8)
+        decoded = np.empty((h, w, 3), dtype=np.uint8)  # libjpeg-turbo writes here, then one strided copy
+        flips = hash_uniform(self.seed, request.epoch, planned) < self.flip_p
+
+        def keep(j: int, index: int) -> None:
+            flip = flips[j] if index == planned[j] else self._flip(request.epoch, index)
+            np.copyto(images[j], (decoded[:, ::-1] if flip else decoded).transpose(2, 0, 1))
+
+        indices, labels = self._read_samples(request, decoded, keep)
+        return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(indices)
+
+    def _read_samples(self, request: BatchRequest, out: np.ndarray | None,
+                      keep: Callable[[int, int], None]) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, labels)`` of the request's samples, each decoded into ``out`` then ``keep(j, index)``.
+
+        A damaged sample raises, or (``on_corrupt="skip"``) is replaced by a substitute whose index
+        and label take its place.
+        """
         epoch, indices = int(request.epoch), np.array(request.indices, dtype=np.int64)
         raws = request.raws if request.raws is not None else self.source.read_raws(indices)
-        h, w = self.source.image_size  # type: ignore[misc]
-        images = np.empty((indices.size, 3, h, w), dtype=np.uint8)
         labels = np.empty(indices.size, dtype=np.int64)
-        decoded = np.empty((h, w, 3), dtype=np.uint8)  # libjpeg-turbo writes here, then one strided copy
-        flips = hash_uniform(self.seed, epoch, indices) < self.flip_p
         for j in range(indices.size):
             i = int(indices[j])
             try:
-                labels[j] = self._decode(i, raws[j], decoded)
+                labels[j] = self._decode(i, raws[j], out)
             except (ValueError, OSError) as exc:
                 if self.on_corrupt == "raise":
                     raise
-                indices[j], labels[j] = self._substitute(epoch, i, decoded, exc)
-                flips[j] = hash_uniform(self.seed, epoch, indices[j: j + 1])[0] < self.flip_p
-            np.copyto(images[j], (decoded[:, ::-1] if flips[j] else decoded).transpose(2, 0, 1))
-        return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(indices)
+                indices[j], labels[j] = self._substitute(epoch, i, out, exc)
+            keep(j, int(indices[j]))
+        return indices, labels
 
-    def _decode(self, i: int, raw: bytes, out: np.ndarray) -> int:
+    def _flip(self, epoch: int, index: int) -> bool:
+        return bool(hash_uniform(self.seed, epoch, np.array([index]))[0] < self.flip_p)
+
+    def _decode(self, i: int, raw: bytes, out: np.ndarray | None) -> int:
         """Label of sample ``i``; its image decoded into ``out``. Errors name the sample."""
         label, image = self.source.parse(i, raw)
         try:
@@ -197,7 +215,7 @@ class BatchReader(Dataset):
             raise type(exc)(f"{self.source.where(i)}: corrupt image: {exc}") from None
         return label
 
-    def _substitute(self, epoch: int, i: int, out: np.ndarray, exc: BaseException) -> tuple[int, int]:
+    def _substitute(self, epoch: int, i: int, out: np.ndarray | None, exc: BaseException) -> tuple[int, int]:
         """Another sample in place of the damaged ``i``: ``(its index, its label)``, decoded into ``out``."""
         info = get_worker_info()
         n = len(self.source)

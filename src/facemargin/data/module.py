@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -18,7 +18,7 @@ from .gpu_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, deco
 from .loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
 from .plan import PlanSpec
 from .sources import FaceSource, FolderSource
-from .storage import cached_copy, is_remote
+from .storage import cached_copy, is_remote, remote_options
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ STANDARD_VAL_SETS = ("lfw", "cfp_fp", "agedb_30")
 
 #: ``(images uint8 [B,3,H,W] on the device, sample_index int64 [B], epoch) -> images uint8``.
 Augment = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def _plain(value: Any) -> Any:
+    """Nested mappings (Hydra's DictConfig) as plain dicts: hyper-parameters load with ``weights_only``."""
+    return {str(k): _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
 def _is_demo(root: str | os.PathLike | None) -> bool:
@@ -54,6 +59,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
             :mod:`facemargin.data.storage`): ``train.rec`` is read in place with ranged reads, the
             small files (``.idx``, ``property``, ``.bin``) are cached locally; val-set names resolve
             inside it. Map-style random access over a network is slower than ``streaming=True``.
+        remote: options of the remote reads (:func:`~facemargin.data.storage.remote_options`):
+            ``retry`` (``{attempts, base_delay, max_delay}``), ``timeout`` (HTTP seconds),
+            ``readahead``, ``concurrency``, ``storage_options`` (fsspec); ignored for a local root.
         source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.FolderSource`) or a
             callable ``root -> FaceSource`` (Hydra: ``_target_: my.Source`` with ``_partial_: true``).
         val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files,
@@ -108,6 +116,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         image_size: Sequence[int] | None = None,
         augment: Augment | None = None,
         decode: str = "cpu",
+        remote: Mapping[str, Any] | None = None,
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
@@ -124,6 +133,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
                 demo_options=dict(demo_options or {}),
                 source=source if isinstance(source, str) else getattr(source, "__qualname__", repr(source)),
                 image_size=None if image_size is None else [int(x) for x in image_size], decode=decode,
+                remote=_plain(remote),
                 # only when set: it then equals the model's, and Lightning merges the two hparams
                 **({} if num_classes is None else {"num_classes": int(num_classes)}),
             )
@@ -158,10 +168,11 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.decode = decode
         self._decoder: Any = None
         self._source_kind = source
+        remote_options(self.root, remote)  # checked now: a bad key fails before any file is read
         self._source: FaceSource | None = None
         self._num_classes = None if num_classes is None else int(num_classes)
         if source == "recordio":
-            self.num_classes, self.image_size = FaceRecordSet.peek(self.root)
+            self.num_classes, self.image_size = FaceRecordSet.peek(self.root, remote=remote)
             self.num_classes = self._num_classes or self.num_classes
         else:
             if source == "folder":
@@ -192,7 +203,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
     def source(self) -> FaceSource:
         """The training source (opened on first use; a RecordIO set maps its cached index)."""
         if self._source is None:
-            self._source = FaceRecordSet(self.root, num_classes=self._num_classes)
+            self._source = FaceRecordSet(self.root, remote=self.hparams.remote, num_classes=self._num_classes)
         return self._source
 
     def evaluators(self) -> list:
@@ -204,7 +215,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             missing = [str(p) for p in self.val_paths if not is_remote(p) and not Path(p).is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [BinPairsEvaluator(cached_copy(p)) for p in self.val_paths]
+            self._val = [BinPairsEvaluator(cached_copy(p, **remote_options(p, self.hparams.remote))) for p in self.val_paths]
         return list(self._val)
 
     def _rank_world(self) -> tuple[int, int]:

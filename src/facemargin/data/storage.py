@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
-__all__ = ["ByteSource", "LocalSource", "open_source", "cached_copy", "is_remote", "cache_root"]
+__all__ = ["ByteSource", "LocalSource", "open_source", "cached_copy", "is_remote", "cache_root", "remote_options"]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _COPY_BLOCK = 4 << 20
@@ -149,6 +149,31 @@ def open_source(path: str | os.PathLike, **options: Any) -> ByteSource:
     if url.lower().startswith(("http://", "https://")):
         return HTTPSource(url, **options)
     return FsspecSource(url, **options)
+
+
+REMOTE_OPTIONS = ("retry", "readahead", "concurrency", "timeout", "storage_options")
+
+
+def remote_options(path: str | os.PathLike, options: Any = None) -> dict[str, Any]:
+    """Checked keyword options of :func:`open_source` for ``path`` (from a config mapping).
+
+    ``retry`` may be a mapping of :class:`~facemargin.data.remote.RetryPolicy` fields
+    (``{attempts: 3, base_delay: 0.1}``). A local path takes none: ``{}``.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(REMOTE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown remote option(s) {unknown}; valid: {list(REMOTE_OPTIONS)}")
+    if not is_remote(path):
+        return {}
+    retry = options.get("retry")
+    if retry is not None and not hasattr(retry, "delay"):
+        from .remote import RetryPolicy
+
+        options["retry"] = RetryPolicy(**dict(retry))
+    if "storage_options" in options:
+        options["storage_options"] = dict(options["storage_options"] or {})
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def cache_root() -> Path:
