@@ -125,7 +125,7 @@ def test_the_module_is_built_from_the_config_with_a_head_of_any_class():
     cfg = compose_with("head=partial_fc", "head.sample_rate=0.5")
     model = build_model(cfg, num_classes=9)
     assert type(model.head) is PartialFCHead and model.head.sample_rate == 0.5
-    cfg = compose_with("head._target_=torch.nn.Bilinear", "~head.margin", "+head.in1_features=3",
-                       "+head.in2_features=3", "+head.out_features=2")
+    cfg = compose_with("head._target_=torch.nn.Bilinear", "~head.margin", "~head.subcenters", "~head.objective",
+                       "+head.in1_features=3", "+head.in2_features=3", "+head.out_features=2")
     with pytest.raises(TypeError, match="embedding_size"):  # a foreign class gets the documented keywords
         build_model(cfg, num_classes=5)

@@ -1,12 +1,15 @@
 """Every loss trains through the train entry point (``facemargin.train.build`` on a Hydra-composed
 config) on 2 CPU processes started the way torchrun starts them: with the default head and with
-``head=partial_fc``, ``loss.dynamic=balanced`` included; an adaptive loss resumes with every buffer
-restored exactly; a user's own head class (``head._target_=custom_head.MyHead``) trains with no
-facemargin change. One spawn for all of it; the parent asserts on what the ranks recorded.
+``head=partial_fc``, ``loss.dynamic=balanced`` included; so do the head's other axes
+(``loss=expface head.objective=uniface``, ``head.subcenters=3``); an adaptive loss resumes with
+every buffer restored exactly; a user's own head class (``head._target_=custom_head.MyHead``)
+trains with no facemargin change. One spawn for all of it; the parent asserts on what the ranks
+recorded.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import traceback
@@ -37,6 +40,11 @@ LOSSES = [[f"loss={n}"] for n in available_margins()] + [
     [f"loss={n}", "loss.dynamic=balanced"] for n in ("expface", "cosface", "arcface", "sphereface")
 ]
 HEADS = ["head=default", "head=partial_fc"]
+#: the head's subcenters and objective axes: overrides, extra logged keys, centre rows per class
+AXES = [
+    (["loss=expface", "head.objective=uniface"], {"train/uce", "train/uniface_b"}, 1),
+    (["head.subcenters=3"], {"train/ce"}, 3),
+]
 #: what each loss adds to train/loss, train/ce in the logs
 EXTRA_LOGS = {"curricularface": {"train/t"}, "adaface": {"train/batch_mean", "train/batch_std"},
               "magface": {"train/magface_g"}, "dynamic": {"train/m"}}
@@ -92,7 +100,7 @@ def _worker(rank: int, port: int, tmp: str, cache: str) -> None:
     )
     torch.set_num_threads(1)
     out, results = Path(tmp), {}
-    cases = [(loss, head) for loss in LOSSES for head in HEADS]
+    cases = [(loss, head) for loss in LOSSES + [axis for axis, _, _ in AXES] for head in HEADS]
     for loss, head in cases:
         key = " ".join([*loss, head])
         try:
@@ -107,7 +115,8 @@ def _worker(rank: int, port: int, tmp: str, cache: str) -> None:
     except Exception:
         results["resume"] = {"error": traceback.format_exc()}
     try:  # a user's own head, no facemargin code involved
-        rec = fit(out / "custom", ["head._target_=custom_head.MyHead", "~head.margin", "+head.scale=8.0"])
+        rec = fit(out / "custom", ["head._target_=custom_head.MyHead", "~head.margin", "~head.subcenters", "~head.objective",
+                                         "+head.scale=8.0"])
         results["custom"] = rec.end
     except Exception:
         results["custom"] = {"error": traceback.format_exc()}
@@ -156,6 +165,21 @@ def test_every_loss_trains_on_two_processes(ranks, loss, head) -> None:
     shared = want_logs - {"train/loss", "train/ce", "train/magface_g"}
     for k in shared | ({"train/ce", "train/magface_g"} & want_logs if head == "head=partial_fc" else set()):
         assert a["metrics"][k] == pytest.approx(b["metrics"][k], rel=1e-6), k
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("axis", AXES, ids=lambda a: " ".join(a[0]))
+def test_subcenters_and_uniface_train_on_two_processes(ranks, axis, head) -> None:
+    overrides, logs, per_class = axis
+    per_rank = [_ok(res, " ".join([*overrides, head])) for res in ranks]
+    for rec in per_rank:
+        assert rec["step"] == 2 and {"train/loss"} | logs <= set(rec["metrics"]), sorted(rec["metrics"])
+        assert all(torch.isfinite(torch.tensor(rec["metrics"][k])) for k in {"train/loss"} | logs)
+    rows = [16 * per_class, 16 * per_class] if head == "head=partial_fc" else [32 * per_class] * 2
+    assert [r["weight_rows"] for r in per_rank] == rows
+    if "train/uniface_b" in logs:  # UniFace's bias: one value, the same on every rank, trained
+        a, b = (r["metrics"]["train/uniface_b"] for r in per_rank)
+        assert a == b and a != pytest.approx(math.log(10 * 32), abs=1e-7)
 
 
 def test_adaptive_loss_resumes_with_every_buffer(ranks) -> None:

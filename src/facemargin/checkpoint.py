@@ -8,6 +8,7 @@ sizes, the channel order and normalisation, and the thresholds the last validati
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import torch
 
 from .module import RECORD_KEY, FaceRecognitionModule
 
-__all__ = ["load_module", "read_record"]
+log = logging.getLogger(__name__)
+
+__all__ = ["init_weights", "load_module", "read_record"]
 
 
 def read_record(checkpoint: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> dict[str, Any]:
@@ -46,3 +49,36 @@ def load_module(path: str | os.PathLike, map_location: str | torch.device = "cpu
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.to(map_location).eval()
+
+
+def init_weights(module: FaceRecognitionModule, path: str | os.PathLike) -> None:
+    """Start ``module`` from the weights of the checkpoint ``path`` (a new run: its own optimizer,
+    schedule and step 0 -- unlike resuming with ``ckpt_path``).
+
+    Every backbone tensor must be in the checkpoint with the same shape; head tensors are taken
+    where names and shapes match (the margin's running statistics, UniFace's bias), so a run may
+    change the head's layout (``head=partial_fc``) or objective. Sharded Partial FC centres are
+    consolidated in checkpoints and re-sharded when training starts. A shape mismatch (e.g. other
+    ``num_classes`` or ``subcenters``) raises, naming the tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_weights: checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: no 'state_dict' in the checkpoint")
+    weights = {k: v for k, v in checkpoint.items() if k != "optimizer_states"}  # weights only
+    module.on_load_checkpoint(weights)
+    own = module.state_dict()
+    for name, value in weights["state_dict"].items():
+        if name in own and own[name].shape != value.shape:
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(value.shape)}, this model's has {tuple(own[name].shape)} "
+                "(num_classes, subcenters and the backbone must match)"
+            )
+    result = module.load_state_dict(weights["state_dict"], strict=False)
+    missing = [k for k in result.missing_keys if k.startswith("backbone.")]
+    if missing:
+        raise ValueError(f"{path}: the backbone does not match this model's (missing {missing[:5]})")
+    if result.missing_keys or result.unexpected_keys:
+        log.info("init_weights %s: kept this model's own %s; ignored %s", path, result.missing_keys, result.unexpected_keys)

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import LastCheckpoint
+from .checkpoint import init_weights
 from .module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ def build(cfg: DictConfig) -> tuple[pl.Trainer, FaceRecognitionModule, pl.Lightn
     """Instantiate the DataModule, the LightningModule and the Trainer from a composed config."""
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
+    if cfg.get("init_weights") and not cfg.get("ckpt_path"):  # resuming restores everything anyway
+        init_weights(model, cfg.init_weights)
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node]
     callbacks = [instantiate(node) for node in _callback_nodes(cfg, why_unscored(cfg, model, datamodule))]
     if not loggers:  # nothing to log learning rates to (logger=none)

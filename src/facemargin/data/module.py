@@ -77,6 +77,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
         flip_p: training horizontal flip probability.
         on_corrupt: ``"raise"`` or ``"skip"`` (see :mod:`facemargin.data.loader`).
         image_size: ``(height, width)`` of a folder source's images (default: the first image's).
+        num_classes: identities of a RecordIO or folder source (default: ``property``, the number
+            of folders, or the largest label of a list file + 1), e.g. for a subset that lost its
+            last identities (``python -m facemargin.clean``) and keeps the model's class numbering.
         augment: optional callable applied to training batches on the device, on uint8 images,
             before normalisation (see :data:`Augment`).
         decode: ``"cpu"``: DataLoader workers decode the JPEGs. ``"gpu"``: workers ship the encoded
@@ -114,6 +117,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         augment: Augment | None = None,
         decode: str = "cpu",
         remote: Mapping[str, Any] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         val_list = [val_sets] if isinstance(val_sets, (str, os.PathLike)) else list(val_sets or [])
@@ -130,6 +134,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
                 source=source if isinstance(source, str) else getattr(source, "__qualname__", repr(source)),
                 image_size=None if image_size is None else [int(x) for x in image_size], decode=decode,
                 remote=_plain(remote),
+                # only when set: it then equals the model's, and Lightning merges the two hparams
+                **({} if num_classes is None else {"num_classes": int(num_classes)}),
             )
         )
         if on_corrupt not in ("raise", "skip"):
@@ -164,11 +170,13 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self._source_kind = source
         remote_options(self.root, remote)  # checked now: a bad key fails before any file is read
         self._source: FaceSource | None = None
+        self._num_classes = None if num_classes is None else int(num_classes)
         if source == "recordio":
             self.num_classes, self.image_size = FaceRecordSet.peek(self.root, remote=remote)
+            self.num_classes = self._num_classes or self.num_classes
         else:
             if source == "folder":
-                self._source = FolderSource(self.root, image_size=image_size)
+                self._source = FolderSource(self.root, image_size=image_size, num_classes=self._num_classes)
             elif callable(source):
                 self._source = source(str(self.root))
             else:
@@ -195,7 +203,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
     def source(self) -> FaceSource:
         """The training source (opened on first use; a RecordIO set maps its cached index)."""
         if self._source is None:
-            self._source = FaceRecordSet(self.root, remote=self.hparams.remote)
+            self._source = FaceRecordSet(self.root, remote=self.hparams.remote, num_classes=self._num_classes)
         return self._source
 
     def evaluators(self) -> list:

@@ -43,10 +43,12 @@ def embed_dataset(
     num_workers: int = 2,
     progress: bool = True,
     name: str = "images",
+    flip: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(embeddings [N, D] float32, mean view norms [N] or None)`` in index order.
 
-    Embeddings are image + horizontal flip summed, not normalised (the evaluators' input).
+    Embeddings are image + horizontal flip summed (the image alone with ``flip=False``), not
+    normalised (the evaluators' input).
     Images of the wrong size raise ``ValueError`` naming ``name`` and the image.
     """
     n = len(dataset)  # type: ignore[arg-type]
@@ -59,7 +61,7 @@ def embed_dataset(
     norms: np.ndarray | None = None
     with tqdm(total=n, desc=f"embed {name}", unit="img", disable=not progress, leave=False) as bar:
         for images, idx in loader:
-            e, v = model.embed_views(images)
+            e, v = model.embed_views(images, flip=flip)
             if emb is None:
                 emb = np.empty((n, e.shape[1]), dtype=np.float32)
                 norms = None if v is None else np.empty(n, dtype=np.float32)

@@ -1,9 +1,10 @@
 """The computation every head shares: embeddings -> cosine block -> margin -> objective -> HeadOutput.
 
 Three separate axes meet here: the *layout* (how the rows and the class centres of the global
-``[N, C]`` cosine matrix are split across ranks, :class:`BlockLayout`; one centre per class),
-the *margin* (``facemargin.margins``) and the *objective* (``facemargin.heads.objectives``).
-A head only decides its layout and which rows/centres it holds.
+``[N, C]`` cosine matrix are split across ranks, :class:`BlockLayout`, and how many sub-centres
+each class has, :mod:`facemargin.heads.subcenters`), the *margin* (``facemargin.margins``) and the
+*objective* (``facemargin.heads.objectives``). A head only decides its layout and which
+rows/centres it holds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch.autograd import Function
 
 from ..margins import BaseMargin, MarginInput, MarginOutput, as_margin
 from .base import HeadHooks, HeadOutput
-from .objectives import SoftmaxCrossEntropy
+from .objectives import build_objective
+from .subcenters import subcentre_max
 
 __all__ = ["BlockLayout", "CentreHead", "centre_cosine", "margin_block", "objective_output"]
 
@@ -85,15 +87,16 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
 
 def margin_block(
     margin: BaseMargin, x: Tensor, weight: Tensor, labels: Tensor, valid: Tensor, num_classes: int,
-    layout: BlockLayout = BlockLayout(),
+    layout: BlockLayout = BlockLayout(), subcenters: int = 1,
 ) -> MarginOutput:
     """Normalise the rows ``x`` (keeping their norms, with gradient), take the cosines against
-    ``weight`` and apply ``margin``; float32 math (float64 when ``x`` or ``weight`` is), autocast off."""
+    ``weight`` (class-major, ``subcenters`` rows per class: max-pooled to one column per class)
+    and apply ``margin``; float32 math (float64 when ``x`` or ``weight`` is), autocast off."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = x.to(_compute_dtype(x, weight))
         norms = torch.linalg.vector_norm(x, dim=1)
         x_n = x / norms.clamp_min(1e-12).unsqueeze(1)
-        cos = centre_cosine(x_n, weight)
+        cos = subcentre_max(centre_cosine(x_n, weight), subcenters)
         inp = MarginInput(cos, labels, valid, norms, num_classes, layout.reduce_columns, layout.reduce_rows)
         return margin(inp)
 
@@ -110,6 +113,9 @@ def objective_output(
     with torch.autocast(device_type=out.logits.device.type, enabled=False):
         value = objective(out.logits, labels, valid, layout.sharded_columns)
         logs = {objective.log_name: value.detach()}
+        extra_logs = getattr(objective, "logs", None)
+        if callable(extra_logs):
+            logs.update(extra_logs())
         loss = value
         for key, extra in out.extra_losses.items():
             loss = loss + (_gradient_scaled(extra, 1.0 / layout.replicas) if layout.replicas > 1 else extra)
@@ -120,21 +126,28 @@ def objective_output(
 
 class CentreHead(HeadHooks, nn.Module):
     """What the class-centre heads share: sizes, the margin (a name built with ``s``, ``grad`` and
-    ``margin_params``, or a ready margin module), the objective, ``loss = output(...).loss``."""
+    ``margin_params``, or a ready margin module), ``subcenters`` (K centres per class), the
+    objective (a name built with ``objective_params``, or a ready module; ``sample_rate`` sets
+    UniFace's bias init), ``loss = output(...).loss``."""
 
     def __init__(
         self, embedding_size: int, num_classes: int, margin: str | BaseMargin, s: float | None,
-        grad: str | None, margin_params: dict[str, Any],
+        grad: str | None, margin_params: dict[str, Any], subcenters: int = 1,
+        objective: str | nn.Module = "softmax", objective_params: dict[str, Any] | None = None,
+        sample_rate: float = 1.0,
     ) -> None:
         nn.Module.__init__(self)
         if embedding_size <= 0 or num_classes <= 0:
             raise ValueError(
                 f"embedding_size and num_classes must be positive; got {embedding_size}, {num_classes}"
             )
+        if isinstance(subcenters, bool) or int(subcenters) != subcenters or subcenters < 1:
+            raise ValueError(f"subcenters must be a positive integer; got {subcenters!r}")
         self.embedding_size = embedding_size
         self.num_classes = num_classes
+        self.subcenters = int(subcenters)
         self.margin = as_margin(margin, s=s, grad=grad, **margin_params)
-        self.objective = SoftmaxCrossEntropy()
+        self.objective = build_objective(objective, num_classes, sample_rate, self.margin.s, objective_params)
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the labelled rows (+ the margin's extra terms)."""

@@ -16,6 +16,10 @@ the shard). The embeddings get ``world * dL/dx_local`` (``ddp_grad_scale=True``,
 then *averages* the backbone gradients over the ranks, which gives exactly the gradient of the
 single-process loss over the global batch. ``ddp_grad_scale=False`` gives the plain ``dL/dx_local``.
 
+Sub-centres (``subcenters=K``): a class's K rows always live on the same rank (the shard holds
+rows ``[start * K, stop * K)``) and sampling picks classes, with all K rows of a picked class. The
+objective (``"softmax"`` or ``"uniface"``) sums or normalises over the ranks' column blocks.
+
 ``sample_rate < 1``: see :mod:`facemargin.heads.sampling`. The hooks of the head contract
 (:mod:`facemargin.heads.base`) do the wiring: ``setup_distributed`` shards, ``ddp_ignored_parameters``
 names the shards, ``on_save_checkpoint`` / ``on_load_checkpoint`` consolidate and re-shard, so a
@@ -43,10 +47,11 @@ __all__ = ["PartialFCHead"]
 
 
 class PartialFCHead(CentreSampling, CentreHead):
-    """Margin-softmax head whose class centres are sharded across the ranks.
+    """Margin head whose class centres are sharded across the ranks.
 
-    Args mirror :class:`MarginHead`, plus ``sample_rate`` (fraction of this shard's centres used
-    per training step, positives always kept), ``ddp_grad_scale`` (see the module docstring) and
+    Args mirror :class:`MarginHead` (``subcenters``, ``objective`` included), plus ``sample_rate``
+    (fraction of this shard's classes used per training step, positives always kept; also UniFace's
+    ``r``), ``ddp_grad_scale`` (see the module docstring) and
     ``seed`` (centre init and sampling; drawn from torch's RNG and broadcast from rank 0 when
     None, then kept in the ``sample_seed`` buffer). The init depends only on the seed, not on
     the sharding.
@@ -67,11 +72,17 @@ class PartialFCHead(CentreSampling, CentreHead):
         sample_rate: float = 1.0,
         ddp_grad_scale: bool = True,
         seed: int | None = None,
+        subcenters: int = 1,
+        objective: str | nn.Module = "softmax",
+        objective_params: dict | None = None,
         **margin_params: float | bool | str | None,
     ) -> None:
-        super().__init__(embedding_size, num_classes, margin, s, grad, margin_params)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate}")
+        super().__init__(
+            embedding_size, num_classes, margin, s, grad, margin_params, subcenters, objective, objective_params,
+            sample_rate,
+        )
         self.sample_rate = float(sample_rate)
         self.ddp_grad_scale = ddp_grad_scale
         if seed is None:
@@ -83,10 +94,10 @@ class PartialFCHead(CentreSampling, CentreHead):
         world, rank = world_and_rank()
         self.world_size, self.rank = world, rank
         self.start, self.stop = shard_bounds(num_classes, rank, world)
-        w = init_rows(self.start, self.stop, num_classes, embedding_size, self.seed)
+        w = self._init_shard(self.start, self.stop)
         if self.sampled:
             self.register_buffer("weight", w)
-            self.weight_active = nn.Parameter(torch.empty(self.num_sample, embedding_size))
+            self.weight_active = nn.Parameter(torch.empty(self.num_sample * self.subcenters, embedding_size))
         else:
             self.weight = nn.Parameter(w)
 
@@ -103,13 +114,18 @@ class PartialFCHead(CentreSampling, CentreHead):
 
     @property
     def num_local(self) -> int:
-        """Number of centres on this rank."""
+        """Number of classes on this rank (``num_local * subcenters`` centre rows)."""
         return self.stop - self.start
 
     @property
     def num_sample(self) -> int:
-        """Rows of ``weight_active``: ``ceil(sample_rate * C_local)``."""
+        """Classes sampled per step: ``ceil(sample_rate * C_local)`` (``weight_active`` holds their K rows each)."""
         return max(1, math.ceil(self.sample_rate * self.num_local))
+
+    def _init_shard(self, start: int, stop: int) -> Tensor:
+        """The rows of classes ``[start, stop)`` of the seeded ``[C * K, D]`` init."""
+        k = self.subcenters
+        return init_rows(start * k, stop * k, self.num_classes * k, self.embedding_size, self.seed)
 
     @property
     def optimizer_param(self) -> nn.Parameter:
@@ -126,9 +142,10 @@ class PartialFCHead(CentreSampling, CentreHead):
         return ["weight", "weight_active"] if self.sampled else ["weight"]
 
     def grad_clip_parameters(self) -> Iterable[nn.Parameter]:
-        """None: the shards differ per rank, so a norm over them would too and make the
-        data-parallel backbone replicas drift apart. Clip the backbone only (as insightface)."""
-        return []
+        """Not the shards: they differ per rank, so a norm over them would too and make the
+        data-parallel backbone replicas drift apart (insightface clips the backbone only). The
+        objective's parameters (UniFace's bias) are identical on every rank and included."""
+        return list(self.objective.parameters())
 
     def on_save_checkpoint(
         self, checkpoint: dict[str, Any], prefix: str, optimizers: Iterable[torch.optim.Optimizer] = ()
@@ -152,11 +169,12 @@ class PartialFCHead(CentreSampling, CentreHead):
         if (rank, world) == (self.rank, self.world_size):
             return
         start, stop = shard_bounds(self.num_classes, rank, world)
+        k = self.subcenters
         if self._fresh:
             self.sample_seed.fill_(int(broadcast_object(self.seed)))
-            new = init_rows(start, stop, self.num_classes, self.embedding_size, self.seed)
+            new = self._init_shard(start, stop)
         elif self.world_size == 1:
-            new = self.weight.detach()[start:stop].clone()
+            new = self.weight.detach()[start * k:stop * k].clone()
         else:
             raise RuntimeError(
                 f"cannot re-shard a trained head from world {self.world_size} to {world} in place; "
@@ -166,7 +184,7 @@ class PartialFCHead(CentreSampling, CentreHead):
         self.world_size, self.rank, self.start, self.stop = world, rank, start, stop
         if self.sampled:
             self._buffers["weight"] = new
-            self.weight_active.data = new.new_empty(self.num_sample, self.embedding_size)
+            self.weight_active.data = new.new_empty(self.num_sample * k, self.embedding_size)
         else:
             self.weight.data = new
         self._active_index, self._pending = None, False
@@ -202,7 +220,7 @@ class PartialFCHead(CentreSampling, CentreHead):
             reduce_columns=all_reduce_sum, sharded_columns=world > 1, replicas=world
         ) if world > 1 else BlockLayout()
         valid = y_all >= 0
-        out = margin_block(self.margin, x_all, weight, local, valid, self.num_classes, layout)
+        out = margin_block(self.margin, x_all, weight, local, valid, self.num_classes, layout, self.subcenters)
         return objective_output(self.objective, out, local, valid, layout)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -211,12 +229,17 @@ class PartialFCHead(CentreSampling, CentreHead):
 
     # ---- export
     def full_weight(self) -> Tensor:
-        """All ``C`` centres ``[C, D]`` on every rank (collective: every rank must call it)."""
-        return gather_shards(self.weight.detach(), self.num_classes, self.rank, self.world_size, None)
+        """All centres ``[C * K, D]`` on every rank (collective: every rank must call it)."""
+        return gather_shards(
+            self.weight.detach(), self.num_classes, self.rank, self.world_size, None, self.subcenters
+        )
 
     def to_margin_head(self) -> MarginHead:
-        """A :class:`MarginHead` with all centres and a copy of the margin (collective)."""
-        head = MarginHead(self.embedding_size, self.num_classes, margin=copy.deepcopy(self.margin))
+        """A :class:`MarginHead` with all centres and copies of the margin and the objective (collective)."""
+        head = MarginHead(
+            self.embedding_size, self.num_classes, margin=copy.deepcopy(self.margin), subcenters=self.subcenters,
+            objective=copy.deepcopy(self.objective),
+        )
         with torch.no_grad():
             head.weight.copy_(self.full_weight())
         return head.to(self.weight.device)
@@ -242,5 +265,5 @@ class PartialFCHead(CentreSampling, CentreHead):
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"shard=[{self.start}, {self.stop}) rank {self.rank}/{self.world_size}, "
-            f"sample_rate={self.sample_rate}"
+            f"subcenters={self.subcenters}, sample_rate={self.sample_rate}"
         )

@@ -1,9 +1,9 @@
 """Partial FC centre sampling (``sample_rate < 1``), a function of counters, not of an RNG's history.
 
-Each training step keeps every positive centre of the global batch on this shard plus a uniform
-sample of the others, ``ceil(sample_rate * C_local)`` rows in all, copies them into the
-fixed-size Parameter ``weight_active`` (what the optimizer sees) and swaps their optimizer-state
-rows in; a step post-hook writes rows and state back after ``optimizer.step()``. Rows not
+Each training step keeps every positive class of the global batch on this shard plus a uniform
+sample of the others, ``ceil(sample_rate * C_local)`` classes in all, copies their centre rows
+(all K sub-centres of a picked class) into the fixed-size Parameter ``weight_active`` (what the
+optimizer sees) and swaps their optimizer-state rows in; a step post-hook writes rows and state back after ``optimizer.step()``. Rows not
 sampled are untouched, weights and optimizer state alike. The full-shard optimizer state lives
 in the optimizer's own state under ``partial_fc_full_<key>``, so it is saved with the optimizer.
 
@@ -86,13 +86,14 @@ class CentreSampling:
                     continue
                 full = state.get(FULL_STATE_PREFIX + key)
                 if full is None:
-                    full = torch.zeros(self.num_local, *p.shape[1:], dtype=val.dtype, device=val.device)
+                    rows = self.weight.shape[0]
+                    full = torch.zeros(rows, *p.shape[1:], dtype=val.dtype, device=val.device)
                     state[FULL_STATE_PREFIX + key] = full
                 full.index_copy_(0, idx, val)
         self._pending = False
 
     def _sample(self, local: Tensor) -> Tensor:
-        """Pick the active rows (positives + uniform others), load them, remap ``local``."""
+        """Pick the active classes (positives + uniform others), load their rows, remap ``local``."""
         opts = self._attached()
         if not opts:
             raise RuntimeError(
@@ -120,11 +121,13 @@ class CentreSampling:
         gen.manual_seed(counter_seed(int(self.sample_seed), int(self.sample_step), self.rank))
         score = torch.rand(n_local, generator=gen, device=device)
         score[positive] = 2.0
-        idx = torch.topk(score, k, sorted=False).indices.sort().values
+        classes = torch.topk(score, k, sorted=False).indices.sort().values
         self.sample_step.add_(1)
         remap = torch.full((n_local,), -1, dtype=torch.long, device=device)
-        remap[idx] = torch.arange(k, device=device)
+        remap[classes] = torch.arange(k, device=device)
         new_local = torch.where(local >= 0, remap[local.clamp_min(0)], local)
+        per = self.subcenters  # a class's rows are contiguous: class c holds rows c*K .. c*K+K-1
+        idx = (classes.unsqueeze(1) * per + torch.arange(per, device=device)).view(-1)
         with torch.no_grad():
             torch.index_select(self.weight, 0, idx, out=self.weight_active.data)
             for opt in opts:
@@ -132,7 +135,7 @@ class CentreSampling:
                 for key in [k_ for k_ in state if k_.startswith(FULL_STATE_PREFIX)]:
                     name, full = key[len(FULL_STATE_PREFIX):], state[key]
                     cur = state.get(name)
-                    if torch.is_tensor(cur) and cur.shape == (k, *full.shape[1:]) and cur.dtype == full.dtype:
+                    if torch.is_tensor(cur) and cur.shape == (idx.numel(), *full.shape[1:]) and cur.dtype == full.dtype:
                         torch.index_select(full, 0, idx, out=cur)
                     else:
                         state[name] = full.index_select(0, idx)

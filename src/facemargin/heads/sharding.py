@@ -1,8 +1,8 @@
 """Partial FC's class-centre shards: who holds which rows, their seeded init, and checkpoints.
 
-Rank ``r`` of ``world`` holds the centres ``[start, stop)`` of :func:`shard_bounds` (``C // world``
-each, the remainder on the last rank). Checkpoints hold the *consolidated* tensors: the full
-``[C, D]`` centres and the full per-row optimizer state, assembled on rank 0's CPU by
+Rank ``r`` of ``world`` holds the classes ``[start, stop)`` of :func:`shard_bounds` (``C // world``
+each, the remainder on the last rank): centre rows ``[start * K, stop * K)`` with K sub-centres.
+Checkpoints hold the *consolidated* tensors: the full ``[C * K, D]`` centres and the full per-row optimizer state, assembled on rank 0's CPU by
 :func:`consolidate` (a collective) and sliced back to any world size by :func:`shard`.
 """
 
@@ -71,18 +71,20 @@ def param_index(optimizer: torch.optim.Optimizer, param: Tensor) -> int | None:
 
 
 def gather_shards(
-    shard_rows: Tensor, num_classes: int, rank: int, world: int, to_rank: int | None
+    shard_rows: Tensor, num_classes: int, rank: int, world: int, to_rank: int | None, per_class: int = 1,
 ) -> Tensor | None:
-    """Full ``[C, ...]`` tensor from every rank's shard rows. ``to_rank=None``: on every rank,
-    on the shard's device; else only on ``to_rank`` (on the CPU), None elsewhere."""
+    """Full ``[C * per_class, ...]`` tensor from every rank's shard rows (``per_class`` rows per
+    class). ``to_rank=None``: on every rank, on the shard's device; else only on ``to_rank`` (on
+    the CPU), None elsewhere."""
     if world == 1:
         return shard_rows.detach().clone() if to_rank is None else shard_rows.detach().cpu().clone()
     shard_rows = shard_rows.detach().contiguous()
     receive = to_rank is None or rank == to_rank
     device = shard_rows.device if to_rank is None else torch.device("cpu")
-    full = torch.empty(num_classes, *shard_rows.shape[1:], dtype=shard_rows.dtype, device=device) if receive else None
+    rows = num_classes * per_class
+    full = torch.empty(rows, *shard_rows.shape[1:], dtype=shard_rows.dtype, device=device) if receive else None
     for src in range(world):
-        start, stop = shard_bounds(num_classes, src, world)
+        start, stop = (b * per_class for b in shard_bounds(num_classes, src, world))
         buf = shard_rows if src == rank else shard_rows.new_empty(stop - start, *shard_rows.shape[1:])
         dist.broadcast(buf, src=src)
         if full is not None:
@@ -106,14 +108,14 @@ def consolidate(
 
     ``checkpoint["state_dict"][prefix + "weight"]`` and the head's per-row optimizer state in
     ``checkpoint["optimizer_states"][i]`` (``optimizers`` in the same order, e.g.
-    ``trainer.optimizers``) become ``[C, ...]``; metadata goes to ``checkpoint["partial_fc"]``.
+    ``trainer.optimizers``) become ``[C * K, ...]``; metadata goes to ``checkpoint["partial_fc"]``.
     Full tensors are assembled on the CPU of rank 0 only (the rank that writes) unless
     ``all_ranks``. Live tensors are never modified.
     """
-    world, rank, c = head.world_size, head.rank, head.num_classes
+    world, rank, c, per = head.world_size, head.rank, head.num_classes, head.subcenters
     to_rank = None if all_ranks else 0
     wkey = prefix + "weight"
-    full = gather_shards(head.weight, c, rank, world, to_rank)
+    full = gather_shards(head.weight, c, rank, world, to_rank, per)
     if full is not None and "state_dict" in checkpoint:
         checkpoint["state_dict"][wkey] = full
     opt_meta = []
@@ -132,7 +134,7 @@ def consolidate(
         states = dict(opt_ckpt["state"])
         pstate = dict(states.get(pid, {}))
         for key in keys:
-            full_state = gather_shards(opt.state[p][key], c, rank, world, to_rank)
+            full_state = gather_shards(opt.state[p][key], c, rank, world, to_rank, per)
             if full_state is not None:
                 pstate[key] = full_state
         if pid in states or keys:
@@ -142,6 +144,7 @@ def consolidate(
     meta = dict(checkpoint.get(CHECKPOINT_KEY, {}))
     meta[wkey] = {
         "num_classes": c,
+        "subcenters": per,
         "embedding_size": head.embedding_size,
         "sampled": head.sampled,
         "saved_world_size": world,
@@ -158,11 +161,17 @@ def shard(head: PartialFCHead, checkpoint: dict, prefix: str) -> None:
     w = checkpoint.get("state_dict", {}).get(wkey)
     if w is None:
         return
-    if info is None and not (head.world_size == 1 and w.shape[0] == head.num_classes):
+    per = head.subcenters
+    rows = head.num_classes * per
+    if info is None and head.world_size != 1:
         raise ValueError(f"{wkey} has no Partial FC metadata: save it with head.on_save_checkpoint(...)")
-    if w.shape[0] != head.num_classes:
-        raise ValueError(f"{wkey}: expected {head.num_classes} rows (consolidated); got {tuple(w.shape)}")
-    checkpoint["state_dict"][wkey] = w[head.start:head.stop].clone()
+    if w.shape[0] != rows:
+        raise ValueError(
+            f"{wkey}: expected {head.num_classes} classes x {per} sub-centres = {rows} rows (consolidated); "
+            f"got {tuple(w.shape)}"
+        )
+    lo, hi = head.start * per, head.stop * per
+    checkpoint["state_dict"][wkey] = w[lo:hi].clone()
     if info is None or "optimizer_states" not in checkpoint:
         return
     if bool(info["sampled"]) != head.sampled:
@@ -177,6 +186,6 @@ def shard(head: PartialFCHead, checkpoint: dict, prefix: str) -> None:
             continue
         pstate = dict(states[m["param_id"]])
         for key in m["keys"]:
-            pstate[key] = pstate[key][head.start:head.stop].clone()
+            pstate[key] = pstate[key][lo:hi].clone()
         states[m["param_id"]] = pstate
         opt_ckpt["state"] = states
