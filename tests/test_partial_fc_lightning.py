@@ -113,6 +113,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     t.save_checkpoint(root / "step3.ckpt")  # every rank calls; rank 0 writes
     t2 = trainer(WORLD, 5, root)
     t2.fit(TinyFace(out, "resume2"), loader(), ckpt_path=root / "step3.ckpt")
+    if torch.distributed.is_initialized():  # gloo's threads stopped before exit (else a rare SIGABRT at teardown)
+        torch.distributed.destroy_process_group()
 
 
 def load(out: Path, name: str) -> dict:
