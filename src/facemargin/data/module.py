@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import to_plain
 from .decode import normalize_uint8
 from .faceset import FaceRecordSet
 from .gpu_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
@@ -29,11 +30,6 @@ STANDARD_VAL_SETS = ("lfw", "cfp_fp", "agedb_30")
 
 #: ``(images uint8 [B,3,H,W] on the device, sample_index int64 [B], epoch) -> images uint8``.
 Augment = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
-def _plain(value: Any) -> Any:
-    """Nested mappings (Hydra's DictConfig) as plain dicts: hyper-parameters load with ``weights_only``."""
-    return {str(k): _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
 def _is_demo(root: str | os.PathLike | None) -> bool:
@@ -133,7 +129,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
                 demo_options=dict(demo_options or {}),
                 source=source if isinstance(source, str) else getattr(source, "__qualname__", repr(source)),
                 image_size=None if image_size is None else [int(x) for x in image_size], decode=decode,
-                remote=_plain(remote),
+                remote=to_plain(remote),  # plain: checkpoints load with weights_only
                 # only when set: it then equals the model's, and Lightning merges the two hparams
                 **({} if num_classes is None else {"num_classes": int(num_classes)}),
             )
