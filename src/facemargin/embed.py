@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .data.verification import encoded_image_size
+from .detect.landmarks import read_landmarks as read_landmark_file
 from .evaluation.base import ImageFiles
 from .evaluation.embedder import Embedder, load_embedder
 from .evaluation.runner import embed_dataset
@@ -53,23 +54,9 @@ def find_images(root: Path) -> list[Path]:
 
 
 def read_landmarks(path: Path, root: Path) -> tuple[list[Path], np.ndarray]:
-    """``(image paths, landmarks [N, 5, 2])`` from lines ``relpath x1 y1 ... x5 y5 [score]``."""
-    paths, points = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        try:
-            values = [float(v) for v in fields[1:11]]
-        except ValueError:
-            values = []
-        if len(fields) not in (11, 12) or len(values) != 10:
-            raise ValueError(f"{path}:{lineno}: expected 'relative/path x1 y1 ... x5 y5 [score]', got {line!r}")
-        paths.append(root / fields[0])
-        points.append(values)
-    if not paths:
-        raise ValueError(f"{path}: no landmark lines")
-    return paths, np.array(points, dtype=np.float64).reshape(-1, 5, 2)
+    """``(image paths, landmarks [N, 5, 2])`` in file order from a landmark list (:mod:`facemargin.detect.landmarks`)."""
+    marks = read_landmark_file(path, root)
+    return [Path(p) for p in marks], np.stack(list(marks.values()))
 
 
 def embed_files(

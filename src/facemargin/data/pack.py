@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ..detect.landmarks import read_landmarks
 from .decode import CorruptImageError, declared_size
 from .recordio import IRHeader, RecordIOWriter, pack_record
 
@@ -147,29 +148,6 @@ def _aligned(data: bytes, path: str | os.PathLike, landmarks: np.ndarray, size: 
     except ValueError as exc:
         raise ValueError(f"cannot align {path}: {exc}") from None
     return simplejpeg.encode_jpeg(face, quality=quality, colorspace="RGB"), (size, size)
-
-
-def read_landmarks(list_file: str | os.PathLike, root: str | os.PathLike) -> dict[str, np.ndarray]:
-    """``{image path: [5, 2] landmarks}`` from lines ``PATH x1 y1 ... x5 y5`` (left eye, right eye,
-    nose, left and right mouth corner, in pixels); ``PATH`` relative to ``root`` or absolute,
-    ``#`` starts a comment. Errors name the file and line."""
-    out: dict[str, np.ndarray] = {}
-    with open(list_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            try:
-                if len(fields) != 11:
-                    raise ValueError
-                points = np.array([float(v) for v in fields[1:]], dtype=np.float64).reshape(5, 2)
-                if not np.isfinite(points).all():
-                    raise ValueError
-            except ValueError:
-                raise ValueError(f"{list_file}: line {lineno} is not 'PATH x1 y1 ... x5 y5' "
-                                 f"(a path and 10 numbers): {line.strip()[:80]!r}") from None
-            out[os.path.normpath(os.path.join(root, fields[0]))] = points
-    return out
 
 
 def list_image_tree(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
