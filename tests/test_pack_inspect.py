@@ -229,7 +229,7 @@ def test_pack_align_maps_an_unaligned_photo_onto_the_template(tmp_path):
     with pytest.raises(ValueError, match=r"short\.txt has no landmarks for 1 image\(s\), e\.g\. .*id0/q\.png"):
         pack_images(root, tmp_path / "rec2", align=tmp_path / "short.txt", progress=False)
     (tmp_path / "bad.txt").write_text("id0/p.png 1 2 3\n")
-    with pytest.raises(ValueError, match=r"bad\.txt: line 1 is not 'PATH x1 y1 \.\.\. x5 y5'"):
+    with pytest.raises(ValueError, match=r"bad\.txt: line 1 is not 'PATH x1 y1 \.\.\. x5 y5 \[score\]'"):
         pack_images(root, tmp_path / "rec2", align=tmp_path / "bad.txt", progress=False)
     with pytest.raises(ValueError, match="--align and --crop exclude each other"):
         pack_images(root, tmp_path / "rec2", align=tmp_path / "marks.txt", crop="square", progress=False)
