@@ -23,11 +23,12 @@ from hydra import compose, initialize_config_dir
 
 from facemargin.checkpoint import load_module
 from facemargin.clean import clean, write_cleaned_set
-from facemargin.data.decode import decode_face, normalize_uint8, to_uint8_chw
-from facemargin.data.faceset import FaceRecordSet
+from facemargin.data.formats.image import decode_face
+from facemargin.data.loading.normalize import normalize_uint8, to_uint8_chw
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.sources import FolderSource
-from facemargin.data.synthetic import ensure_demo_dataset
+from facemargin.data.sources.folder import FolderSource
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.tools.synthetic import ensure_demo_dataset
 from facemargin.module import RECORD_KEY
 from facemargin.train import build, build_model, config_dir
 

@@ -14,9 +14,9 @@ import torch
 from conftest import face_image, write_face_set
 from torch.utils.data import DataLoader
 
+from facemargin.data.formats.verification import write_bin
+from facemargin.data.loading.plan import PlanSpec
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.plan import PlanSpec
-from facemargin.data.verification import write_bin
 
 SMALL_DEMO = dict(num_identities=12, images_per_identity=4, num_val_identities=4, num_val_pairs=20, image_size=112)
 
@@ -115,7 +115,7 @@ def test_augment_runs_on_training_batches_before_normalisation(tmp_path: Path) -
 
 
 def test_folder_and_recordio_give_the_same_epochs(tmp_path: Path) -> None:
-    from facemargin.data.pack import pack_images
+    from facemargin.data.tools.pack import pack_images
 
     rng = np.random.default_rng(0)
     for c in range(6):
@@ -141,7 +141,7 @@ def test_folder_and_recordio_give_the_same_epochs(tmp_path: Path) -> None:
 
 
 def test_a_third_source_is_one_small_class(tmp_path: Path) -> None:
-    from facemargin.data.sources import FaceSource
+    from facemargin.data.sources.base import FaceSource
 
     class ListSource(FaceSource):  # the images in a Python list: all a source has to say
         def __init__(self, root: str) -> None:
@@ -257,8 +257,8 @@ import json, os, sys
 import lightning.pytorch as pl
 sys.path.insert(0, {tests!r})
 from test_datamodule import _Recorder, _SaveAt
+from facemargin.data.loading.plan import PlanSpec
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.plan import PlanSpec
 
 class Dump(pl.Callback):
     def on_exception(self, trainer, pl_module, exc):
@@ -284,7 +284,7 @@ def test_trainer_resume_on_another_world_size(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from facemargin.data.plan import planned_samples
+    from facemargin.data.loading.plan import planned_samples
 
     root = make_root(tmp_path / "set", n=100, num_classes=100)
     kw = dict(batch_size=4, streaming=streaming, seed=3, shuffle_buffer=16, chunk_size=4)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import label_of, write_face_set
 
-from facemargin.data.decode import CorruptImageError
-from facemargin.data.faceset import FaceRecordSet
-from facemargin.data.loader import BatchReader, PlanSampler, TrainLoader
-from facemargin.data.plan import PlanSpec, planned_samples
-from facemargin.data.storage import LocalSource
+from facemargin.data.formats.image import CorruptImageError
+from facemargin.data.loading.loader import BatchReader, PlanSampler, TrainLoader
+from facemargin.data.loading.plan import PlanSpec, planned_samples
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.storage.local import LocalSource
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MAP = PlanSpec(seed=7)
@@ -165,9 +165,9 @@ def test_corrupt_raise_names_file_and_key_and_skip_substitutes(tmp_path: Path, w
 
 def test_data_imports_no_lightning_or_timm() -> None:
     code = (
-        "import sys, facemargin.data, facemargin.data.inspect, facemargin.data.pack, facemargin.data.faceset\n"
+        "import sys, facemargin.data, facemargin.data.inspect, facemargin.data.pack, facemargin.data.sources.recordio\n"
         "heavy = [m for m in ('lightning', 'timm', 'torch') if m in sys.modules]\n"
-        "import facemargin.data.loader\n"
+        "import facemargin.data.loading.loader\n"
         "print(heavy, [m for m in ('lightning', 'timm') if m in sys.modules])\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -9,7 +9,7 @@ import torch
 from range_http import RangeServer
 
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.synthetic import make_demo_dataset
+from facemargin.data.tools.synthetic import make_demo_dataset
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .config import to_plain
-from .data.decode import CHANNEL_ORDER, MEAN, STD, normalize_uint8
+from .data.loading.normalize import CHANNEL_ORDER, MEAN, STD, normalize_uint8
 from .distributed import exclude_from_ddp
 
 __all__ = ["FaceRecognitionModule", "RECORD_KEY"]

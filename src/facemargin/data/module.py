@@ -13,13 +13,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import to_plain
-from .decode import normalize_uint8
-from .faceset import FaceRecordSet
-from .gpu_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
-from .loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
-from .plan import PlanSpec
-from .sources import FaceSource, FolderSource
-from .storage import cached_copy, is_remote, remote_options
+from .loading.device_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
+from .loading.loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
+from .loading.normalize import normalize_uint8
+from .loading.plan import PlanSpec
+from .sources.base import FaceSource
+from .sources.folder import FolderSource
+from .sources.recordio import FaceRecordSet
+from .storage.cache import cached_copy
+from .storage.source import is_remote, remote_options
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
             :mod:`facemargin.data.storage`): ``train.rec`` is read in place with ranged reads, the
             small files (``.idx``, ``property``, ``.bin``) are cached locally; val-set names resolve
             inside it. Map-style random access over a network is slower than ``streaming=True``.
-        remote: options of the remote reads (:func:`~facemargin.data.storage.remote_options`):
+        remote: options of the remote reads (:func:`~facemargin.data.storage.source.remote_options`):
             ``retry`` (``{attempts, base_delay, max_delay}``), ``timeout`` (HTTP seconds),
             ``readahead``, ``concurrency``, ``storage_options`` (fsspec); ignored for a local root.
-        source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.FolderSource`) or a
+        source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.folder.FolderSource`) or a
             callable ``root -> FaceSource`` (Hydra: ``_target_: my.Source`` with ``_partial_: true``).
         val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files,
             offered to the LightningModule by :meth:`evaluators`. In demo mode ``demo_val.bin`` comes first.
@@ -68,10 +70,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         persistent_workers: keep workers between epochs.
         streaming: ``False``: random reads, full shuffle. ``True``: blocks of ``chunk_size``
             neighbouring samples read sequentially (one read each), shuffled within windows of
-            ``shuffle_buffer`` samples (see :mod:`facemargin.data.plan`).
+            ``shuffle_buffer`` samples (see :mod:`facemargin.data.loading.plan`).
         seed: every order and flip comes from ``(seed, epoch, sample index)``.
         flip_p: training horizontal flip probability.
-        on_corrupt: ``"raise"`` or ``"skip"`` (see :mod:`facemargin.data.loader`).
+        on_corrupt: ``"raise"`` or ``"skip"`` (see :mod:`facemargin.data.loading.loader`).
         image_size: ``(height, width)`` of a folder source's images (default: the first image's).
         num_classes: identities of a RecordIO or folder source (default: ``property``, the number
             of folders, or the largest label of a list file + 1), e.g. for a subset that lost its
@@ -80,7 +82,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             before normalisation (see :data:`Augment`).
         decode: ``"cpu"``: DataLoader workers decode the JPEGs. ``"gpu"``: workers ship the encoded
             bytes and the batch is decoded on the training device with nvJPEG
-            (:mod:`facemargin.data.gpu_decode`; without CUDA: on the CPU, with a warning).
+            (:mod:`facemargin.data.loading.device_decode`; without CUDA: on the CPU, with a warning).
         demo: force the demo set; ``demo_cache_dir`` is where it is generated (default
             ``$FACEMARGIN_CACHE`` or ``~/.cache/facemargin``); ``demo_options`` overrides its
             generation parameters (``num_identities``, ``images_per_identity``, ...).
@@ -138,7 +140,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.demo = bool(demo) or _is_demo(root)
         if self.demo:
-            from .synthetic import ensure_demo_dataset
+            from .tools.synthetic import ensure_demo_dataset
 
             self.root = Path(ensure_demo_dataset(demo_cache_dir, **dict(demo_options or {})))
             demo_bin = self.root / "demo_val.bin"

@@ -1,20 +1,11 @@
 """A RecordIO face set (``train.rec`` / ``train.idx`` / ``property``) as a training source.
 
-Two layouts are recognised:
+Samples are the image records in file order (the layouts: :mod:`facemargin.data.formats.faceset`).
+A sample's identity is its first label, checked on every read: an integer in ``[0, num_classes)``
+and, when the set has identity ranges, one whose range holds the record's key -- a bit flip in a
+stored float label then fails naming the key instead of silently training another class.
 
-* **insightface**: record 0 is a meta record (``flag > 0``, no image) whose labels ``(a, b)``
-  say images are keys ``1 .. a-1`` and per-identity ranges are keys ``a .. b-1``; identity
-  ``c``'s record holds ``(first_key, last_key + 1)`` of its images;
-* **im2rec**: record 0 is an ordinary image (``flag == 0`` or it carries image bytes), so every key
-  in the ``.idx`` is an image.
-
-Samples are the image records in file order. A sample's identity is its first label, checked on
-every read: an integer in ``[0, num_classes)`` and, when the set has identity ranges, one whose
-range holds the record's key -- a bit flip in a stored float label then fails naming the key
-instead of silently training another class.
-
-Opening validates the meta record before allocating anything it sizes (a short or huge range,
-keys it does not cover), the ``property`` bounds and the index (:mod:`facemargin.data.index`),
+Opening validates ``property``, the index (:mod:`facemargin.data.formats.index`) and the layout,
 then caches the result as one memory-mapped array next to the ``.idx`` (or under
 ``$FACEMARGIN_CACHE`` when that folder is read-only), so later opens -- every rank, every worker --
 only ``stat`` the files and map the cache.
@@ -32,44 +23,23 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .index import RecordIndex, cache_dir_for, file_stamp, load_stamped, parse_idx, save_stamped
-from .recordio import _ONE_READ_LIMIT, MAGIC, RecordIOError, RecordIOReader, unframe, unpack_record
-from .sources import FaceSource
-from .storage import cached_copy, is_remote, open_source, remote_options
+from ..formats.faceset import (
+    INSIGHTFACE, LAYOUT_ARRAYS, LAYOUT_NAMES, MAX_CLASSES, read_layout, read_property, read_runs,
+)
+from ..formats.image import declared_size
+from ..formats.index import RecordIndex, cache_dir_for, file_stamp, load_stamped, parse_idx, save_stamped
+from ..formats.recordio import MAGIC, RecordIOError, RecordIOReader, unframe
+from ..storage.cache import cached_copy
+from ..storage.source import is_remote, open_source, remote_options
+from .base import FaceSource
 
-__all__ = ["FaceRecordSet", "read_property", "MAX_CLASSES", "MAX_SIDE"]
+__all__ = ["FaceRecordSet"]
 
 log = logging.getLogger(__name__)
 
-#: Float32 labels hold every integer below 2**24 exactly; no set has more identities.
-MAX_CLASSES = 1 << 24
-MAX_SIDE = 16384
-_INSIGHTFACE, _IM2REC = 1, 0
-_LAYOUTS = {_INSIGHTFACE: "insightface", _IM2REC: "im2rec"}
-_RUN_BYTES = 64 << 20  # most bytes one read of neighbouring records asks for
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 _HEAD = struct.Struct("<IIIf")  # magic, lrecord, IRHeader flag, IRHeader label
 _FLOAT = struct.Struct("<f")
-
-
-def read_property(path: str | os.PathLike, **remote: Any) -> tuple[int, int, int]:
-    """Parse a ``property`` file: ``num_classes,height,width`` within sane bounds (``remote``: see :func:`open_source`)."""
-    local = Path(cached_copy(path, **remote))
-    if not local.is_file():
-        raise FileNotFoundError(f"property file not found: {path} (expected 'num_classes,height,width')")
-    text = local.read_bytes()[:200].decode("ascii", errors="replace").strip()
-    try:
-        fields = [int(x) for x in text.split(",")]
-        if len(fields) != 3 or min(fields) <= 0 or any(len(x.strip()) > 9 for x in text.split(",")):
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{path}: expected 'num_classes,height,width' with positive integers, got {text[:80]!r}") from None
-    classes, h, w = fields
-    if classes > MAX_CLASSES:
-        raise ValueError(f"{path}: {classes} classes is more than float32 labels can hold exactly ({MAX_CLASSES})")
-    if max(h, w) > MAX_SIDE:
-        raise ValueError(f"{path}: image size {w}x{h} is larger than {MAX_SIDE} pixels a side")
-    return classes, h, w
 
 
 def _join(root: str | os.PathLike, name: str) -> str | Path:
@@ -138,8 +108,6 @@ class FaceRecordSet(FaceSource):
         self._stamp = self._file_stamp(source)
         self._open_index(source)
         if self.image_size is None:
-            from .decode import declared_size
-
             self.image_size = declared_size(self.read(int(self.image_keys[0]))[1]) if len(self) else None
         self._labels: np.ndarray | None = None
 
@@ -169,11 +137,11 @@ class FaceRecordSet(FaceSource):
         return [*file_stamp(self._idx_local), size, int.from_bytes(h.digest(), "little") >> 1]
 
     def _open_index(self, source) -> None:
-        arrays = load_stamped(self._cache_file, self._stamp, 6)
+        arrays = load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS)
         if arrays is None:
             arrays = self._build_index(source)
             if save_stamped(self._cache_file, self._stamp, arrays):
-                arrays = load_stamped(self._cache_file, self._stamp, 6) or arrays  # map it: shared pages
+                arrays = load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS) or arrays  # map it: shared pages
             else:
                 log.info("%s: cannot write the index cache %s; kept in memory", self.idx_path, self._cache_file)
         self._set_arrays(arrays, source)
@@ -183,8 +151,8 @@ class FaceRecordSet(FaceSource):
         self.index = RecordIndex(keys, offsets, source.size)
         self.reader = RecordIOReader(self.rec_path, self.idx_path, index=self.index, source=source)
         layout, a, b, start, count = (int(x) for x in meta[:5])
-        self.layout = _LAYOUTS[layout]
-        self.identity_range = (a, b) if layout == _INSIGHTFACE and b > a else None
+        self.layout = LAYOUT_NAMES[layout]
+        self.identity_range = (a, b) if layout == INSIGHTFACE and b > a else None
         self._samples = samples if samples.size else None
         self._sample_start, self._count = start, count
         self._lo, self._hi = lo, hi
@@ -194,82 +162,7 @@ class FaceRecordSet(FaceSource):
         keys, offsets = parse_idx(self._idx_local.read_bytes(), str(self.idx_path))
         index = RecordIndex.from_entries(keys, offsets, source.size, str(self.idx_path), source.name)
         reader = RecordIOReader(self.rec_path, self.idx_path, index=index, source=source)
-        empty = np.zeros(0, dtype=np.int64)
-        pos0 = int(index.positions(0))
-        if pos0 >= 0:
-            header, labels, image = _unpack(reader.payload_at(pos0), reader.where(pos0))
-            if header.flag > 0 and len(image) == 0:
-                return self._insightface_layout(reader, labels)
-        start, count = 0, len(index)
-        return [index.keys, index.offsets, empty, empty, empty, np.asarray([_IM2REC, 0, 0, start, count], np.int64)]
-
-    def _insightface_layout(self, reader: RecordIOReader, meta_labels: np.ndarray) -> list[np.ndarray]:
-        index, where = reader.index, f"{self.rec_path} (key 0)"
-        n = len(index)
-        a = _as_key(meta_labels[0], where)
-        b = _as_key(meta_labels[1], where) if meta_labels.size > 1 else a
-        if a < 1 or b < a:
-            raise RecordIOError(f"{where}: meta record says images are keys 1..{a - 1} and identities {a}..{b - 1}")
-        if b > n:  # checked before anything of that size is allocated
-            raise RecordIOError(
-                f"{where}: meta record lists {a - 1} images and {b - a} identities (keys 0..{b - 1}) "
-                f"but {self.idx_path} has only {n} records"
-            )
-        image_pos = index.positions(np.arange(1, a, dtype=np.int64))
-        ident_pos = index.positions(np.arange(a, b, dtype=np.int64))
-        for name, pos, first in (("image", image_pos, 1), ("identity", ident_pos, a)):
-            if (pos < 0).any():
-                missing = int(np.argmax(pos < 0)) + first
-                raise RecordIOError(
-                    f"{self.idx_path}: meta record (key 0) lists {name} keys {first}..{first + pos.size - 1}, "
-                    f"but key {missing} is absent from the index"
-                )
-        if n != b:
-            extra = np.setdiff1d(index.keys, np.arange(b, dtype=np.int64))
-            raise RecordIOError(
-                f"{self.idx_path}: {extra.size} keys are not covered by the meta record (key 0: images 1..{a - 1}, "
-                f"identities {a}..{b - 1}), e.g. key {int(extra[0])}; their images would be dropped silently"
-            )
-        lo, hi = self._identity_ranges(reader, ident_pos, a)
-        if lo.size and self.num_classes < lo.size:
-            raise RecordIOError(
-                f"{self.property_path}: {self.num_classes} classes, but the meta record of {self.rec_path} "
-                f"lists {lo.size} identities"
-            )
-        if lo.size and self.num_classes > lo.size:
-            log.warning("%s: %d classes, the meta record lists %d identities", self.property_path, self.num_classes, lo.size)
-        if image_pos.size > 1 and not bool(np.all(image_pos[1:] > image_pos[:-1])):
-            image_pos = np.sort(image_pos)
-        contiguous = image_pos.size == 0 or int(image_pos[-1] - image_pos[0]) == image_pos.size - 1
-        start = int(image_pos[0]) if image_pos.size else 0
-        samples = np.zeros(0, dtype=np.int64) if contiguous else image_pos
-        meta = np.asarray([_INSIGHTFACE, a, b, start, image_pos.size], np.int64)
-        return [index.keys, index.offsets, samples, lo, hi, meta]
-
-    def _identity_ranges(self, reader: RecordIOReader, ident_pos: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(first_key, last_key + 1)`` of every identity, checked to partition the image keys ``1..a-1``."""
-        ranges = _packed_ranges(reader, ident_pos)
-        if ranges is None:  # not the usual packed layout: one record at a time
-            ranges = np.empty((ident_pos.size, 2), dtype=np.int64)
-            for c, raw in enumerate(_read_runs(reader, ident_pos)):
-                pos = int(ident_pos[c])
-                where = reader.where(pos)
-                payload = unframe(raw, where, at_eof=pos + 1 >= len(reader), file_offset=int(reader.index.offsets[pos]))[0]
-                header, labels, image = _unpack(payload, where)
-                if header.flag < 2 or len(image):
-                    raise RecordIOError(f"{where}: identity record {c} must hold labels (first_key, end_key), no image")
-                ranges[c] = _as_key(labels[0], where), _as_key(labels[1], where)
-        lo, hi = ranges[:, 0].copy(), ranges[:, 1].copy()
-        if lo.size:
-            ends = np.r_[lo[1:], a]
-            bad = np.flatnonzero((hi < lo) | (hi != ends) | (np.r_[lo[0] != 1, np.zeros(lo.size - 1, bool)]))
-            if bad.size:
-                c = int(bad[0])
-                raise RecordIOError(
-                    f"{reader.where(int(ident_pos[c]))}: identity {c} claims image keys {int(lo[c])}..{int(hi[c]) - 1}; "
-                    f"the identity ranges must split keys 1..{a - 1} in order"
-                )
-        return lo, hi
+        return read_layout(reader, self.num_classes, self.property_path)
 
     # ---- samples
     def __len__(self) -> int:
@@ -292,7 +185,7 @@ class FaceRecordSet(FaceSource):
         return self.reader.read_span(int(self.positions(i)))
 
     def read_raws(self, indices: np.ndarray) -> list[bytes]:
-        return _read_runs(self.reader, self.positions(indices))
+        return read_runs(self.reader, self.positions(indices))
 
     def parse(self, i: int, raw: bytes) -> tuple[int, bytes]:
         pos = i + self._sample_start if self._samples is None else int(self._samples[i])
@@ -400,7 +293,7 @@ class FaceRecordSet(FaceSource):
     # ---- pickling (DataLoader workers): re-map the cache instead of copying the arrays
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        if load_stamped(self._cache_file, self._stamp, 6) is not None:
+        if load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS) is not None:
             for name in ("index", "reader", "_samples", "_lo", "_hi", "_arrays"):
                 state.pop(name, None)
         return state
@@ -408,7 +301,7 @@ class FaceRecordSet(FaceSource):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if "_arrays" not in state:
-            arrays = load_stamped(self._cache_file, self._stamp, 6)
+            arrays = load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS)
             if arrays is None:
                 raise RecordIOError(f"{self._cache_file}: the index cache changed while workers were starting")
             self._set_arrays(arrays, open_source(self.rec_path, **self.remote))
@@ -418,71 +311,3 @@ class FaceRecordSet(FaceSource):
             f"FaceRecordSet({str(self.root)!r}, images={len(self)}, num_classes={self.num_classes}, "
             f"image_size={self.image_size}, layout={self.layout!r})"
         )
-
-
-def _packed_ranges(reader: RecordIOReader, positions: np.ndarray) -> np.ndarray | None:
-    """Identity ranges ``[C, 2]`` read at once when the identity records are packed as insightface
-    writes them (consecutive 40-byte records: one part, flag 2, two integer float labels); else ``None``."""
-    index = reader.index
-    if positions.size == 0 or int(positions[-1]) - int(positions[0]) != positions.size - 1:
-        return None
-    start, end = int(index.offsets[positions[0]]), index.span(int(positions[-1]))[1]
-    if end - start != 40 * positions.size or bool(np.any(np.diff(index.offsets[positions]) != 40)):
-        return None
-    words = np.frombuffer(reader.source.pread(end - start, start), dtype="<u4")
-    if words.size != 10 * positions.size:
-        return None
-    words = words.reshape(-1, 10)  # magic, lrecord, flag, label, id (2), id2 (2), first_key, end_key
-    labels = words[:, 8:10].copy().view("<f4")
-    if (words[:, 0] != MAGIC).any() or (words[:, 1] != 32).any() or (words[:, 2] != 2).any():
-        return None
-    if not np.isfinite(labels).all() or (labels != np.round(labels)).any() or (labels < 0).any():
-        return None
-    return labels.astype(np.int64)
-
-
-def _read_runs(reader: RecordIOReader, positions: np.ndarray) -> list[bytes]:
-    """The spans of records at ``positions`` (any order), one read per run of neighbours.
-
-    The runs are read with one ``pread_many``: a remote source keeps several requests in flight.
-    """
-    positions = np.asarray(positions, dtype=np.int64)
-    out: list[bytes] = [b""] * positions.size
-    if positions.size == 0:
-        return out
-    index, source = reader.index, reader.source
-    runs: list[tuple[int, int, np.ndarray]] = []  # (start, end, members)
-    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-    for run in np.split(np.arange(positions.size), breaks):
-        first = 0
-        while first < run.size:
-            p0 = int(positions[run[first]])
-            start = int(index.offsets[p0])
-            last = first
-            while last + 1 < run.size and index.span(int(positions[run[last + 1]]))[1] - start <= _RUN_BYTES:
-                last += 1
-            end = index.span(int(positions[run[last]]))[1]
-            if last == first and end - start > _ONE_READ_LIMIT:
-                out[run[first]] = reader.read_span(p0)  # a damaged index: read header-first
-            else:
-                runs.append((start, end, run[first:last + 1]))
-            first = last + 1
-    for (start, _, members), data in zip(runs, source.pread_many([(e - s, s) for s, e, _ in runs])):
-        for j in members:
-            s, e = index.span(int(positions[j]))
-            out[j] = data[s - start: e - start]
-    return out
-
-
-def _unpack(payload: bytes, where: str):
-    try:
-        return unpack_record(payload)
-    except ValueError as exc:
-        raise RecordIOError(f"{where}: {exc}") from None
-
-
-def _as_key(value: float, where: str) -> int:
-    value = float(value)
-    if not math.isfinite(value) or value != int(value) or value < 0:
-        raise RecordIOError(f"{where}: meta label {value!r} is not a valid key")
-    return int(value)

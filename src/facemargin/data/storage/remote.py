@@ -1,6 +1,6 @@
-"""Byte sources over the network: HTTP(S) with the standard library, object storage through fsspec.
+"""What every remote byte source shares: retries with back-off, concurrent reads, read-ahead, the final error.
 
-Both read the same way (see :mod:`facemargin.data.storage`): ``pread`` is one ranged request,
+Every remote source reads the same way (see :mod:`facemargin.data.storage`): ``pread`` is one ranged request,
 ``pread_many`` keeps up to ``concurrency`` of them in flight, ``iter_range`` streams large ranges in
 a background thread that stays ``readahead`` blocks ahead of the caller. Failures that may pass -- refused or dropped connections, time-outs, HTTP 5xx /
 408 / 429, a body shorter than announced -- are retried with exponential back-off
@@ -9,11 +9,8 @@ delivered. A source that stays down, or a permanent error (404, 403, a server th
 ``Range``, a file that changed while being read), ends in :class:`RemoteReadError` naming the URL
 and the offset.
 
-Why HTTP does not go through fsspec: its HTTP back-end needs aiohttp and runs an event-loop
-thread, and retries, short-read detection and the offset in the error message would sit behind
-its own caching layers. ``http.client`` with ``Range`` headers is ~150 lines, has no dependency,
-and reconnects cleanly after a fork (DataLoader workers). ``s3://``, ``gs://`` and every other
-fsspec protocol use fsspec (``pip install 'facemargin[s3]'`` / ``'facemargin[gcs]'``).
+The sources: :class:`~facemargin.data.storage.http_source.HTTPSource` (standard library) and
+:class:`~facemargin.data.storage.fsspec_source.FsspecSource` (``s3://``, ``gs://``, every fsspec protocol).
 
 Back-off jitter uses a private :class:`random.Random`, never the global RNGs (their states are
 part of exact resume).
@@ -21,35 +18,27 @@ part of exact resume).
 
 from __future__ import annotations
 
-import base64
-import http.client
 import os
 import queue
 import random
-import ssl
 import threading
 import time
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
-__all__ = ["RetryPolicy", "RemoteReadError", "HTTPSource", "FsspecSource"]
+__all__ = ["RetryPolicy", "RemoteReadError", "RemoteSource"]
 
 T = TypeVar("T")
 _END = object()
-_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 
 
 class RemoteReadError(OSError):
     """A remote read that failed for good; the message names the URL and the byte offset."""
 
 
-class _Transient(Exception):
-    """A failure worth retrying (internal)."""
+class TransientError(Exception):
+    """A failure worth retrying (raised by the remote sources, caught by their retry loops; never escapes them)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +58,7 @@ class RetryPolicy:
         return min(self.max_delay, self.base_delay * 2 ** (failures - 1)) * rng.uniform(0.75, 1.25)
 
 
-class _RemoteSource:
+class RemoteSource:
     """Retry loop, read-ahead thread and pickling shared by the remote sources."""
 
     name: str
@@ -94,7 +83,7 @@ class _RemoteSource:
         raise NotImplementedError
 
     def _stream(self, start: int, end: int, block_bytes: int) -> Iterator[bytes]:
-        """Blocks of ``[start, end)`` in order; may raise :class:`_Transient` after yielding some."""
+        """Blocks of ``[start, end)`` in order; may raise :class:`TransientError` after yielding some."""
         pos = start
         while pos < end:
             data = self._fetch(pos, min(pos + block_bytes, end))
@@ -107,7 +96,7 @@ class _RemoteSource:
         while True:
             try:
                 return call()
-            except _Transient as exc:
+            except TransientError as exc:
                 failures += 1
                 self._reset()
                 if failures >= self.retry.attempts:
@@ -207,8 +196,8 @@ class _RemoteSource:
                     if stop.is_set():
                         return
                 if pos < end:
-                    raise _Transient(f"stream ended at offset {pos}, expected {end}")
-            except _Transient as exc:
+                    raise TransientError(f"stream ended at offset {pos}, expected {end}")
+            except TransientError as exc:
                 failures += 1
                 self._reset()
                 if failures >= self.retry.attempts:
@@ -232,228 +221,3 @@ class _RemoteSource:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
-
-
-class HTTPSource(_RemoteSource):
-    """A file behind an ``http(s)://`` URL, read with ``Range`` requests (one connection per thread and process).
-
-    Honours ``http_proxy`` / ``https_proxy`` / ``no_proxy``, user:password in the URL (basic auth)
-    and redirects. A strong ETag is sent as ``If-Match``, so a file replaced while being read fails
-    clearly instead of mixing two versions.
-    """
-
-    def __init__(self, url: str, retry: RetryPolicy | None = None, readahead: int = 4, concurrency: int = 8,
-                 timeout: float = 60.0) -> None:
-        super().__init__(url, retry, readahead, concurrency)
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url}")
-        self.timeout = float(timeout)
-        self._headers = {"User-Agent": "facemargin", "Accept-Encoding": "identity"}
-        if parts.username is not None:
-            cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-            self._headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_local": None}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._local = threading.local()
-
-    # ---- connections
-    def _connect(self, url: str) -> tuple[http.client.HTTPConnection, str]:
-        """A connection for ``url`` (a fresh one; the caller closes it) and the request target."""
-        parts = urllib.parse.urlsplit(url)
-        host, port, https = parts.hostname or "", parts.port, parts.scheme.lower() == "https"
-        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        proxy = urllib.request.getproxies().get(parts.scheme.lower())
-        if proxy and not urllib.request.proxy_bypass(host):
-            p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-            conn: http.client.HTTPConnection = http.client.HTTPConnection(p.hostname or "", p.port, timeout=self.timeout)
-            if https:
-                conn = http.client.HTTPSConnection(p.hostname or "", p.port, timeout=self.timeout,
-                                                   context=ssl.create_default_context())
-                conn.set_tunnel(host, port)
-            else:
-                target = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path or "/", parts.query, ""))
-        elif https:
-            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
-        return conn, target
-
-    def _pool(self) -> dict:
-        """This thread's connections; forgotten (not closed: the parent owns them) after a fork."""
-        local = self._local.__dict__
-        if local.get("pid") != os.getpid():
-            local.update(pid=os.getpid(), pool={})
-        return local["pool"]
-
-    def _pooled(self, url: str) -> tuple[http.client.HTTPConnection, str]:
-        pool = self._pool()
-        if url not in pool:
-            pool[url] = self._connect(url)
-        return pool[url]
-
-    def _reset(self) -> None:
-        pool = self._pool()
-        for conn, _ in pool.values():
-            conn.close()
-        pool.clear()
-
-    # ---- requests
-    def _get(self, start: int, end: int, pooled: bool) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
-        """Send ``GET`` for ``[start, end)`` following redirects; returns a 200/206/416 response."""
-        headers = {**self._headers, "Range": f"bytes={start}-{end - 1}"}
-        etag = self._stat[1].split("|", 1)[0] if self._stat else ""
-        if etag.startswith('"'):
-            headers["If-Match"] = etag
-        url = self.name
-        for _ in range(6):
-            conn, target = self._pooled(url) if pooled else self._connect(url)
-            reused = conn.sock is not None
-            try:
-                try:
-                    conn.request("GET", target, headers=headers)
-                    resp = conn.getresponse()
-                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                    if not reused:
-                        raise
-                    conn.close()  # the server closed an idle keep-alive connection: reconnect at once
-                    conn.request("GET", target, headers=headers)
-                    resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                if isinstance(exc, ssl.SSLCertVerificationError):
-                    raise RemoteReadError(f"{self.name}: {exc}") from None
-                conn.close()
-                raise _Transient(f"{type(exc).__name__}: {exc}") from None
-            if resp.status in _REDIRECTS and resp.getheader("Location"):
-                resp.read()
-                url = urllib.parse.urljoin(url, resp.getheader("Location"))
-                continue
-            if resp.status in (200, 206, 416):
-                return resp, conn
-            resp.read()
-            if resp.status in _RETRY_STATUS:
-                raise _Transient(f"HTTP {resp.status} {resp.reason}")
-            why = {412: " (the file changed since it was opened)"}.get(resp.status, "")
-            raise RemoteReadError(f"{self.name}: HTTP {resp.status} {resp.reason}{why} at offset {start}")
-        raise RemoteReadError(f"{self.name}: too many redirects at offset {start}")
-
-    def _fetch_stat(self) -> tuple[int, str]:
-        resp, conn = self._get(0, 1, pooled=True)
-        if resp.status == 206:
-            total = (resp.getheader("Content-Range") or "").rpartition("/")[2]
-            resp.read()
-        elif resp.status == 416:  # an empty file
-            total = (resp.getheader("Content-Range") or "*/0").rpartition("/")[2]
-            resp.read()
-        else:  # 200: the server ignores Range; do not download the body to learn the size
-            total = resp.getheader("Content-Length") or ""
-            self._reset()
-        if not total.isdigit():
-            raise RemoteReadError(f"{self.name}: the server does not report the file size")
-        tag = resp.getheader("ETag") or resp.getheader("Last-Modified") or ""
-        return int(total), f"{tag}|{total}"
-
-    def _read_body(self, resp: http.client.HTTPResponse, n: int, offset: int) -> bytes:
-        try:
-            first = resp.read(n)
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Transient(f"{type(exc).__name__} after 0 of {n} bytes at offset {offset}") from None
-        if len(first) == n:
-            return first  # the usual case: no copy
-        buf = bytearray(first)
-        while len(buf) < n:
-            try:
-                chunk = resp.read(n - len(buf))
-            except (OSError, http.client.HTTPException) as exc:
-                raise _Transient(f"{type(exc).__name__} after {len(buf)} of {n} bytes at offset {offset}") from None
-            if not chunk:
-                raise _Transient(f"short read: {len(buf)} of {n} bytes at offset {offset}")
-            buf += chunk
-        return bytes(buf)
-
-    def _check_range(self, resp: http.client.HTTPResponse, start: int) -> None:
-        if resp.status == 200 and start == 0:
-            return
-        if resp.status == 200:
-            raise RemoteReadError(
-                f"{self.name}: the server ignored the Range header (HTTP 200) at offset {start}; "
-                "random access and streaming need a server with range requests"
-            )
-        got = (resp.getheader("Content-Range") or "").partition(" ")[2].partition("-")[0]
-        if resp.status != 206 or got != str(start):
-            raise RemoteReadError(f"{self.name}: HTTP {resp.status} with Content-Range "
-                                  f"{resp.getheader('Content-Range')!r} for a read at offset {start}")
-
-    def _fetch(self, start: int, end: int) -> bytes:
-        resp, conn = self._get(start, end, pooled=True)
-        self._check_range(resp, start)
-        data = self._read_body(resp, end - start, start)
-        if resp.status == 200:  # a whole-file answer: do not read the rest over this connection
-            self._reset()
-        else:
-            resp.read()  # nothing left; keeps the connection reusable
-        return data
-
-    def _stream(self, start: int, end: int, block_bytes: int) -> Iterator[bytes]:
-        """One request for the whole range, read block by block (no per-block round trip)."""
-        resp, conn = self._get(start, end, pooled=False)
-        try:
-            self._check_range(resp, start)
-            pos = start
-            while pos < end:
-                n = min(block_bytes, end - pos)
-                yield self._read_body(resp, n, pos)
-                pos += n
-        finally:
-            conn.close()
-
-
-class FsspecSource(_RemoteSource):
-    """A file on any fsspec file system (``s3://``, ``gs://``, ``az://``, ...): ranged ``cat_file`` calls."""
-
-    def __init__(self, url: str, retry: RetryPolicy | None = None, readahead: int = 4, concurrency: int = 8,
-                 storage_options: dict[str, Any] | None = None) -> None:
-        super().__init__(url, retry, readahead, concurrency)
-        scheme = url.split("://", 1)[0].lower()
-        try:
-            import fsspec
-
-            self._fs, self._path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        except ImportError as exc:
-            package, extra = _EXTRAS.get(scheme, (f"the fsspec back-end for {scheme}://", ""))
-            hint = f"pip install 'facemargin[{extra}]'" if extra else "see fsspec's list of implementations"
-            raise ImportError(f"reading {url} needs {package}: {hint} ({exc})") from None
-        except ValueError as exc:
-            raise ValueError(f"cannot open {url}: {exc}") from None
-
-    @staticmethod
-    def _call(fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
-        except (OSError, TimeoutError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-
-    def _fetch_stat(self) -> tuple[int, str]:
-        try:
-            info = self._call(lambda: self._fs.info(self._path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"file not found: {self.name}") from None
-        if info.get("type") == "directory":
-            raise IsADirectoryError(f"{self.name} is a directory, not a file")
-        size = int(info["size"])
-        keys = ("ETag", "etag", "md5Hash", "generation", "LastModified", "last_modified", "updated", "mtime")
-        tag = next((str(info[k]) for k in keys if info.get(k) is not None), "")
-        return size, f"{tag}|{size}"
-
-    def _fetch(self, start: int, end: int) -> bytes:
-        data = self._call(lambda: self._fs.cat_file(self._path, start=start, end=end))
-        if len(data) != end - start:
-            raise _Transient(f"short read: {len(data)} of {end - start} bytes at offset {start}")
-        return bytes(data)

@@ -3,7 +3,7 @@
     python -m facemargin.data.inspect DIR [--decode N]
 
 Opening the set validates ``property``, the ``.idx`` and the meta record (see
-:mod:`facemargin.data.faceset`). Then the whole ``train.rec`` is read once, sequentially: every
+:mod:`facemargin.data.sources.recordio`). Then the whole ``train.rec`` is read once, sequentially: every
 ``.idx`` offset must be the start of a valid record and every image label an integer in
 ``[0, num_classes)`` that matches its identity range (every mismatch is listed). ``--decode N``
 also decodes ``N`` images spread over the set, checking their declared size against ``property``
@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .decode import decode_face
-from .faceset import FaceRecordSet
-from .recordio import RecordIOError
+from ..formats.image import decode_face
+from ..formats.recordio import RecordIOError
+from ..sources.recordio import FaceRecordSet
 
 __all__ = ["inspect_dir", "main"]
 

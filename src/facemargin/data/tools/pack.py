@@ -40,14 +40,14 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..detect.landmarks import read_landmarks
-from .decode import CorruptImageError, declared_size
-from .recordio import IRHeader, RecordIOWriter, pack_record
+from ...detect.landmarks import read_landmarks
+from ..formats.image import CorruptImageError, declared_size
+from ..formats.recordio import IRHeader, RecordIOWriter, pack_record
+from ..sources.folder import list_image_tree
 
-__all__ = ["IMAGE_EXTENSIONS", "CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks",
-           "list_image_tree", "pack_images", "write_faceset", "main"]
+__all__ = ["CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks",
+           "pack_images", "write_faceset", "main"]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 _MAX_EXACT_KEY = 1 << 24  # float32 labels hold integer keys exactly only below 2**24
 
 
@@ -136,8 +136,8 @@ def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: Crop
 def _aligned(data: bytes, path: str | os.PathLike, landmarks: np.ndarray, size: int, quality: int) -> tuple[bytes, tuple[int, int]]:
     import simplejpeg
 
-    from ..align import align_face
-    from .decode import decode_image
+    from ...align import align_face
+    from ..formats.image import decode_image
 
     try:
         rgb = decode_image(data)
@@ -148,30 +148,6 @@ def _aligned(data: bytes, path: str | os.PathLike, landmarks: np.ndarray, size: 
     except ValueError as exc:
         raise ValueError(f"cannot align {path}: {exc}") from None
     return simplejpeg.encode_jpeg(face, quality=quality, colorspace="RGB"), (size, size)
-
-
-def list_image_tree(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(identity names, [(image path, label), ...])`` for an identity-per-folder tree (paths as str: cheap for millions)."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image root is not a directory: {root}")
-    names: list[str] = []
-    items: list[tuple[str, int]] = []
-    with os.scandir(root) as it:
-        folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-    for name in folders:
-        folder = os.path.join(root, name)
-        with os.scandir(folder) as it:
-            files = sorted(e.name for e in it if e.is_file() and not e.name.startswith(".")
-                           and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
-        if not files:
-            print(f"warning: skipping {folder}: no images", file=sys.stderr)
-            continue
-        label = len(names)
-        names.append(name)
-        items.extend((os.path.join(folder, f), label) for f in files)
-    if not items:
-        raise ValueError(f"no images found under {root} (expected {root}/<identity>/<image>)")
-    return names, items
 
 
 def _replace_atomically(out: Path, files: dict[str, Path]) -> None:
