@@ -120,7 +120,7 @@ def test_cleaned_recordio_set_is_a_subset_index_over_the_same_rec(noisy_model, c
     assert np.array_equal(sub.labels(), noisy_model["labels"][keep])
     for j, i in enumerate(np.flatnonzero(keep)):
         assert sub.parse(j, sub.read_raw(j)) == original.parse(int(i), original.read_raw(int(i)))
-    assert dm.evaluators()[0].name == "demo_val"
+    assert [p.name for p in dm.verification_files()] == ["demo_val.bin"]
 
 
 def test_k1_checkpoint_holds_the_dominant_subcentres_and_starts_a_run(noisy_model, cleaned) -> None:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from facemargin.data.formats.verification import write_bin
 from facemargin.data.loading.plan import PlanSpec
 from facemargin.data.module import FaceRecordDataModule
+from facemargin.evaluation.pairs import datamodule_evaluators
 
 SMALL_DEMO = dict(num_identities=12, images_per_identity=4, num_val_identities=4, num_val_pairs=20, image_size=112)
 
@@ -41,7 +42,7 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_datamodule(demo_cache: Path) -> None:
     dm = FaceRecordDataModule(demo=True, demo_cache_dir=demo_cache, demo_options=SMALL_DEMO, batch_size=8, num_workers=0)
     assert dm.num_classes == 12 and dm.image_size == (112, 112)  # before setup
-    (ev,) = dm.evaluators()
+    (ev,) = datamodule_evaluators(dm)  # built above the data layer, from dm.verification_files()
     assert ev.name == "demo_val" and ev.issame.dtype == bool and ev.issame.size == 20
     dm.setup("fit")
     raw = next(iter(dm.train_dataloader()))
@@ -59,14 +60,14 @@ def test_recordio_datamodule_loaders(tmp_path: Path, streaming: bool) -> None:
     root = make_root(tmp_path / "set", n=100, num_classes=30)
     dm = FaceRecordDataModule(root, val_sets=["cfp_fp", "lfw"], batch_size=16, num_workers=2,
                               streaming=streaming, chunk_size=4, shuffle_buffer=32)
-    assert dm.num_classes == 30 and [ev.name for ev in dm.evaluators()] == ["cfp_fp", "lfw"]
+    assert dm.num_classes == 30 and [p.name for p in dm.verification_files()] == ["cfp_fp.bin", "lfw.bin"]
     dm.setup("fit")
     train = dm.train_dataloader()
     batches = list(train)
     assert len(batches) == len(train) == 100 // 16 and all(b[0].shape == (16, 3, 16, 16) for b in batches)
     labels = torch.cat([b[1] for b in batches])
     assert labels.dtype == torch.long and labels.unique().numel() >= 25
-    assert [len(ev.dataset()) for ev in dm.evaluators()] == [4, 6]
+    assert [len(ev.dataset()) for ev in datamodule_evaluators(dm)] == [4, 6]
 
 
 def test_missing_val_set_is_named(tmp_path: Path) -> None:

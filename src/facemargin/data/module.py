@@ -63,7 +63,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.folder.FolderSource`) or a
             callable ``root -> FaceSource`` (Hydra: ``_target_: my.Source`` with ``_partial_: true``).
         val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files,
-            offered to the LightningModule by :meth:`evaluators`. In demo mode ``demo_val.bin`` comes first.
+            offered to the LightningModule by :meth:`verification_files` (it builds the evaluators).
+            In demo mode ``demo_val.bin`` comes first.
         batch_size: per-rank training batch size (whole batches only: the head gathers across ranks).
         num_workers: DataLoader workers, capped at the CPU cores available.
         pin_memory: ``None`` (default): pinned only when the trainer runs on CUDA.
@@ -180,7 +181,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             else:
                 raise ValueError(f"source must be 'recordio', 'folder' or a callable root -> FaceSource, got {source!r}")
             self.num_classes, self.image_size = self._source.num_classes, self._source.image_size  # type: ignore[assignment]
-        self._val: list | None = None
+        self._val: list[Path] | None = None  # local copies of the verification files
         self._train_loader: TrainLoader | None = None
         self._resume: dict[str, Any] | None = None  # loader state from a checkpoint, for the next train loader
 
@@ -204,16 +205,15 @@ class FaceRecordDataModule(pl.LightningDataModule):
             self._source = FaceRecordSet(self.root, remote=self.hparams.remote, num_classes=self._num_classes)
         return self._source
 
-    def evaluators(self) -> list:
-        """One :class:`~facemargin.evaluation.BinPairsEvaluator` per verification set, in ``val_sets``
-        order (the LightningModule runs them in validation). Missing files raise, naming them."""
+    def verification_files(self) -> list[Path]:
+        """Local copies of the verification ``.bin`` files, in ``val_sets`` order (remote ones are
+        fetched once into the cache). Missing files raise, naming them. The code above the data
+        layer builds the evaluators from these (the LightningModule, at ``setup``)."""
         if self._val is None:
-            from ..evaluation.pairs import BinPairsEvaluator
-
             missing = [str(p) for p in self.val_paths if not is_remote(p) and not Path(p).is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [BinPairsEvaluator(cached_copy(p, **remote_options(p, self.hparams.remote))) for p in self.val_paths]
+            self._val = [cached_copy(p, **remote_options(p, self.hparams.remote)) for p in self.val_paths]
         return list(self._val)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -236,7 +236,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if stage in (None, "fit"):
             self.source  # noqa: B018 - validates the files early, on every rank
         if stage in (None, "fit", "validate"):
-            self.evaluators()  # fail early on a missing verification file
+            self.verification_files()  # fail early on a missing verification file
 
     # ---- loaders
     def _loader_kwargs(self) -> dict[str, Any]:
@@ -272,8 +272,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         return 0 if self._train_loader is None else self._train_loader.dataset.num_skipped  # type: ignore[attr-defined]
 
     def val_dataloader(self) -> list[DataLoader]:
-        """The LightningModule's evaluator loaders: evaluators own their images (this DataModule's
-        :meth:`evaluators` among them), the module runs them; Lightning asks the DataModule."""
+        """The LightningModule's evaluator loaders: evaluators own their images (those built from this
+        DataModule's :meth:`verification_files` among them), the module runs them; Lightning asks the DataModule."""
         from lightning.pytorch.utilities.model_helpers import is_overridden
 
         module = self.trainer.lightning_module if self._trainer_or_none() is not None else None

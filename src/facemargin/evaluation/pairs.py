@@ -29,6 +29,7 @@ from .base import EncodedImages, Evaluator, ImageFiles, file_key
 
 __all__ = [
     "BinPairsEvaluator",
+    "datamodule_evaluators",
     "FolderPairsEvaluator",
     "PairsEvaluator",
     "far_key",
@@ -251,6 +252,16 @@ class BinPairsEvaluator(PairsEvaluator):
         from ..data.storage.cache import cached_copy
 
         return file_key(cached_copy(self.path))
+
+
+def datamodule_evaluators(datamodule: Any, **kwargs: Any) -> list[BinPairsEvaluator]:
+    """One :class:`BinPairsEvaluator` per verification file a DataModule names (its
+    ``verification_files()``, in order); ``[]`` for ``None`` or a DataModule without that method.
+
+    The data layer only says which files its set has; evaluators are built here, above it.
+    """
+    files = getattr(datamodule, "verification_files", None)
+    return [BinPairsEvaluator(path, **kwargs) for path in files()] if callable(files) else []
 
 
 class FolderPairsEvaluator(PairsEvaluator):
