@@ -5,7 +5,8 @@ The folders are layers; a module imports only from its own layer or the ones bel
 1. :mod:`~facemargin.data.storage` -- where bytes come from: ``ByteSource`` (local files, HTTP(S),
    fsspec URLs), cached copies of small remote files.
 2. :mod:`~facemargin.data.formats` -- RecordIO framing, the ``.idx`` and its cache, insightface /
-   im2rec sets (``property``, meta record), ``.bin`` pair files, image decoding.
+   im2rec sets (``property``, meta record), ``.bin`` pair files, image decoding; ``SetFiles``: the
+   files of one set, resolved once from ``data.root`` (local or remote) and handed down.
 3. :mod:`~facemargin.data.sources` -- ``FaceSource``: a set as samples ``0 .. N-1``
    (``FaceRecordSet``, ``FolderSource``).
 4. :mod:`~facemargin.data.loading` -- the epoch plan, the resumable loader, normalisation,

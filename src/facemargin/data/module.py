@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import to_plain
+from .formats.setfiles import SetFiles
 from .loading.device_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
 from .loading.loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
 from .loading.normalize import normalize_uint8
@@ -20,8 +21,7 @@ from .loading.plan import PlanSpec
 from .sources.base import FaceSource
 from .sources.folder import FolderSource
 from .sources.recordio import FaceRecordSet
-from .storage.cache import cached_copy
-from .storage.source import is_remote, remote_options
+from .storage.source import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +143,19 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if self.demo:
             from .tools.synthetic import ensure_demo_dataset
 
-            self.root = Path(ensure_demo_dataset(demo_cache_dir, **dict(demo_options or {})))
-            demo_bin = self.root / "demo_val.bin"
-            val_list = [demo_bin] + [v for v in val_list if Path(v) != demo_bin and str(v) != "demo_val"]
+            root = ensure_demo_dataset(demo_cache_dir, **dict(demo_options or {}))
             source = "recordio"
-        else:
-            self.root = str(root) if is_remote(root) else Path(root).expanduser()  # type: ignore[arg-type]
-            if is_remote(root) and source == "folder":
-                raise ValueError(f"a remote data.root ({root}) must be a packed RecordIO set; "
-                                 "data=folder reads local folders (pack them: python -m facemargin.data.pack)")
-        self.val_paths = [self._resolve_val(v) for v in val_list]
+        elif is_remote(root) and source == "folder":
+            raise ValueError(f"a remote data.root ({root}) must be a packed RecordIO set; "
+                             "data=folder reads local folders (pack them: python -m facemargin.data.pack)")
+        # data.root resolved once: the set's files (local or remote) and the checked remote options
+        # (a bad key fails here, before any file is read); everything below receives self.files
+        self.files = SetFiles.at(root, self.hparams.remote)  # type: ignore[arg-type]
+        self.root = self.files.root
+        if self.demo:
+            demo_bin = self.files.verification_file("demo_val")
+            val_list = [demo_bin] + [v for v in val_list if Path(v) != demo_bin and str(v) != "demo_val"]
+        self.val_paths = [self.files.verification_file(v) for v in val_list]
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory
@@ -167,11 +170,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.decode = decode
         self._decoder: Any = None
         self._source_kind = source
-        remote_options(self.root, remote)  # checked now: a bad key fails before any file is read
         self._source: FaceSource | None = None
         self._num_classes = None if num_classes is None else int(num_classes)
         if source == "recordio":
-            self.num_classes, self.image_size = FaceRecordSet.peek(self.root, remote=remote)
+            self.num_classes, self.image_size = FaceRecordSet.peek(self.files)
             self.num_classes = self._num_classes or self.num_classes
         else:
             if source == "folder":
@@ -185,24 +187,12 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self._train_loader: TrainLoader | None = None
         self._resume: dict[str, Any] | None = None  # loader state from a checkpoint, for the next train loader
 
-    # ---- paths and datasets
-    def _resolve_val(self, v: str | os.PathLike) -> Path | str:
-        """A verification set: a URL, a local file, or a name / relative path inside ``root``."""
-        if is_remote(v):
-            return str(v)
-        p = Path(v).expanduser()
-        if is_remote(self.root) and not (p.is_absolute() or p.is_file()):  # inside the remote set
-            name = p.as_posix()
-            return f"{self.root.rstrip('/')}/{name if p.suffix == '.bin' else name + '.bin'}"
-        if p.suffix == ".bin" or p.is_file() or len(p.parts) > 1:
-            return p if p.is_absolute() or p.is_file() else self.root / p
-        return self.root / f"{p}.bin"
-
+    # ---- datasets
     @property
     def source(self) -> FaceSource:
         """The training source (opened on first use; a RecordIO set maps its cached index)."""
         if self._source is None:
-            self._source = FaceRecordSet(self.root, remote=self.hparams.remote, num_classes=self._num_classes)
+            self._source = FaceRecordSet(self.files, num_classes=self._num_classes)
         return self._source
 
     def verification_files(self) -> list[Path]:
@@ -213,7 +203,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             missing = [str(p) for p in self.val_paths if not is_remote(p) and not Path(p).is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [cached_copy(p, **remote_options(p, self.hparams.remote)) for p in self.val_paths]
+            self._val = [self.files.fetch(p) for p in self.val_paths]
         return list(self._val)
 
     def _rank_world(self) -> tuple[int, int]:

@@ -5,5 +5,6 @@
 :mod:`~facemargin.data.formats.faceset` (insightface / im2rec sets: ``property``, meta record,
 identity ranges), :mod:`~facemargin.data.formats.verification` (``.bin`` pair files, LFW
 ``pairs.txt``), :mod:`~facemargin.data.formats.image` (encoded images -> uint8 RGB, size checked
-first). Imports numpy (and simplejpeg / Pillow when decoding), never torch.
+first), :mod:`~facemargin.data.formats.setfiles` (``SetFiles``: a set's files under its root, local
+or remote, resolved once). Imports numpy (and simplejpeg / Pillow when decoding), never torch.
 """

@@ -13,7 +13,6 @@ only ``stat`` the files and map the cache.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -23,78 +22,56 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..formats.faceset import (
-    INSIGHTFACE, LAYOUT_ARRAYS, LAYOUT_NAMES, MAX_CLASSES, read_layout, read_property, read_runs,
-)
+from ..formats.faceset import INSIGHTFACE, LAYOUT_ARRAYS, LAYOUT_NAMES, MAX_CLASSES, read_layout, read_runs
 from ..formats.image import declared_size
-from ..formats.index import RecordIndex, cache_dir_for, file_stamp, load_stamped, parse_idx, save_stamped
+from ..formats.index import RecordIndex, load_stamped, parse_idx, save_stamped
 from ..formats.recordio import MAGIC, RecordIOError, RecordIOReader, unframe
-from ..storage.cache import cached_copy
-from ..storage.source import is_remote, open_source, remote_options
+from ..formats.setfiles import SetFiles
 from .base import FaceSource
 
 __all__ = ["FaceRecordSet"]
 
 log = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 _HEAD = struct.Struct("<IIIf")  # magic, lrecord, IRHeader flag, IRHeader label
 _FLOAT = struct.Struct("<f")
 
 
-def _join(root: str | os.PathLike, name: str) -> str | Path:
-    return f"{str(root).rstrip('/')}/{name}" if is_remote(root) else Path(root).expanduser() / name
-
-
-def _refuse_image_folder(root: str | os.PathLike, rec: str | Path, idx: str | Path) -> None:
-    """A folder of identity sub-folders given where a RecordIO set is expected: say what to do."""
-    if is_remote(root) or not Path(root).is_dir() or Path(idx).exists() or Path(rec).exists():
-        return
-    folders = [p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")]
-    with_images = [f for f in folders[:50] if any(c.suffix.lower() in _IMAGE_SUFFIXES for c in f.iterdir())]
-    if with_images:
-        raise FileNotFoundError(
-            f"{root} is an image folder ({len(folders)} identity sub-folders), not a RecordIO set "
-            f"(no {Path(rec).name} / {Path(idx).name}). Train from it directly with "
-            f"data=folder data.root={root}, or pack it once for faster reads with "
-            f"python -m facemargin.data.pack {root} OUT_DIR and use data.root=OUT_DIR"
-        )
+def _files(root: str | os.PathLike | SetFiles, name: str, remote: Mapping[str, Any] | None) -> SetFiles:
+    if isinstance(root, SetFiles):
+        if remote is not None or name != "train":
+            raise TypeError("name= and remote= belong to SetFiles.at(); they cannot be given with a SetFiles")
+        return root
+    return SetFiles.at(root, remote, name)
 
 
 class FaceRecordSet(FaceSource):
     """An insightface/im2rec RecordIO face set directory (local path or URL).
 
     Args:
-        root: directory holding ``train.rec``, ``train.idx`` and ``property``.
+        root: directory (or URL) holding ``train.rec``, ``train.idx`` and ``property``, or the
+            :class:`~facemargin.data.formats.setfiles.SetFiles` already resolved from it.
         num_classes: override (or replace a missing) ``property`` class count.
         image_size: ``(h, w)`` override; needed only when ``property`` is missing
             (otherwise it is read from the first image's header).
         name: base name of the record files (``train``).
+        remote: options of remote reads (:func:`~facemargin.data.storage.source.remote_options`).
 
     Attributes: ``num_classes``, ``image_size``, ``image_keys`` (int64, file order), ``layout``
-    (``"insightface"`` or ``"im2rec"``), ``identity_range`` (``(a, b)`` or ``None``), ``reader``.
+    (``"insightface"`` or ``"im2rec"``), ``identity_range`` (``(a, b)`` or ``None``), ``reader``,
+    ``files`` (``root``, ``rec_path``, ``idx_path``, ``property_path`` read from it).
     """
 
-    def __init__(self, root: str | os.PathLike, num_classes: int | None = None,
+    def __init__(self, root: str | os.PathLike | SetFiles, num_classes: int | None = None,
                  image_size: tuple[int, int] | None = None, name: str = "train",
                  remote: Mapping[str, Any] | None = None) -> None:
-        self.root = root if is_remote(root) else Path(root).expanduser()
-        self.remote = remote_options(root, remote)
-        self.rec_path = _join(root, f"{name}.rec")
-        self.idx_path = _join(root, f"{name}.idx")
-        self.property_path = _join(root, "property")
-        self.name = str(self.rec_path)
-        _refuse_image_folder(root, self.rec_path, self.idx_path)
-        self._idx_local = Path(cached_copy(self.idx_path, **self.remote))
-        if not self._idx_local.is_file():
-            raise FileNotFoundError(f"RecordIO index not found: {self.idx_path}")
-        try:
-            source = open_source(self.rec_path, **self.remote)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}") from None
-        prop = self.property_path
-        if is_remote(prop) or Path(prop).is_file():
-            classes, h, w = read_property(prop, **self.remote)
+        self.files = files = _files(root, name, remote)
+        self.name = str(files.rec)
+        files.refuse_image_folder()
+        self._idx_local = files.local_index()
+        source = files.open_rec()
+        if files.has_property():
+            classes, h, w = files.read_property()
             self.num_classes = int(num_classes) if num_classes is not None else classes
             self.image_size: tuple[int, int] | None = tuple(image_size) if image_size else (h, w)  # type: ignore[assignment]
         elif num_classes is not None:
@@ -102,40 +79,46 @@ class FaceRecordSet(FaceSource):
             self.image_size = tuple(image_size) if image_size else None  # type: ignore[assignment]
         else:
             raise FileNotFoundError(
-                f"property file not found: {prop} (expected 'num_classes,height,width'; or pass num_classes= explicitly)"
+                f"property file not found: {files.property} (expected 'num_classes,height,width'; "
+                "or pass num_classes= explicitly)"
             )
-        self._cache_file = cache_dir_for(self._idx_local) / f"{self._idx_local.name}.facemargin.npy"
-        self._stamp = self._file_stamp(source)
+        self._cache_file = files.cache_file(self._idx_local, "facemargin")
+        self._stamp = files.stamp(source, self._idx_local)
         self._open_index(source)
         if self.image_size is None:
             self.image_size = declared_size(self.read(int(self.image_keys[0]))[1]) if len(self) else None
         self._labels: np.ndarray | None = None
 
     @staticmethod
-    def peek(root: str | os.PathLike, name: str = "train",
+    def peek(root: str | os.PathLike | SetFiles, name: str = "train",
              remote: Mapping[str, Any] | None = None) -> tuple[int, tuple[int, int]]:
         """``(num_classes, image_size)`` without opening the index: from ``property`` when present."""
-        _refuse_image_folder(root, _join(root, f"{name}.rec"), _join(root, f"{name}.idx"))
-        prop = _join(root, "property")
-        if is_remote(prop) or Path(prop).is_file():
-            classes, h, w = read_property(prop, **remote_options(root, remote))
+        files = _files(root, name, remote)
+        files.refuse_image_folder()
+        if files.has_property():
+            classes, h, w = files.read_property()
             return classes, (h, w)
-        fs = FaceRecordSet(root, name=name, remote=remote)
+        fs = FaceRecordSet(files)
         return fs.num_classes, fs.image_size  # type: ignore[return-value]
 
-    # ---- index and layout (built once, cached)
-    def _file_stamp(self, source) -> list[int]:
-        """What the cache is keyed on: the .idx's stat, the .rec size, hashes of sampled bytes of both."""
-        size = source.size
-        h = hashlib.blake2b(digest_size=8)
-        for k in range(16):
-            h.update(source.pread(64, (size * k // 16) & ~3))
-        with open(self._idx_local, "rb") as f:
-            h.update(f.read(1 << 16))
-            f.seek(max(0, self._idx_local.stat().st_size - (1 << 16)))
-            h.update(f.read())
-        return [*file_stamp(self._idx_local), size, int.from_bytes(h.digest(), "little") >> 1]
+    # ---- where the files are (resolved once, in ``files``)
+    @property
+    def root(self) -> Path | str:
+        return self.files.root
 
+    @property
+    def rec_path(self) -> Path | str:
+        return self.files.rec
+
+    @property
+    def idx_path(self) -> Path | str:
+        return self.files.idx
+
+    @property
+    def property_path(self) -> Path | str:
+        return self.files.property
+
+    # ---- index and layout (built once, cached)
     def _open_index(self, source) -> None:
         arrays = load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS)
         if arrays is None:
@@ -260,7 +243,7 @@ class FaceRecordSet(FaceSource):
     @property
     def labels_cache_path(self) -> Path:
         """Where :meth:`labels` caches the label table of an im2rec set."""
-        return self._cache_file.with_name(f"{self._idx_local.name}.labels.npy")
+        return self.files.cache_file(self._idx_local, "labels")
 
     def labels(self) -> np.ndarray:
         """Identity of every sample (int64, sample order).
@@ -304,7 +287,7 @@ class FaceRecordSet(FaceSource):
             arrays = load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS)
             if arrays is None:
                 raise RecordIOError(f"{self._cache_file}: the index cache changed while workers were starting")
-            self._set_arrays(arrays, open_source(self.rec_path, **self.remote))
+            self._set_arrays(arrays, self.files.open_rec())
 
     def __repr__(self) -> str:
         return (

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..formats.image import decode_face
 from ..formats.recordio import RecordIOError
+from ..formats.setfiles import SetFiles
 from ..sources.recordio import FaceRecordSet
 
 __all__ = ["inspect_dir", "main"]
@@ -67,17 +68,17 @@ def _scan(fs: FaceRecordSet, problems: list[str]) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def inspect_dir(root: str | os.PathLike, decode: int = 0) -> dict:
-    """Check a ``train.rec/.idx/property`` directory and summarise it.
+def inspect_dir(root: str | os.PathLike | SetFiles, decode: int = 0) -> dict:
+    """Check a ``train.rec/.idx/property`` directory (or the :class:`SetFiles` of one) and summarise it.
 
     Returns a dict with ``root, ok, problems (list[str]), layout, num_records, num_images,
     num_classes, image_size, label_min, label_max, num_labels_seen, identity_range, rec_bytes,
     decoded``. Missing files, an unreadable index or a bad meta record are reported as problems.
     """
-    info: dict = {"root": str(root), "problems": [], "decoded": 0}
+    info: dict = {"root": str(root.root if isinstance(root, SetFiles) else root), "problems": [], "decoded": 0}
     problems: list[str] = info["problems"]
     try:
-        fs = FaceRecordSet(root)
+        fs = FaceRecordSet(root if isinstance(root, SetFiles) else SetFiles.at(root))
     except (OSError, ValueError, KeyError) as exc:
         problems.append(str(exc))
         info["ok"] = False
