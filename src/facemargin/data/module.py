@@ -145,13 +145,13 @@ class FaceRecordDataModule(pl.LightningDataModule):
 
             root = ensure_demo_dataset(demo_cache_dir, **dict(demo_options or {}))
             source = "recordio"
-        elif is_remote(root) and source == "folder":
-            raise ValueError(f"a remote data.root ({root}) must be a packed RecordIO set; "
-                             "data=folder reads local folders (pack them: python -m facemargin.data.pack)")
         # data.root resolved once: the set's files (local or remote) and the checked remote options
         # (a bad key fails here, before any file is read); everything below receives self.files
         self.files = SetFiles.at(root, self.hparams.remote)  # type: ignore[arg-type]
         self.root = self.files.root
+        if self.files.is_remote and source == "folder":
+            raise ValueError(f"a remote data.root ({root}) must be a packed RecordIO set; "
+                             "data=folder reads local folders (pack them: python -m facemargin.data.pack)")
         if self.demo:
             demo_bin = self.files.verification_file("demo_val")
             val_list = [demo_bin] + [v for v in val_list if Path(v) != demo_bin and str(v) != "demo_val"]
