@@ -2,7 +2,7 @@
 
     python benchmarks/augment_cost.py --batch 128 --batches 20 --repeats 5 --threads 2
 
-Input: uint8 [B, 3, 112, 112] batches of procedural faces (:mod:`facemargin.data.synthetic`), the
+Input: uint8 [B, 3, 112, 112] batches of procedural faces (:mod:`facemargin.data.tools.synthetic`), the
 shape and dtype the DataModule hands to ``on_after_batch_transfer``. Each row times
 ``augment(images, sample_index, epoch)`` followed by ``normalize_uint8`` (what training does) over
 ``--batches`` batches with fresh sample indices; the baseline row is ``normalize_uint8`` alone.
@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from facemargin.data.augment import FaceAugment
-from facemargin.data.decode import normalize_uint8
-from facemargin.data.synthetic import render_identity
+from facemargin.data.loading.augment import FaceAugment
+from facemargin.data.loading.normalize import normalize_uint8
+from facemargin.data.tools.synthetic import render_identity
 
 OFF = dict(crop_p=0.0, low_res_p=0.0, photometric_p=0.0, grayscale_p=0.0)
 ROWS = {

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facemargin.data.plan import EpochPlan, PlanSpec
+from facemargin.data.loading.plan import EpochPlan, PlanSpec
 
 SETS = {"ms1mv3": (93_431, 5_179_510), "glint360k": (360_232, 17_091_657)}
 BATCH, WORLD = 128, 8

@@ -66,7 +66,7 @@ def first_batch_samples(n: int, src_kind: str) -> np.ndarray:
         g.manual_seed(0)
         return torch.randperm(n, generator=g)[:128].numpy()
     sys.path.insert(0, str(HERE))
-    from facemargin.data.plan import EpochPlan, PlanSpec
+    from facemargin.data.loading.plan import EpochPlan, PlanSpec
 
     return EpochPlan.start(PlanSpec(seed=0), 0, n, 1, 128).sequence(0)[:128]
 
@@ -78,7 +78,7 @@ def build(root: Path, records: int, classes: int) -> None:
     sys.path.insert(0, str(HERE))
     import simplejpeg
 
-    from facemargin.data.recordio import IRHeader, _encode_parts, pack_record
+    from facemargin.data.formats.recordio import IRHeader, _encode_parts, pack_record
 
     root.mkdir(parents=True, exist_ok=True)
     a, b = records + 1, records + 1 + classes

@@ -18,7 +18,7 @@ flip, batches of 128 as ``uint8 [B, 3, 112, 112]``. Methods, interleaved in each
 * ``mxnet-iter``: MXNet's C++ ``ImageRecordIter`` (one preprocessing thread) on an im2rec-layout
   copy of the same records.
 
-Data: ``--records`` procedural 112x112 faces (``facemargin.data.synthetic``), each a distinct JPEG
+Data: ``--records`` procedural 112x112 faces (``facemargin.data.tools.synthetic``), each a distinct JPEG
 (quality 90, ~5-6 KB like real aligned crops), in the page cache (CPU cost, not disk speed).
 """
 
@@ -39,13 +39,14 @@ import numpy as np
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
-from facemargin.data.faceset import FaceRecordSet  # noqa: E402
-from facemargin.data.loader import BatchReader, PlanSampler, TrainLoader  # noqa: E402
-from facemargin.data.pack import write_faceset  # noqa: E402
-from facemargin.data.plan import PlanSpec  # noqa: E402
-from facemargin.data.recordio import IRHeader, RecordIOWriter, pack_record  # noqa: E402
-from facemargin.data.sources import FaceSource, FolderSource  # noqa: E402
-from facemargin.data.synthetic import render_identity  # noqa: E402
+from facemargin.data.formats.recordio import IRHeader, RecordIOWriter, pack_record  # noqa: E402
+from facemargin.data.loading.loader import BatchReader, PlanSampler, TrainLoader  # noqa: E402
+from facemargin.data.loading.plan import PlanSpec  # noqa: E402
+from facemargin.data.sources.base import FaceSource  # noqa: E402
+from facemargin.data.sources.folder import FolderSource  # noqa: E402
+from facemargin.data.sources.recordio import FaceRecordSet  # noqa: E402
+from facemargin.data.tools.pack import write_faceset  # noqa: E402
+from facemargin.data.tools.synthetic import render_identity  # noqa: E402
 
 BATCH = 128
 

@@ -19,8 +19,9 @@ import time
 import torch
 
 from facemargin.backbones import build_embedder
-from facemargin.data.decode import decode_image, normalize_uint8, to_uint8_chw
-from facemargin.data.synthetic import ensure_demo_dataset
+from facemargin.data.formats.image import decode_image
+from facemargin.data.loading.normalize import normalize_uint8, to_uint8_chw
+from facemargin.data.tools.synthetic import ensure_demo_dataset
 from facemargin.evaluation import BinPairsEvaluator
 from facemargin.evaluation.embedder import Embedder
 from facemargin.evaluation.runner import embed_dataset

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_decode.py --images 4096 --batch 128 --workers 2 --repeats 3 [--device cuda]
 
-Data: ``--images`` procedural 112x112 faces (:mod:`facemargin.data.synthetic`) as JPEG quality 90
+Data: ``--images`` procedural 112x112 faces (:mod:`facemargin.data.tools.synthetic`) as JPEG quality 90
 bytes held in memory (so the figure is decode + batching, not storage). Rows, each a full pass of
 ``DataLoader(batch_size=--batch, num_workers=--workers)``, ending with the batch as uint8
 ``[B, 3, 112, 112]`` on ``--device`` (synchronised):
@@ -27,9 +27,10 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from facemargin.data.decode import decode_image, to_uint8_chw
-from facemargin.data.gpu_decode import JpegBatchDecoder, collate_encoded
-from facemargin.data.synthetic import render_identity
+from facemargin.data.formats.image import decode_image
+from facemargin.data.loading.device_decode import JpegBatchDecoder, collate_encoded
+from facemargin.data.loading.normalize import to_uint8_chw
+from facemargin.data.tools.synthetic import render_identity
 
 
 class Encoded(Dataset):

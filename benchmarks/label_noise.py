@@ -36,9 +36,9 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from facemargin.clean import clean
-from facemargin.data.faceset import FaceRecordSet
-from facemargin.data.recordio import IRHeader, RecordIOWriter, pack_record
-from facemargin.data.synthetic import ensure_demo_dataset
+from facemargin.data.formats.recordio import IRHeader, RecordIOWriter, pack_record
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.tools.synthetic import ensure_demo_dataset
 from facemargin.train import build, config_dir
 
 

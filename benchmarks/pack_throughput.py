@@ -2,7 +2,7 @@
 
     python benchmarks/pack_throughput.py --images 5000 --repeats 5 --mxnet-python /work/mxvenv/bin/python
 
-Data: ``--images`` procedural 112x112 faces (:mod:`facemargin.data.synthetic`, JPEG quality 90,
+Data: ``--images`` procedural 112x112 faces (:mod:`facemargin.data.tools.synthetic`, JPEG quality 90,
 about 5 KB each) in ``root/<identity>/<n>.jpg``, 50 per identity, in the page cache (warm reads:
 this measures the packer's CPU cost, not the disk).
 
@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
-from facemargin.data.pack import pack_images
-from facemargin.data.recordio import RecordIOReader, unpack_record
-from facemargin.data.synthetic import render_identity
+from facemargin.data.formats.recordio import RecordIOReader, unpack_record
+from facemargin.data.tools.pack import pack_images
+from facemargin.data.tools.synthetic import render_identity
 
 IM2REC_LOOP = r"""
 import argparse, importlib.util, json, os, sys, time

@@ -2,7 +2,7 @@
 
     python benchmarks/remote_stream.py --images 8192 --workers 2 --repeats 3 --latency 0 0.01
 
-Data: ``--images`` procedural 112x112 faces (:mod:`facemargin.data.synthetic`, JPEG quality 90,
+Data: ``--images`` procedural 112x112 faces (:mod:`facemargin.data.tools.synthetic`, JPEG quality 90,
 ~5 KB each) packed as an insightface RecordIO set, served by a threaded HTTP/1.1 server on
 127.0.0.1 from its own process (``tests/range_http.py``: Python's threaded ``http.server`` with
 Range requests, keep-alive, no Nagle delay), from the page cache. The server shares the machine's
@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
-from facemargin.data.faceset import FaceRecordSet
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.pack import write_faceset
-from facemargin.data.storage import open_source
-from facemargin.data.synthetic import render_identity
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.storage.source import open_source
+from facemargin.data.tools.pack import write_faceset
+from facemargin.data.tools.synthetic import render_identity
 
 SERVER = Path(__file__).resolve().parents[1] / "tests" / "range_http.py"
 

@@ -71,7 +71,7 @@ def write_face_set(root: Path, labels: list[int], layout: str = "insightface", n
                    corrupt: tuple[int, ...] = (), size: int = FACE) -> Path:
     """A RecordIO face set written with the writer: insightface (meta record, images, identity ranges;
     labels must be sorted) or im2rec (every key an image). ``corrupt`` samples get garbage JPEG bytes."""
-    from facemargin.data.recordio import IRHeader, RecordIOWriter, pack_record
+    from facemargin.data.formats.recordio import IRHeader, RecordIOWriter, pack_record
 
     root.mkdir(parents=True, exist_ok=True)
     n = len(labels)

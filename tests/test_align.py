@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from facemargin.align import ARCFACE_TEMPLATE, align_face, arcface_template, estimate_similarity, warp_affine
-from facemargin.data.synthetic import render_identity
+from facemargin.data.tools.synthetic import render_identity
 
 
 def similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from facemargin.data.augment import FaceAugment, counter_uniform
+from facemargin.data.loading.augment import FaceAugment, counter_uniform
 
 ONLY = dict(crop_p=0.0, low_res_p=0.0, photometric_p=0.0, grayscale_p=0.0)
 
@@ -143,7 +143,7 @@ def test_augmented_training_batches_are_identical_after_a_mid_epoch_resume(tmp_p
     import lightning.pytorch as pl
 
     from facemargin.data.module import FaceRecordDataModule
-    from facemargin.data.synthetic import make_demo_dataset
+    from facemargin.data.tools.synthetic import make_demo_dataset
 
     root = make_demo_dataset(tmp_path / "set", num_identities=4, images_per_identity=6, num_val_identities=2,
                              num_val_pairs=10, image_size=16, seed=1)

@@ -23,11 +23,12 @@ from hydra import compose, initialize_config_dir
 
 from facemargin.checkpoint import load_module
 from facemargin.clean import clean, write_cleaned_set
-from facemargin.data.decode import decode_face, normalize_uint8, to_uint8_chw
-from facemargin.data.faceset import FaceRecordSet
+from facemargin.data.formats.image import decode_face
+from facemargin.data.loading.normalize import normalize_uint8, to_uint8_chw
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.sources import FolderSource
-from facemargin.data.synthetic import ensure_demo_dataset
+from facemargin.data.sources.folder import FolderSource
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.tools.synthetic import ensure_demo_dataset
 from facemargin.module import RECORD_KEY
 from facemargin.train import build, build_model, config_dir
 
@@ -119,7 +120,7 @@ def test_cleaned_recordio_set_is_a_subset_index_over_the_same_rec(noisy_model, c
     assert np.array_equal(sub.labels(), noisy_model["labels"][keep])
     for j, i in enumerate(np.flatnonzero(keep)):
         assert sub.parse(j, sub.read_raw(j)) == original.parse(int(i), original.read_raw(int(i)))
-    assert dm.evaluators()[0].name == "demo_val"
+    assert [p.name for p in dm.verification_files()] == ["demo_val.bin"]
 
 
 def test_k1_checkpoint_holds_the_dominant_subcentres_and_starts_a_run(noisy_model, cleaned) -> None:

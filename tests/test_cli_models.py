@@ -17,11 +17,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from facemargin.align import ARCFACE_TEMPLATE, warp_affine
-from facemargin.data.decode import decode_image
-from facemargin.data.synthetic import render_identity
+from facemargin.data.formats.image import decode_image
+from facemargin.data.tools.synthetic import render_identity
+from facemargin.evaluate import _instantiate_evaluators, _plain, evaluate
 from facemargin.evaluation import BinPairsEvaluator, FolderPairsEvaluator
 from facemargin.evaluation.embedder import load_embedder
-from facemargin.evaluate import _instantiate_evaluators, _plain, evaluate
 from facemargin.evaluation.runner import EmbeddingCache, run_evaluator
 from facemargin.train import config_dir
 

@@ -14,9 +14,10 @@ import torch
 from conftest import face_image, write_face_set
 from torch.utils.data import DataLoader
 
+from facemargin.data.formats.verification import write_bin
+from facemargin.data.loading.plan import PlanSpec
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.plan import PlanSpec
-from facemargin.data.verification import write_bin
+from facemargin.evaluation.pairs import datamodule_evaluators
 
 SMALL_DEMO = dict(num_identities=12, images_per_identity=4, num_val_identities=4, num_val_pairs=20, image_size=112)
 
@@ -41,7 +42,7 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_datamodule(demo_cache: Path) -> None:
     dm = FaceRecordDataModule(demo=True, demo_cache_dir=demo_cache, demo_options=SMALL_DEMO, batch_size=8, num_workers=0)
     assert dm.num_classes == 12 and dm.image_size == (112, 112)  # before setup
-    (ev,) = dm.evaluators()
+    (ev,) = datamodule_evaluators(dm)  # built above the data layer, from dm.verification_files()
     assert ev.name == "demo_val" and ev.issame.dtype == bool and ev.issame.size == 20
     dm.setup("fit")
     raw = next(iter(dm.train_dataloader()))
@@ -59,14 +60,14 @@ def test_recordio_datamodule_loaders(tmp_path: Path, streaming: bool) -> None:
     root = make_root(tmp_path / "set", n=100, num_classes=30)
     dm = FaceRecordDataModule(root, val_sets=["cfp_fp", "lfw"], batch_size=16, num_workers=2,
                               streaming=streaming, chunk_size=4, shuffle_buffer=32)
-    assert dm.num_classes == 30 and [ev.name for ev in dm.evaluators()] == ["cfp_fp", "lfw"]
+    assert dm.num_classes == 30 and [p.name for p in dm.verification_files()] == ["cfp_fp.bin", "lfw.bin"]
     dm.setup("fit")
     train = dm.train_dataloader()
     batches = list(train)
     assert len(batches) == len(train) == 100 // 16 and all(b[0].shape == (16, 3, 16, 16) for b in batches)
     labels = torch.cat([b[1] for b in batches])
     assert labels.dtype == torch.long and labels.unique().numel() >= 25
-    assert [len(ev.dataset()) for ev in dm.evaluators()] == [4, 6]
+    assert [len(ev.dataset()) for ev in datamodule_evaluators(dm)] == [4, 6]
 
 
 def test_missing_val_set_is_named(tmp_path: Path) -> None:
@@ -115,7 +116,7 @@ def test_augment_runs_on_training_batches_before_normalisation(tmp_path: Path) -
 
 
 def test_folder_and_recordio_give_the_same_epochs(tmp_path: Path) -> None:
-    from facemargin.data.pack import pack_images
+    from facemargin.data.tools.pack import pack_images
 
     rng = np.random.default_rng(0)
     for c in range(6):
@@ -141,7 +142,7 @@ def test_folder_and_recordio_give_the_same_epochs(tmp_path: Path) -> None:
 
 
 def test_a_third_source_is_one_small_class(tmp_path: Path) -> None:
-    from facemargin.data.sources import FaceSource
+    from facemargin.data.sources.base import FaceSource
 
     class ListSource(FaceSource):  # the images in a Python list: all a source has to say
         def __init__(self, root: str) -> None:
@@ -257,8 +258,8 @@ import json, os, sys
 import lightning.pytorch as pl
 sys.path.insert(0, {tests!r})
 from test_datamodule import _Recorder, _SaveAt
+from facemargin.data.loading.plan import PlanSpec
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.plan import PlanSpec
 
 class Dump(pl.Callback):
     def on_exception(self, trainer, pl_module, exc):
@@ -284,7 +285,7 @@ def test_trainer_resume_on_another_world_size(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from facemargin.data.plan import planned_samples
+    from facemargin.data.loading.plan import planned_samples
 
     root = make_root(tmp_path / "set", n=100, num_classes=100)
     kw = dict(batch_size=4, streaming=streaming, seed=3, shuffle_buffer=16, chunk_size=4)

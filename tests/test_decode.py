@@ -10,15 +10,8 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from facemargin.data.decode import (
-    CHANNEL_ORDER,
-    MEAN,
-    STD,
-    CorruptImageError,
-    decode_image,
-    normalize_uint8,
-    to_tensor,
-)
+from facemargin.data.formats.image import CorruptImageError, decode_image
+from facemargin.data.loading.normalize import CHANNEL_ORDER, MEAN, STD, normalize_uint8, to_tensor
 
 
 def _red_left_blue_right(h: int = 32, w: int = 32) -> np.ndarray:
@@ -122,7 +115,7 @@ def _png_claiming(h: int, w: int) -> bytes:
 def test_bombs_are_refused_from_the_header(make) -> None:
     import time
 
-    from facemargin.data.decode import ImageSizeError, decode_face, decode_into, declared_size
+    from facemargin.data.formats.image import ImageSizeError, decode_face, decode_into, declared_size
 
     bomb = make(65500, 65500)
     assert declared_size(bomb) == (65500, 65500)
@@ -137,7 +130,7 @@ def test_bombs_are_refused_from_the_header(make) -> None:
 
 
 def test_wrong_size_and_exact_size() -> None:
-    from facemargin.data.decode import ImageSizeError, decode_face, decode_into
+    from facemargin.data.formats.image import ImageSizeError, decode_face, decode_into
 
     src = _red_left_blue_right(64, 64)
     data = simplejpeg.encode_jpeg(src, quality=95, colorspace="RGB")

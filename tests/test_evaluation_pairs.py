@@ -255,7 +255,7 @@ def _face(level: int) -> bytes:
 def test_bin_evaluator_images_in_index_order(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader
 
-    from facemargin.data.verification import write_bin
+    from facemargin.data.formats.verification import write_bin
     from facemargin.evaluation.pairs import BinPairsEvaluator
 
     levels = [40 + 20 * i for i in range(8)]
@@ -272,8 +272,8 @@ def test_bin_evaluator_images_in_index_order(tmp_path: Path) -> None:
 
 
 def test_bin_evaluator_corrupt_image_named(tmp_path: Path) -> None:
-    from facemargin.data.decode import CorruptImageError
-    from facemargin.data.verification import write_bin
+    from facemargin.data.formats.image import CorruptImageError
+    from facemargin.data.formats.verification import write_bin
     from facemargin.evaluation.pairs import BinPairsEvaluator
 
     path = write_bin(tmp_path / "agedb_30.bin", [_face(50), b"\xff\xd8\xffjunk"], [True])
@@ -337,7 +337,7 @@ def test_folder_pairs_refuse_mixed_sizes_naming_both_files(tmp_path: Path) -> No
 
 
 def test_runner_refuses_images_of_another_size_than_the_model_takes(tmp_path: Path) -> None:
-    from facemargin.data.verification import write_bin
+    from facemargin.data.formats.verification import write_bin
     from facemargin.evaluation.embedder import Embedder
     from facemargin.evaluation.pairs import BinPairsEvaluator
     from facemargin.evaluation.runner import run_evaluator

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from facemargin.checkpoint import load_module
-from facemargin.data.decode import decode_image, normalize_uint8, to_uint8_chw
-from facemargin.data.verification import load_bin
+from facemargin.data.formats.image import decode_image
+from facemargin.data.formats.verification import load_bin
+from facemargin.data.loading.normalize import normalize_uint8, to_uint8_chw
 from facemargin.evaluation import BinPairsEvaluator
 from facemargin.evaluation.embedder import Embedder, load_embedder
 from facemargin.evaluation.runner import run_evaluator

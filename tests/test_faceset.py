@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import TINY_LABELS, tiny_jpeg
 
-from facemargin.data.faceset import FaceRecordSet, read_property
-from facemargin.data.recordio import IRHeader, RecordIOError, RecordIOWriter, pack_record
+from facemargin.data.formats.faceset import read_property
+from facemargin.data.formats.recordio import IRHeader, RecordIOError, RecordIOWriter, pack_record
+from facemargin.data.sources.recordio import FaceRecordSet
 
 
 def write_set(root: Path, records: list[tuple[int, bytes]], prop: str | None = "3,8,8") -> Path:
@@ -111,7 +112,7 @@ def test_index_cache_is_mapped_and_reused(tiny_recdir, monkeypatch):
     fs = FaceRecordSet(tiny_recdir)
     cache = tiny_recdir / "train.idx.facemargin.npy"
     assert cache.is_file() and _mapped(fs.index.offsets)
-    import facemargin.data.faceset as faceset
+    import facemargin.data.sources.recordio as faceset
 
     monkeypatch.setattr(faceset, "parse_idx", None)  # a second open must not parse the text again
     again = FaceRecordSet(tiny_recdir)

@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from facemargin.data.decode import decode_image
-from facemargin.data.faceset import FaceRecordSet
-from facemargin.data.loader import BatchReader, PlanSampler, TrainLoader
-from facemargin.data.plan import PlanSpec, hash_uniform
-from facemargin.data.recordio import IRHeader, RecordIOWriter, pack_record
+from facemargin.data.formats.image import decode_image
+from facemargin.data.formats.recordio import IRHeader, RecordIOWriter, pack_record
+from facemargin.data.loading.loader import BatchReader, PlanSampler, TrainLoader
+from facemargin.data.loading.plan import PlanSpec, hash_uniform
+from facemargin.data.sources.recordio import FaceRecordSet
 
 SIZE = 16
 LABELS = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]

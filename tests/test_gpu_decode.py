@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from facemargin.data.decode import CorruptImageError
-from facemargin.data.gpu_decode import NO_CUDA_MESSAGE, JpegBatchDecoder, collate_encoded, split_encoded
+from facemargin.data.formats.image import CorruptImageError
+from facemargin.data.loading.device_decode import NO_CUDA_MESSAGE, JpegBatchDecoder, collate_encoded, split_encoded
 
 
 def photo(seed: int, h: int = 24, w: int = 24) -> np.ndarray:
@@ -76,9 +76,9 @@ def test_bad_batches_name_the_image():
 
 
 def test_datamodule_gpu_decode_gives_the_cpu_pipelines_batches(tmp_path):
-    from facemargin.data.gpu_decode import EncodedBatch
+    from facemargin.data.loading.device_decode import EncodedBatch
     from facemargin.data.module import FaceRecordDataModule
-    from facemargin.data.synthetic import make_demo_dataset
+    from facemargin.data.tools.synthetic import make_demo_dataset
 
     root = make_demo_dataset(tmp_path / "set", num_identities=5, images_per_identity=4, num_val_identities=2,
                              num_val_pairs=10, image_size=24, seed=1)
@@ -102,7 +102,7 @@ def test_datamodule_gpu_decode_gives_the_cpu_pipelines_batches(tmp_path):
 def test_a_damaged_body_behind_a_sound_header_names_its_record(tmp_path):
     """The workers check headers only; the device decoder finds the rest and names the record."""
     from facemargin.data.module import FaceRecordDataModule
-    from facemargin.data.pack import write_faceset
+    from facemargin.data.tools.pack import write_faceset
 
     images = [jpeg(k, h=24, w=24) for k in range(6)]
     images[4] = images[4][: images[4].index(b"\xff\xda") + 40]  # headers intact, scan cut short

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
-from facemargin.data.synthetic import ensure_demo_dataset
+from facemargin.data.tools.synthetic import ensure_demo_dataset
 from facemargin.margins import available_margins
 from facemargin.train import build, config_dir
 

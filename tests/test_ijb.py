@@ -11,10 +11,10 @@ import simplejpeg
 import torch
 
 from facemargin.align import ARCFACE_TEMPLATE, align_face, warp_affine
-from facemargin.data.decode import decode_image
-from facemargin.data.synthetic import render_identity
-from facemargin.evaluation.ijb import IJBEvaluator, roc_curve
+from facemargin.data.formats.image import decode_image
+from facemargin.data.tools.synthetic import render_identity
 from facemargin.evaluation.embedder import Embedder
+from facemargin.evaluation.ijb import IJBEvaluator, roc_curve
 from facemargin.evaluation.runner import EmbeddingCache, embed_dataset, run_evaluator
 
 N_IDS = 12  # G1 = subjects 0..5, G2 = subjects 6..11; every subject: 1 gallery + 2 probe templates

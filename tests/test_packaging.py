@@ -21,7 +21,7 @@ def test_wheel_ships_the_config_tree(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     repo_configs = {f"facemargin/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert repo_configs and repo_configs <= names, sorted(repo_configs - names)[:5]
-    assert "facemargin/train.py" in names and "facemargin/data/recordio.py" in names
+    assert "facemargin/train.py" in names and "facemargin/data/formats/recordio.py" in names
 
 
 def test_main_classes_import_from_the_package_root_lazily():

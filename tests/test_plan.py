@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facemargin.data.plan import EpochPlan, PlanMismatchError, PlanSpec, base_order, hash_uniform, planned_samples
+from facemargin.data.loading.plan import (
+    EpochPlan,
+    PlanMismatchError,
+    PlanSpec,
+    base_order,
+    hash_uniform,
+    planned_samples,
+)
 
 SPECS = [PlanSpec(seed=3), PlanSpec(seed=3, streaming=True, chunk=5, window=24)]
 IDS = ["map", "stream"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemargin.data.recordio import (
+from facemargin.data.formats.recordio import (
     MAGIC,
     IRHeader,
     RecordIOError,
@@ -250,7 +250,7 @@ def test_index_pointing_inside_a_record(tmp_path):
 
 
 def test_one_pread_per_record(tmp_path):
-    from facemargin.data.storage import LocalSource
+    from facemargin.data.storage.local import LocalSource
 
     records = [(k, bytes([k]) * (10 + 7 * k)) for k in range(20)] + [(20, b"x" + M + b"yz" * 5)]
     rec, idx = write_records(tmp_path, records)

@@ -12,8 +12,12 @@ import pytest
 import torch
 from range_http import RangeServer
 
-from facemargin.data.remote import FsspecSource, HTTPSource, RemoteReadError, RetryPolicy
-from facemargin.data.storage import LocalSource, cached_copy, is_remote, open_source
+from facemargin.data.storage.cache import cached_copy
+from facemargin.data.storage.fsspec_source import FsspecSource
+from facemargin.data.storage.http_source import HTTPSource
+from facemargin.data.storage.local import LocalSource
+from facemargin.data.storage.remote import RemoteReadError, RetryPolicy
+from facemargin.data.storage.source import is_remote, open_source
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
 

@@ -9,7 +9,8 @@ import torch
 from range_http import RangeServer
 
 from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.synthetic import make_demo_dataset
+from facemargin.data.tools.synthetic import make_demo_dataset
+from facemargin.evaluation.pairs import datamodule_evaluators
 
 
 @pytest.fixture()
@@ -41,7 +42,7 @@ def test_an_epoch_over_http_equals_the_local_epoch(served_set, streaming, worker
         for (xr, yr, ir), (xl, yl, il) in zip(got, want):
             assert ir == il and yr == yl and torch.equal(xr, xl)
     assert server.cut_next == 0 and any(r and r.startswith("bytes=") for r in server.requests("/set/train.rec"))
-    (ev_remote,), (ev_local,) = remote.evaluators(), local.evaluators()  # the .bin, fetched once and cached
+    (ev_remote,), (ev_local,) = datamodule_evaluators(remote), datamodule_evaluators(local)  # the .bin, fetched once and cached
     assert ev_remote.name == ev_local.name
     assert ev_remote.dataset().images == ev_local.dataset().images and len(ev_local.dataset()) == 40
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from facemargin.data.faceset import FaceRecordSet
-from facemargin.data.pack import pack_images
-from facemargin.data.sources import FolderSource, SourceError
+from facemargin.data.sources.base import SourceError
+from facemargin.data.sources.folder import FolderSource
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.tools.pack import pack_images
 
 
 def _jpeg(seed: int, size: int = 16) -> bytes:

@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from facemargin.data.faceset import FaceRecordSet
-from facemargin.data.inspect import inspect_dir
-from facemargin.data.synthetic import (
-    DEFAULT_PARAMS,
-    ensure_demo_dataset,
-    make_demo_dataset,
-    render_identity,
-)
-from facemargin.data.verification import load_bin
+from facemargin.data.formats.verification import load_bin
+from facemargin.data.sources.recordio import FaceRecordSet
+from facemargin.data.tools.inspect import inspect_dir
+from facemargin.data.tools.synthetic import DEFAULT_PARAMS, ensure_demo_dataset, make_demo_dataset, render_identity
 
 SMALL = dict(num_identities=5, images_per_identity=3, num_val_identities=4, num_val_pairs=20)
 

@@ -227,10 +227,10 @@ def test_a_backbone_without_embedding_size_is_measured_by_one_forward():
 
 
 def test_demo_set_generation_says_where_and_when_it_is_ready(tmp_path, caplog):
-    from facemargin.data.synthetic import ensure_demo_dataset
+    from facemargin.data.tools.synthetic import ensure_demo_dataset
 
     small = dict(num_identities=3, images_per_identity=2, num_val_identities=2, num_val_pairs=10, image_size=32)
-    with caplog.at_level("INFO", logger="facemargin.data.synthetic"):
+    with caplog.at_level("INFO", logger="facemargin.data.tools.synthetic"):
         root = ensure_demo_dataset(tmp_path, **small)
         assert ensure_demo_dataset(tmp_path, **small) == root  # generated once; the second call is silent
     assert caplog.text.count(f"generating the demo face set once into {root}: 3 identities x 2 images + "

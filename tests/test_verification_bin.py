@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from facemargin.data.verification import load_bin, write_bin
+from facemargin.data.formats.verification import load_bin, write_bin
 
 IMAGES = [b"\xff\xd8\xff\xe0first", b"second\x00\xff", b"", bytes(range(256))]
 
@@ -291,7 +291,7 @@ def _pil(h: int, w: int, fmt: str, **kw) -> bytes:
 
 
 def test_encoded_image_size_reads_headers():
-    from facemargin.data.verification import encoded_image_size
+    from facemargin.data.formats.verification import encoded_image_size
 
     assert encoded_image_size(_jpeg(112, 96)) == (112, 96)
     assert encoded_image_size(_pil(50, 70, "JPEG", progressive=True, exif=b"Exif\x00\x00" + bytes(300))) == (50, 70)
@@ -318,7 +318,7 @@ def test_write_bin_stores_repeated_images_in_full(tmp_path):
 
 
 def test_pairs_txt_lfw_and_generic_layouts(tmp_path):
-    from facemargin.data.verification import read_pairs_txt
+    from facemargin.data.formats.verification import read_pairs_txt
 
     root = tmp_path / "lfw"
     for person, n in [("Ann_A", 2), ("Bob_B", 1)]:

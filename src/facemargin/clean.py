@@ -40,9 +40,11 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from .data.decode import decode_face, to_uint8_chw
-from .data.faceset import FaceRecordSet
-from .data.sources import FaceSource, FolderSource
+from .data.formats.image import decode_face
+from .data.loading.normalize import to_uint8_chw
+from .data.sources.base import FaceSource
+from .data.sources.folder import FolderSource
+from .data.sources.recordio import FaceRecordSet
 from .heads.subcenters import CleaningResult, clean_by_dominant_subcentre, dominant_weights
 
 __all__ = ["SourceImages", "clean", "main", "write_cleaned_set", "write_k1_checkpoint"]

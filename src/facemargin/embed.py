@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data.verification import encoded_image_size
+from .data.formats.verification import encoded_image_size
 from .detect.landmarks import read_landmarks as read_landmark_file
 from .evaluation.base import ImageFiles
 from .evaluation.embedder import Embedder, load_embedder

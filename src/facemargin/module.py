@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .config import to_plain
-from .data.decode import CHANNEL_ORDER, MEAN, STD, normalize_uint8
+from .data.loading.normalize import CHANNEL_ORDER, MEAN, STD, normalize_uint8
 from .distributed import exclude_from_ddp
+from .evaluation.pairs import datamodule_evaluators
 
 __all__ = ["FaceRecognitionModule", "RECORD_KEY"]
 
@@ -86,8 +87,9 @@ class FaceRecognitionModule(pl.LightningModule):
         optimizer: ``optimizer(params) -> Optimizer`` (Hydra ``_partial_``); default SGD(lr=0.1).
         scheduler: ``scheduler(optimizer, total_steps=, steps_per_epoch=)`` (the keywords it accepts),
             stepped every optimizer step; ``None`` = constant learning rate.
-        evaluators: :class:`facemargin.evaluation.Evaluator` objects run in validation; the
-            DataModule's ``evaluators()`` are added at ``setup``.
+        evaluators: :class:`facemargin.evaluation.Evaluator` objects run in validation; one
+            :class:`~facemargin.evaluation.BinPairsEvaluator` per file of the DataModule's
+            ``verification_files()`` is added at ``setup``.
         num_classes: identities (needed when ``head`` is a factory).
         flip_test: embed image + horizontal flip (summed) in validation and prediction.
         val_batch_size, val_num_workers: the evaluators' DataLoaders.
@@ -168,9 +170,8 @@ class FaceRecognitionModule(pl.LightningModule):
         if callable(ignored) and ignored():
             exclude_from_ddp(self, [f"head.{n}" for n in ignored()])
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        provide = getattr(datamodule, "evaluators", None)
-        if callable(provide) and not self._datamodule_evaluators_added:
-            self.evaluators.extend(provide())
+        if not self._datamodule_evaluators_added:
+            self.evaluators.extend(datamodule_evaluators(datamodule))
             self._datamodule_evaluators_added = True
 
     # ------------------------------------------------------------------ forward

@@ -59,8 +59,8 @@ def why_unscored(cfg: DictConfig, model: FaceRecognitionModule, datamodule: Any)
         return "trainer.limit_val_batches=0"
     if isinstance(limit, float) and limit < 1.0:
         return f"trainer.limit_val_batches={limit}: only whole verification sets are scored"
-    provide = getattr(datamodule, "evaluators", None)
-    if not (len(model.evaluators) or (callable(provide) and provide())):
+    files = getattr(datamodule, "verification_files", None)
+    if not (len(model.evaluators) or (callable(files) and files())):
         return "no verification sets: data.val_sets is empty and there are no eval= sets"
     return None
 

@@ -13,13 +13,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import to_plain
-from .decode import normalize_uint8
-from .faceset import FaceRecordSet
-from .gpu_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
-from .loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
-from .plan import PlanSpec
-from .sources import FaceSource, FolderSource
-from .storage import cached_copy, is_remote, remote_options
+from .formats.setfiles import SetFiles
+from .loading.device_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
+from .loading.loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
+from .loading.normalize import normalize_uint8
+from .loading.plan import PlanSpec
+from .sources.base import FaceSource
+from .sources.folder import FolderSource
+from .sources.recordio import FaceRecordSet
+from .storage.source import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +57,24 @@ class FaceRecordDataModule(pl.LightningDataModule):
             :mod:`facemargin.data.storage`): ``train.rec`` is read in place with ranged reads, the
             small files (``.idx``, ``property``, ``.bin``) are cached locally; val-set names resolve
             inside it. Map-style random access over a network is slower than ``streaming=True``.
-        remote: options of the remote reads (:func:`~facemargin.data.storage.remote_options`):
+        remote: options of the remote reads (:func:`~facemargin.data.storage.source.remote_options`):
             ``retry`` (``{attempts, base_delay, max_delay}``), ``timeout`` (HTTP seconds),
             ``readahead``, ``concurrency``, ``storage_options`` (fsspec); ignored for a local root.
-        source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.FolderSource`) or a
+        source: ``"recordio"``, ``"folder"`` (:class:`~facemargin.data.sources.folder.FolderSource`) or a
             callable ``root -> FaceSource`` (Hydra: ``_target_: my.Source`` with ``_partial_: true``).
         val_sets: names (``"lfw"`` -> ``root/lfw.bin``) or paths of verification ``.bin`` files,
-            offered to the LightningModule by :meth:`evaluators`. In demo mode ``demo_val.bin`` comes first.
+            offered to the LightningModule by :meth:`verification_files` (it builds the evaluators).
+            In demo mode ``demo_val.bin`` comes first.
         batch_size: per-rank training batch size (whole batches only: the head gathers across ranks).
         num_workers: DataLoader workers, capped at the CPU cores available.
         pin_memory: ``None`` (default): pinned only when the trainer runs on CUDA.
         persistent_workers: keep workers between epochs.
         streaming: ``False``: random reads, full shuffle. ``True``: blocks of ``chunk_size``
             neighbouring samples read sequentially (one read each), shuffled within windows of
-            ``shuffle_buffer`` samples (see :mod:`facemargin.data.plan`).
+            ``shuffle_buffer`` samples (see :mod:`facemargin.data.loading.plan`).
         seed: every order and flip comes from ``(seed, epoch, sample index)``.
         flip_p: training horizontal flip probability.
-        on_corrupt: ``"raise"`` or ``"skip"`` (see :mod:`facemargin.data.loader`).
+        on_corrupt: ``"raise"`` or ``"skip"`` (see :mod:`facemargin.data.loading.loader`).
         image_size: ``(height, width)`` of a folder source's images (default: the first image's).
         num_classes: identities of a RecordIO or folder source (default: ``property``, the number
             of folders, or the largest label of a list file + 1), e.g. for a subset that lost its
@@ -80,7 +83,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             before normalisation (see :data:`Augment`).
         decode: ``"cpu"``: DataLoader workers decode the JPEGs. ``"gpu"``: workers ship the encoded
             bytes and the batch is decoded on the training device with nvJPEG
-            (:mod:`facemargin.data.gpu_decode`; without CUDA: on the CPU, with a warning).
+            (:mod:`facemargin.data.loading.device_decode`; without CUDA: on the CPU, with a warning).
         demo: force the demo set; ``demo_cache_dir`` is where it is generated (default
             ``$FACEMARGIN_CACHE`` or ``~/.cache/facemargin``); ``demo_options`` overrides its
             generation parameters (``num_identities``, ``images_per_identity``, ...).
@@ -138,18 +141,21 @@ class FaceRecordDataModule(pl.LightningDataModule):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.demo = bool(demo) or _is_demo(root)
         if self.demo:
-            from .synthetic import ensure_demo_dataset
+            from .tools.synthetic import ensure_demo_dataset
 
-            self.root = Path(ensure_demo_dataset(demo_cache_dir, **dict(demo_options or {})))
-            demo_bin = self.root / "demo_val.bin"
-            val_list = [demo_bin] + [v for v in val_list if Path(v) != demo_bin and str(v) != "demo_val"]
+            root = ensure_demo_dataset(demo_cache_dir, **dict(demo_options or {}))
             source = "recordio"
-        else:
-            self.root = str(root) if is_remote(root) else Path(root).expanduser()  # type: ignore[arg-type]
-            if is_remote(root) and source == "folder":
-                raise ValueError(f"a remote data.root ({root}) must be a packed RecordIO set; "
-                                 "data=folder reads local folders (pack them: python -m facemargin.data.pack)")
-        self.val_paths = [self._resolve_val(v) for v in val_list]
+        # data.root resolved once: the set's files (local or remote) and the checked remote options
+        # (a bad key fails here, before any file is read); everything below receives self.files
+        self.files = SetFiles.at(root, self.hparams.remote)  # type: ignore[arg-type]
+        self.root = self.files.root
+        if self.files.is_remote and source == "folder":
+            raise ValueError(f"a remote data.root ({root}) must be a packed RecordIO set; "
+                             "data=folder reads local folders (pack them: python -m facemargin.data.pack)")
+        if self.demo:
+            demo_bin = self.files.verification_file("demo_val")
+            val_list = [demo_bin] + [v for v in val_list if Path(v) != demo_bin and str(v) != "demo_val"]
+        self.val_paths = [self.files.verification_file(v) for v in val_list]
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory
@@ -164,11 +170,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self.decode = decode
         self._decoder: Any = None
         self._source_kind = source
-        remote_options(self.root, remote)  # checked now: a bad key fails before any file is read
         self._source: FaceSource | None = None
         self._num_classes = None if num_classes is None else int(num_classes)
         if source == "recordio":
-            self.num_classes, self.image_size = FaceRecordSet.peek(self.root, remote=remote)
+            self.num_classes, self.image_size = FaceRecordSet.peek(self.files)
             self.num_classes = self._num_classes or self.num_classes
         else:
             if source == "folder":
@@ -178,40 +183,27 @@ class FaceRecordDataModule(pl.LightningDataModule):
             else:
                 raise ValueError(f"source must be 'recordio', 'folder' or a callable root -> FaceSource, got {source!r}")
             self.num_classes, self.image_size = self._source.num_classes, self._source.image_size  # type: ignore[assignment]
-        self._val: list | None = None
+        self._val: list[Path] | None = None  # local copies of the verification files
         self._train_loader: TrainLoader | None = None
         self._resume: dict[str, Any] | None = None  # loader state from a checkpoint, for the next train loader
 
-    # ---- paths and datasets
-    def _resolve_val(self, v: str | os.PathLike) -> Path | str:
-        """A verification set: a URL, a local file, or a name / relative path inside ``root``."""
-        if is_remote(v):
-            return str(v)
-        p = Path(v).expanduser()
-        if is_remote(self.root) and not (p.is_absolute() or p.is_file()):  # inside the remote set
-            name = p.as_posix()
-            return f"{self.root.rstrip('/')}/{name if p.suffix == '.bin' else name + '.bin'}"
-        if p.suffix == ".bin" or p.is_file() or len(p.parts) > 1:
-            return p if p.is_absolute() or p.is_file() else self.root / p
-        return self.root / f"{p}.bin"
-
+    # ---- datasets
     @property
     def source(self) -> FaceSource:
         """The training source (opened on first use; a RecordIO set maps its cached index)."""
         if self._source is None:
-            self._source = FaceRecordSet(self.root, remote=self.hparams.remote, num_classes=self._num_classes)
+            self._source = FaceRecordSet(self.files, num_classes=self._num_classes)
         return self._source
 
-    def evaluators(self) -> list:
-        """One :class:`~facemargin.evaluation.BinPairsEvaluator` per verification set, in ``val_sets``
-        order (the LightningModule runs them in validation). Missing files raise, naming them."""
+    def verification_files(self) -> list[Path]:
+        """Local copies of the verification ``.bin`` files, in ``val_sets`` order (remote ones are
+        fetched once into the cache). Missing files raise, naming them. The code above the data
+        layer builds the evaluators from these (the LightningModule, at ``setup``)."""
         if self._val is None:
-            from ..evaluation.pairs import BinPairsEvaluator
-
             missing = [str(p) for p in self.val_paths if not is_remote(p) and not Path(p).is_file()]
             if missing:
                 raise FileNotFoundError(f"verification set(s) not found: {', '.join(missing)}")
-            self._val = [BinPairsEvaluator(cached_copy(p, **remote_options(p, self.hparams.remote))) for p in self.val_paths]
+            self._val = [self.files.fetch(p) for p in self.val_paths]
         return list(self._val)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -234,7 +226,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if stage in (None, "fit"):
             self.source  # noqa: B018 - validates the files early, on every rank
         if stage in (None, "fit", "validate"):
-            self.evaluators()  # fail early on a missing verification file
+            self.verification_files()  # fail early on a missing verification file
 
     # ---- loaders
     def _loader_kwargs(self) -> dict[str, Any]:
@@ -270,8 +262,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         return 0 if self._train_loader is None else self._train_loader.dataset.num_skipped  # type: ignore[attr-defined]
 
     def val_dataloader(self) -> list[DataLoader]:
-        """The LightningModule's evaluator loaders: evaluators own their images (this DataModule's
-        :meth:`evaluators` among them), the module runs them; Lightning asks the DataModule."""
+        """The LightningModule's evaluator loaders: evaluators own their images (those built from this
+        DataModule's :meth:`verification_files` among them), the module runs them; Lightning asks the DataModule."""
         from lightning.pytorch.utilities.model_helpers import is_overridden
 
         module = self.trainer.lightning_module if self._trainer_or_none() is not None else None

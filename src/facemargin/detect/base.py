@@ -4,7 +4,7 @@ Every detector (``conf/detector/*.yaml``, a Hydra ``_target_``) is a callable ob
 
     detector(image: np.ndarray) -> list[Face]
 
-``image``: uint8 ``[H, W, 3]`` **RGB** (what :func:`facemargin.data.decode.decode_image` returns).
+``image``: uint8 ``[H, W, 3]`` **RGB** (what :func:`facemargin.data.formats.image.decode_image` returns).
 The result is every face scoring at least the detector's own threshold, best score first, in the
 photo's pixel coordinates (pixel ``(x, y)`` is the centre of column ``x``, row ``y``, as in
 :mod:`facemargin.align`). A detector also has ``name`` (str, for messages and cache keys) and

@@ -26,7 +26,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 
 from ..align import align_face
-from ..data.decode import CorruptImageError, decode_image, to_uint8_chw
+from ..data.formats.image import CorruptImageError, decode_image
+from ..data.loading.normalize import to_uint8_chw
 
 __all__ = ["EncodedImages", "Evaluator", "ImageFiles", "file_key"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.decode import CHANNEL_ORDER, MEAN, STD
+from ..data.loading.normalize import CHANNEL_ORDER, MEAN, STD
 from .base import file_key
 
 __all__ = ["METADATA_KEY", "Embedder", "load_embedder"]

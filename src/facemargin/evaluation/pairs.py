@@ -29,6 +29,7 @@ from .base import EncodedImages, Evaluator, ImageFiles, file_key
 
 __all__ = [
     "BinPairsEvaluator",
+    "datamodule_evaluators",
     "FolderPairsEvaluator",
     "PairsEvaluator",
     "far_key",
@@ -223,7 +224,7 @@ class PairsEvaluator(Evaluator):
 class BinPairsEvaluator(PairsEvaluator):
     """A :class:`PairsEvaluator` over an insightface ``.bin`` (``lfw.bin`` -> name ``lfw``).
 
-    ``path``: a local path or a URL (read through :func:`facemargin.data.storage.cached_copy`).
+    ``path``: a local path or a URL (read through :func:`facemargin.data.storage.cache.cached_copy`).
     """
 
     def __init__(
@@ -234,7 +235,7 @@ class BinPairsEvaluator(PairsEvaluator):
         far_targets: Sequence[float] = FAR_TARGETS,
         **kwargs: Any,
     ) -> None:
-        from ..data.verification import load_bin
+        from ..data.formats.verification import load_bin
 
         self.path = str(path)
         images, issame = load_bin(self.path)
@@ -243,20 +244,30 @@ class BinPairsEvaluator(PairsEvaluator):
     @classmethod
     def demo(cls, name: str = "demo_val", **kwargs: Any) -> "BinPairsEvaluator":
         """The built-in demo set's ``demo_val.bin`` (generated on first use, like ``data=demo``)."""
-        from ..data.synthetic import ensure_demo_dataset
+        from ..data.tools.synthetic import ensure_demo_dataset
 
         return cls(ensure_demo_dataset() / "demo_val.bin", name=name, **kwargs)
 
     def cache_key(self) -> str:
-        from ..data.storage import cached_copy
+        from ..data.storage.cache import cached_copy
 
         return file_key(cached_copy(self.path))
+
+
+def datamodule_evaluators(datamodule: Any, **kwargs: Any) -> list[BinPairsEvaluator]:
+    """One :class:`BinPairsEvaluator` per verification file a DataModule names (its
+    ``verification_files()``, in order); ``[]`` for ``None`` or a DataModule without that method.
+
+    The data layer only says which files its set has; evaluators are built here, above it.
+    """
+    files = getattr(datamodule, "verification_files", None)
+    return [BinPairsEvaluator(path, **kwargs) for path in files()] if callable(files) else []
 
 
 class FolderPairsEvaluator(PairsEvaluator):
     """insightface's protocol over an LFW-style ``pairs.txt`` and a folder of aligned face images.
 
-    ``pairs``: the pairs file (see :func:`facemargin.data.verification.read_pairs_txt` for the
+    ``pairs``: the pairs file (see :func:`facemargin.data.formats.verification.read_pairs_txt` for the
     accepted line formats); ``root``: the image folder (``root/<name>/<name>_0001.jpg``, or the
     relative paths the file gives). The faces must already be aligned crops of the model's input
     size; images of different sizes are refused here, naming two of them.
@@ -272,7 +283,7 @@ class FolderPairsEvaluator(PairsEvaluator):
         far_targets: Sequence[float] = FAR_TARGETS,
         **kwargs: Any,
     ) -> None:
-        from ..data.verification import check_same_size, read_pairs_txt
+        from ..data.formats.verification import check_same_size, read_pairs_txt
 
         self.pairs_file = Path(pairs)
         paths, issame = read_pairs_txt(self.pairs_file, root, ext)

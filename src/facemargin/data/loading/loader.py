@@ -1,6 +1,6 @@
 """The training loader shared by every source: plan in the main process, stateless workers.
 
-* :class:`PlanSampler` (main process) walks the rank's :class:`~facemargin.data.plan.EpochPlan`
+* :class:`PlanSampler` (main process) walks the rank's :class:`~facemargin.data.loading.plan.EpochPlan`
   and emits one :class:`BatchRequest` per batch: the epoch, the sample indices and, when
   streaming, the stored bytes it read sequentially (window by window, one read per run of
   neighbouring records, the next window read ahead in a thread). Nothing about the plan lives in
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from .decode import CorruptImageError, decode_into
+from ..formats.image import CorruptImageError, decode_into
+from ..sources.base import FaceSource
 from .plan import EpochPlan, PlanSpec, hash_uniform
-from .sources import FaceSource
 
 __all__ = ["BatchRequest", "PlanSampler", "BatchReader", "TrainLoader", "OnCorrupt"]
 

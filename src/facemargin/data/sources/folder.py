@@ -1,74 +1,45 @@
-"""Training sources: a set seen as samples ``0 .. N-1`` in storage order.
-
-A source only says how to read sample ``i``; sharding, shuffling, the resume plan, corrupt-record
-handling, decoding and normalisation are shared (:mod:`facemargin.data.plan`,
-:mod:`facemargin.data.loader`). Two sources ship:
-
-* :class:`~facemargin.data.faceset.FaceRecordSet` -- an insightface / im2rec RecordIO set
-  (``data=recordio``);
-* :class:`FolderSource` -- JPEG/PNG files, one sub-folder per identity or a list file of
-  ``path label`` lines (``data=folder``).
-
-A third source is one small subclass of :class:`FaceSource`: ``__len__``, ``read_raw`` (the stored
-bytes of a sample, in one read), ``parse`` (raw bytes -> validated ``(label, encoded image)``),
-``where`` (how errors name a sample) and ``labels``.
-"""
+"""Image files as a training source: one sub-folder per identity, or a list file of ``path label`` lines."""
 
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .storage import open_source
+from ..formats.image import declared_size
+from ..storage.source import open_source
+from .base import FaceSource, SourceError
 
-__all__ = ["FaceSource", "FolderSource", "SourceError"]
+__all__ = ["FolderSource", "list_image_tree", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 
-class SourceError(ValueError):
-    """A training source that cannot be used as given; the message names the file and line or key."""
-
-
-class FaceSource(ABC):
-    """Samples ``0 .. len-1`` of a face set: stored bytes, identity label, and a name for messages.
-
-    Attributes: ``name`` (path or URL), ``num_classes``, ``image_size`` ``(height, width)``.
-    Instances are pickled into DataLoader workers: keep open handles out of the pickled state.
-    """
-
-    name: str
-    num_classes: int
-    image_size: tuple[int, int] | None
-
-    @abstractmethod
-    def __len__(self) -> int:
-        """Number of samples."""
-
-    @abstractmethod
-    def read_raw(self, i: int) -> bytes:
-        """The stored bytes of sample ``i``, read with one call."""
-
-    def read_raws(self, indices: np.ndarray) -> list[bytes]:
-        """Stored bytes of several samples; sources override this to read runs of neighbours at once."""
-        return [self.read_raw(int(i)) for i in indices]
-
-    @abstractmethod
-    def parse(self, i: int, raw: bytes) -> tuple[int, bytes]:
-        """``(label, encoded image)`` of sample ``i`` from its stored bytes, validated.
-
-        Raises ``ValueError`` subclasses naming :meth:`where`.
-        """
-
-    @abstractmethod
-    def where(self, i: int) -> str:
-        """How messages name sample ``i`` (e.g. ``"train.rec at offset 1024 (key 5)"``)."""
-
-    @abstractmethod
-    def labels(self) -> np.ndarray:
-        """Identity of every sample (int64 ``[N]``)."""
+def list_image_tree(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(identity names, [(image path, label), ...])`` for an identity-per-folder tree (paths as str: cheap for millions)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image root is not a directory: {root}")
+    names: list[str] = []
+    items: list[tuple[str, int]] = []
+    with os.scandir(root) as it:
+        folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    for name in folders:
+        folder = os.path.join(root, name)
+        with os.scandir(folder) as it:
+            files = sorted(e.name for e in it if e.is_file() and not e.name.startswith(".")
+                           and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+        if not files:
+            print(f"warning: skipping {folder}: no images", file=sys.stderr)
+            continue
+        label = len(names)
+        names.append(name)
+        items.extend((os.path.join(folder, f), label) for f in files)
+    if not items:
+        raise ValueError(f"no images found under {root} (expected {root}/<identity>/<image>)")
+    return names, items
 
 
 class FolderSource(FaceSource):
@@ -88,8 +59,6 @@ class FolderSource(FaceSource):
         self.root = Path(root).expanduser()
         self.name = str(self.root)
         if self.root.is_dir():
-            from .pack import list_image_tree
-
             names, items = list_image_tree(self.root)
             paths = [str(p) for p, _ in items]
             self._labels = np.fromiter((label for _, label in items), dtype=np.int64, count=len(items))
@@ -109,8 +78,6 @@ class FolderSource(FaceSource):
         if int(self._labels.max()) >= self.num_classes:
             raise SourceError(f"{self.root}: label {int(self._labels.max())} is outside [0, {self.num_classes})")
         if image_size is None:
-            from .decode import declared_size
-
             try:
                 image_size = declared_size(self.read_raw(0))
             except ValueError as exc:

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .storage import cached_copy
+from ..storage.cache import cached_copy
 
 __all__ = ["encoded_image_size", "load_bin", "read_pairs_txt", "write_bin"]
 

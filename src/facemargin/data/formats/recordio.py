@@ -8,13 +8,13 @@ File format (dmlc-core ``RecordIOWriter``, as used by ``mx.recordio.MXIndexedRec
   split there (the magic itself is dropped): flag 1 = first part, 2 = middle, 3 = last;
   0 = a whole record. Readers join the parts with the magic number between them.
 * ``.idx``: text, one ``key<TAB>offset`` line per record (offset of the record's first part);
-  parsed strictly by :mod:`facemargin.data.index`.
+  parsed strictly by :mod:`facemargin.data.formats.index`.
 * Payload: :class:`IRHeader` packed ``<IfQQ``; if ``flag > 0``, ``flag`` float32 labels follow
   and the header's ``label`` field is unused; the rest is the encoded image.
 
 Reading: the index gives every record's offset, and the next offset in file order (or the file
 size) bounds its bytes, so :class:`RecordIOReader` reads a record with **one** ``pread`` through a
-:class:`~facemargin.data.storage.ByteSource` and splits the parts in memory (:func:`unframe`).
+:class:`~facemargin.data.storage.source.ByteSource` and splits the parts in memory (:func:`unframe`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ..storage.cache import cached_copy
+from ..storage.source import ByteSource, open_source
 from .index import RecordIndex, RecordIOError, parse_idx
-from .storage import ByteSource, cached_copy, open_source
 
 __all__ = [
     "MAGIC",
@@ -218,7 +219,7 @@ def unframe(buf: bytes | bytearray, where: str, at_eof: bool = True, start: int 
 
 # --------------------------------------------------------------------------- reader
 def load_index(idx_path: str | os.PathLike, source: ByteSource) -> RecordIndex:
-    """Parse and validate an ``.idx`` (no cache: :class:`~facemargin.data.faceset.FaceRecordSet` caches)."""
+    """Parse and validate an ``.idx`` (no cache: :class:`~facemargin.data.sources.recordio.FaceRecordSet` caches)."""
     local = cached_copy(idx_path)
     keys, offsets = parse_idx(Path(local).read_bytes(), str(idx_path))
     return RecordIndex.from_entries(keys, offsets, source.size, str(idx_path), source.name)

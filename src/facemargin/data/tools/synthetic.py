@@ -36,8 +36,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..formats.verification import write_bin
 from .pack import write_faceset
-from .verification import write_bin
 
 __all__ = ["DEMO_VERSION", "DEFAULT_PARAMS", "make_demo_dataset", "ensure_demo_dataset", "render_identity"]
 

@@ -12,7 +12,7 @@ few cores per GPU that caps the images/s. With ``data.decode=gpu`` the workers o
    augmentation and normalisation. Samples, labels and flips equal the CPU pipeline's.
 
 Without CUDA the decoder says so once and decodes on the CPU in the calling process with the
-same decoder the workers use (:func:`facemargin.data.decode.decode_image`), so the pixels equal
+same decoder the workers use (:func:`facemargin.data.formats.image.decode_image`), so the pixels equal
 the CPU pipeline's exactly; that is slower than decoding in workers, so the message says to use
 ``data.decode=cpu``. Payloads nvJPEG cannot take (PNG, CMYK JPEG) are decoded on the CPU and
 moved to the device, per image. (torchvision 0.29 marks its image decoders as deprecated in
@@ -27,8 +27,9 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .decode import CorruptImageError, ImageSizeError, declared_size, decode_image, to_uint8_chw
+from ..formats.image import CorruptImageError, ImageSizeError, declared_size, decode_image
 from .loader import BatchReader, BatchRequest
+from .normalize import to_uint8_chw
 from .plan import hash_uniform
 
 __all__ = ["collate_encoded", "split_encoded", "JpegBatchDecoder", "EncodedBatch", "EncodedBatchReader",
@@ -138,7 +139,7 @@ class EncodedBatch(NamedTuple):
 
 
 class EncodedBatchReader(BatchReader):
-    """:class:`~facemargin.data.loader.BatchReader` that ships images encoded (``data.decode=gpu``).
+    """:class:`~facemargin.data.loading.loader.BatchReader` that ships images encoded (``data.decode=gpu``).
 
     Records are read, parsed and their image headers checked (size, readability) in the workers,
     with the same corrupt-sample handling; only the pixel decoding moves to the device. An image

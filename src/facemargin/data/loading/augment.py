@@ -48,7 +48,7 @@ _CROP, _LOWRES, _PHOTO, _GRAY = 1, 2, 3, 4
 def counter_uniform(seed: int, epoch: int, index: np.ndarray, stream: int, num: int) -> np.ndarray:
     """``float64 [len(index), num]`` uniforms in [0, 1), a pure function of every argument.
 
-    Draw ``k`` of ``stream`` is :func:`~facemargin.data.plan.hash_uniform` (the flips' splitmix64
+    Draw ``k`` of ``stream`` is :func:`~facemargin.data.loading.plan.hash_uniform` (the flips' splitmix64
     hash of ``(seed, epoch, index)``) under the seed ``seed * 2**16 + stream * 2**8 + k``: streams
     and draws never share a seed with each other or with the flips.
     """
