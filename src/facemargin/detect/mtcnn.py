@@ -1,0 +1,281 @@
+"""The offline default detector: MTCNN (Zhang et al. 2016), the cascade insightface aligned MS1M with.
+
+Three small networks run in turn: **P-Net** slides over an image pyramid (scales ``12 / min_face_size
+* factor^k`` down to a 12-pixel face) and proposes boxes; **R-Net** rescores and refines 24x24
+crops of the survivors; **O-Net** rescores 48x48 crops and returns the final box and the 5 landmarks.
+Each stage keeps boxes scoring at least its threshold, corrects them by the regressed offsets
+(fractions of the box's width and height), squares them about their centre and suppresses
+overlaps (intersection over union 0.5 within one pyramid level, 0.7 across levels and after
+R-Net; 0.7 of the smaller box after O-Net).
+
+The weights are the original MTCNN models as ``facenet-pytorch`` ships them in its wheel
+(``facenet_pytorch/data/{pnet,rnet,onet}.pt``, plain state dicts, 1.9 MB together). They are
+located with :mod:`importlib.metadata` and read with ``torch.load(weights_only=True)``: that
+package's code is never imported. ``weights_dir=`` reads the three files from a folder instead.
+
+Crops are taken with one ``torchvision.ops.roi_align`` call per stage on the uint8-valued image
+(samples more than a pixel outside the photo read black, as MTCNN's zero padding); inputs are
+normalised as the nets were trained, ``(x - 127.5) / 128`` on RGB. The networks were converted from
+a framework that stored images transposed, so their dense layers read features column-major
+(hence the ``permute(0, 3, 2, 1)`` before flattening).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..errors import UserError
+from .base import Face
+from .boxes import nms, square_boxes
+
+__all__ = ["MTCNN", "WEIGHT_FILES", "WEIGHTS_PACKAGE", "mtcnn_weight_files"]
+
+#: The registry package whose wheel carries the weights, and the files inside it.
+WEIGHTS_PACKAGE = "facenet-pytorch"
+WEIGHT_FILES = {"pnet": "facenet_pytorch/data/pnet.pt", "rnet": "facenet_pytorch/data/rnet.pt",
+                "onet": "facenet_pytorch/data/onet.pt"}
+_INSTALL = "pip install 'facenet-pytorch>=2.5.3,<2.6' --no-deps (a weights-only dependency of facemargin)"
+
+
+class PNet(nn.Module):
+    """Proposal net: fully convolutional, one 12x12 window per output cell (stride 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.conv4_1, self.conv4_2 = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return F.softmax(self.conv4_1(x), dim=1)[:, 1], self.conv4_2(x)
+
+
+class RNet(nn.Module):
+    """Refinement net on 24x24 crops: face probability and box offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
+        self.dense5_1, self.dense5_2 = nn.Linear(128, 2), nn.Linear(128, 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(x)).permute(0, 3, 2, 1).flatten(1)
+        x = self.prelu4(self.dense4(x))
+        return F.softmax(self.dense5_1(x), dim=1)[:, 1], self.dense5_2(x)
+
+
+class ONet(nn.Module):
+    """Output net on 48x48 crops: face probability, box offsets and 5 landmarks (x1..x5, y1..y5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.dense6_1, self.dense6_2, self.dense6_3 = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
+        x = self.prelu4(self.conv4(x)).permute(0, 3, 2, 1).flatten(1)
+        x = self.prelu5(self.dense5(x))
+        return F.softmax(self.dense6_1(x), dim=1)[:, 1], self.dense6_2(x), self.dense6_3(x)
+
+
+def mtcnn_weight_files(weights_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """``{"pnet": path, "rnet": path, "onet": path}``: from ``weights_dir``, else from the installed
+    ``facenet-pytorch`` distribution (found by its metadata, never imported)."""
+    if weights_dir is not None:
+        files = {net: Path(weights_dir).expanduser() / Path(rel).name for net, rel in WEIGHT_FILES.items()}
+        where = f"weights_dir={weights_dir}"
+    else:
+        try:
+            dist = metadata.distribution(WEIGHTS_PACKAGE)
+        except metadata.PackageNotFoundError:
+            raise UserError(f"the MTCNN detector's weights ship in the {WEIGHTS_PACKAGE} wheel, which is not installed",
+                            hint=_INSTALL) from None
+        files = {net: Path(str(dist.locate_file(rel))) for net, rel in WEIGHT_FILES.items()}
+        where = f"{WEIGHTS_PACKAGE} {dist.version}"
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise UserError(f"MTCNN weights missing ({where}): {', '.join(missing)}",
+                        hint=None if weights_dir is not None else _INSTALL)
+    return files
+
+
+def _load_net(net: nn.Module, path: Path) -> nn.Module:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path}: not the {type(net).__name__} weights MTCNN expects ({str(err).splitlines()[0]})") from None
+    return net.eval().requires_grad_(False)
+
+
+class MTCNN:
+    """MTCNN face detector: ``detector(image uint8 [H, W, 3] RGB) -> list[Face]`` (see the module doc).
+
+    ``min_face_size``: the smallest face searched for, in pixels (the pyramid's first scale is
+    ``12 / min_face_size``); ``thresholds``: the P-Net, R-Net and O-Net score thresholds (the last
+    is the detector's threshold on :attr:`Face.score`); ``factor``: the pyramid's scale step;
+    ``device``: where the nets run; ``weights_dir``: a folder holding ``pnet.pt``, ``rnet.pt`` and
+    ``onet.pt`` (default: the ``facenet-pytorch`` wheel). The nets load on the first call, so an
+    instance is cheap to build and to send to DataLoader workers (it pickles without them).
+    """
+
+    name = "mtcnn"
+
+    def __init__(self, min_face_size: float = 20.0, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+                 factor: float = 0.709, device: str = "cpu", weights_dir: str | None = None,
+                 max_batch: int = 512) -> None:
+        self.thresholds = tuple(float(t) for t in thresholds)
+        if len(self.thresholds) != 3 or not all(0.0 <= t <= 1.0 for t in self.thresholds):
+            raise UserError(f"detector.thresholds: three scores in [0, 1] (P-Net, R-Net, O-Net), got {list(thresholds)}")
+        if not 0.0 < float(factor) < 1.0:
+            raise UserError(f"detector.factor: the pyramid's scale step must be in (0, 1), got {factor}")
+        if not float(min_face_size) >= 1.0:
+            raise UserError(f"detector.min_face_size: a size in pixels >= 1, got {min_face_size}")
+        self.min_face_size, self.factor = float(min_face_size), float(factor)
+        self.device, self.max_batch = str(device), int(max_batch)
+        self.weights_dir = None if weights_dir in (None, "") else str(weights_dir)
+        self._files = mtcnn_weight_files(self.weights_dir)
+        self._nets: tuple[PNet, RNet, ONet] | None = None
+        self._key: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        """``mtcnn-<weights digest>-<options>``: changes with the weights or any option that changes the faces."""
+        if self._key is None:
+            digest = hashlib.sha256()
+            for path in self._files.values():
+                digest.update(path.read_bytes())
+            opts = f"min{self.min_face_size:g}-t{'-'.join(f'{t:g}' for t in self.thresholds)}-f{self.factor:g}"
+            self._key = f"mtcnn-{digest.hexdigest()[:12]}-{opts}"
+        return self._key
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_nets": None}
+
+    def __repr__(self) -> str:
+        return (f"MTCNN(min_face_size={self.min_face_size:g}, thresholds={list(self.thresholds)}, "
+                f"factor={self.factor:g}, device={self.device!r})")
+
+    def _networks(self) -> tuple[PNet, RNet, ONet]:
+        if self._nets is None:
+            nets = (PNet(), RNet(), ONet())
+            # channels-last: these few-channel convolutions run several times faster on a CPU
+            self._nets = tuple(_load_net(n, self._files[k]).to(self.device, memory_format=torch.channels_last)  # type: ignore[assignment]
+                               for n, k in zip(nets, ("pnet", "rnet", "onet")))
+        return self._nets  # type: ignore[return-value]
+
+    def scales(self, height: int, width: int) -> list[float]:
+        """The pyramid: ``12 / min_face_size * factor^k`` while the shorter side stays >= 12 pixels."""
+        out, scale = [], 12.0 / self.min_face_size
+        while min(height, width) * scale >= 12.0:
+            out.append(scale)
+            scale *= self.factor
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> list[Face]:
+        img = np.asarray(image)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise UserError(f"a detector takes a uint8 RGB image [H, W, 3], got {img.dtype} {list(img.shape)}")
+        pnet, rnet, onet = self._networks()
+        raw = torch.from_numpy(np.array(img, copy=True)).to(self.device).permute(2, 0, 1)[None].float()
+        boxes = self._propose(pnet, raw)
+        if len(boxes):
+            boxes = self._refine(rnet, raw, boxes, 24, self.thresholds[1])
+        if not len(boxes):
+            return []
+        return self._output(onet, raw, boxes)
+
+    def _propose(self, pnet: PNet, raw: Tensor) -> np.ndarray:
+        """P-Net over the pyramid: regressed, squared boxes ``[N, 4]``."""
+        h, w = raw.shape[2:]
+        photo = Image.fromarray(raw[0].permute(1, 2, 0).to("cpu", torch.uint8).numpy())
+        found = []
+        for scale in self.scales(h, w):
+            sh, sw = math.ceil(h * scale), math.ceil(w * scale)
+            # area resampling (box filter), as MTCNN's pyramid was built
+            level = torch.from_numpy(np.array(photo.resize((sw, sh), Image.BOX))).to(self.device)
+            level = (level.permute(2, 0, 1)[None].float() - 127.5) * 0.0078125
+            prob, reg = pnet(level.contiguous(memory_format=torch.channels_last))
+            ys, xs = torch.nonzero(prob[0] >= self.thresholds[0], as_tuple=True)
+            if not len(ys):
+                continue
+            # output cell (y, x) sees the 12x12 window at (2x, 2y) of the level; map its edges back
+            cell = torch.stack([xs, ys, xs + 6, ys + 6], 1).double().cpu().numpy() * 2
+            boxes = cell * np.array([w / sw, h / sh, w / sw, h / sh]) - 0.5
+            scores = prob[0, ys, xs].double().cpu().numpy()
+            offsets = reg[0, :, ys, xs].T.double().cpu().numpy()
+            keep = nms(boxes, scores, 0.5)
+            found.append((boxes[keep], scores[keep], offsets[keep]))
+        if not found:
+            return np.zeros((0, 4))
+        boxes, scores, offsets = (np.concatenate(parts) for parts in zip(*found))
+        keep = nms(boxes, scores, 0.7)
+        return square_boxes(_regress(boxes[keep], offsets[keep]))
+
+    def _crops(self, raw: Tensor, boxes: np.ndarray, size: int) -> Tensor:
+        """``[N, 3, size, size]`` normalised crops of ``boxes`` (edges; black outside the photo)."""
+        from torchvision.ops import roi_align
+
+        rois = torch.zeros((len(boxes), 5), dtype=torch.float32, device=raw.device)
+        rois[:, 1:] = torch.from_numpy(boxes + 0.5).float()  # roi_align(aligned=True): pixel i spans [i, i+1]
+        ratio = int(np.clip(np.ceil((boxes[:, 2] - boxes[:, 0]).max() / size), 1, 2))
+        crops = roi_align(raw, rois, output_size=size, spatial_scale=1.0, sampling_ratio=ratio, aligned=True)
+        return (crops - 127.5) * 0.0078125
+
+    def _run(self, net: nn.Module, crops: Tensor) -> list[np.ndarray]:
+        crops = crops.contiguous(memory_format=torch.channels_last)
+        parts = [net(crops[i:i + self.max_batch]) for i in range(0, len(crops), self.max_batch)]
+        return [torch.cat(outs).double().cpu().numpy() for outs in zip(*parts)]
+
+    def _refine(self, rnet: RNet, raw: Tensor, boxes: np.ndarray, size: int, threshold: float) -> np.ndarray:
+        """R-Net: rescored, regressed, squared boxes."""
+        scores, offsets = self._run(rnet, self._crops(raw, boxes, size))
+        ok = scores >= threshold
+        boxes, scores, offsets = boxes[ok], scores[ok], offsets[ok]
+        keep = nms(boxes, scores, 0.7)
+        return square_boxes(_regress(boxes[keep], offsets[keep]))
+
+    def _output(self, onet: ONet, raw: Tensor, boxes: np.ndarray) -> list[Face]:
+        """O-Net: final scores, boxes and landmarks, best score first."""
+        scores, offsets, points = self._run(onet, self._crops(raw, boxes, 48))
+        ok = scores >= self.thresholds[2]
+        boxes, scores, offsets, points = boxes[ok], scores[ok], offsets[ok], points[ok]
+        size = (boxes[:, 2:] - boxes[:, :2])[:, None, :]  # [N, 1, 2] width, height
+        # landmarks are fractions of the box measured from its first pixel's centre (half a pixel in)
+        marks = boxes[:, None, :2] + 0.5 + np.stack([points[:, :5], points[:, 5:]], axis=2) * size
+        boxes = _regress(boxes, offsets)
+        keep = nms(boxes, scores, 0.7, overlap="min")
+        return [Face(boxes[i], float(scores[i]), marks[i]) for i in keep]
+
+
+def _regress(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Boxes moved edge by edge by ``offsets * (width, height, width, height)``."""
+    wh = boxes[:, 2:] - boxes[:, :2]
+    return boxes + offsets * np.concatenate([wh, wh], axis=1)
