@@ -28,24 +28,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, overlap: str = 
     if overlap not in ("union", "min"):
         raise ValueError(f"overlap must be 'union' or 'min', got {overlap!r}")
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if overlap == "union" and len(boxes) > 32:
-        import torch
-        from torchvision.ops import nms as union_nms  # the same rule in C++, for the thousands of proposals
-
-        keep = union_nms(torch.from_numpy(boxes), torch.from_numpy(np.asarray(scores, dtype=np.float64)), threshold)
-        return keep.numpy().astype(np.intp)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    x1, y1, x2, y2 = (np.ascontiguousarray(boxes[:, k]) for k in range(4))
     areas = box_areas(boxes)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     keep: list[int] = []
     while order.size:
         i, rest = order[0], order[1:]
         keep.append(int(i))
-        w = np.maximum(np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]), 0)
-        h = np.maximum(np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]), 0)
-        inter = w * h
-        denom = areas[i] + areas[rest] - inter if overlap == "union" else np.minimum(areas[i], areas[rest])
-        ratio = np.divide(inter, denom, out=np.zeros_like(inter), where=denom > 0)
-        order = rest[ratio <= threshold]
+        w = np.minimum(x2[rest], x2[i]) - np.maximum(x1[rest], x1[i])
+        h = np.minimum(y2[rest], y2[i]) - np.maximum(y1[rest], y1[i])
+        inter = np.maximum(w, 0.0) * np.maximum(h, 0.0)
+        denom = areas[i] + areas[rest] - inter if overlap == "union" else np.minimum(areas[rest], areas[i])
+        order = rest[inter <= threshold * denom]  # ratio <= threshold, without dividing by an empty box
     return np.array(keep, dtype=np.intp)
 
 

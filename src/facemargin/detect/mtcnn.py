@@ -13,9 +13,9 @@ The weights are the original MTCNN models as ``facenet-pytorch`` ships them in i
 located with :mod:`importlib.metadata` and read with ``torch.load(weights_only=True)``: that
 package's code is never imported. ``weights_dir=`` reads the three files from a folder instead.
 
-Crops are taken with one ``torchvision.ops.roi_align`` call per stage on the uint8-valued image
-(samples more than a pixel outside the photo read black, as MTCNN's zero padding); inputs are
-normalised as the nets were trained, ``(x - 127.5) / 128`` on RGB. The networks were converted from
+The pyramid and the crops are resampled by area (a box filter), the crops padded with black
+outside the photo, as MTCNN's were; inputs are normalised as the nets were trained, ``(x - 127.5)
+/ 128`` on RGB. torch, Pillow and numpy only (no torchvision: a DataLoader worker imports little). The networks were converted from
 a framework that stored images transposed, so their dense layers read features column-major
 (hence the ``permute(0, 3, 2, 1)`` before flattening).
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -129,7 +130,7 @@ def _load_net(net: nn.Module, path: Path) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise UserError(f"{path}: not the {type(net).__name__} weights MTCNN expects ({str(err).splitlines()[0]})") from None
     return net.eval().requires_grad_(False)
 
@@ -147,7 +148,7 @@ class MTCNN:
 
     name = "mtcnn"
 
-    def __init__(self, min_face_size: float = 20.0, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+    def __init__(self, min_face_size: float = 20.0, thresholds: Sequence[float] = (0.6, 0.7, 0.8),
                  factor: float = 0.709, device: str = "cpu", weights_dir: str | None = None,
                  max_batch: int = 512) -> None:
         self.thresholds = tuple(float(t) for t in thresholds)
@@ -204,18 +205,17 @@ class MTCNN:
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise UserError(f"a detector takes a uint8 RGB image [H, W, 3], got {img.dtype} {list(img.shape)}")
         pnet, rnet, onet = self._networks()
-        raw = torch.from_numpy(np.array(img, copy=True)).to(self.device).permute(2, 0, 1)[None].float()
-        boxes = self._propose(pnet, raw)
+        photo = Image.fromarray(np.ascontiguousarray(img))
+        boxes = self._propose(pnet, photo)
         if len(boxes):
-            boxes = self._refine(rnet, raw, boxes, 24, self.thresholds[1])
+            boxes = self._refine(rnet, photo, boxes, 24, self.thresholds[1])
         if not len(boxes):
             return []
-        return self._output(onet, raw, boxes)
+        return self._output(onet, photo, boxes)
 
-    def _propose(self, pnet: PNet, raw: Tensor) -> np.ndarray:
+    def _propose(self, pnet: PNet, photo: Image.Image) -> np.ndarray:
         """P-Net over the pyramid: regressed, squared boxes ``[N, 4]``."""
-        h, w = raw.shape[2:]
-        photo = Image.fromarray(raw[0].permute(1, 2, 0).to("cpu", torch.uint8).numpy())
+        w, h = photo.size
         found = []
         for scale in self.scales(h, w):
             sh, sw = math.ceil(h * scale), math.ceil(w * scale)
@@ -239,32 +239,32 @@ class MTCNN:
         keep = nms(boxes, scores, 0.7)
         return square_boxes(_regress(boxes[keep], offsets[keep]))
 
-    def _crops(self, raw: Tensor, boxes: np.ndarray, size: int) -> Tensor:
-        """``[N, 3, size, size]`` normalised crops of ``boxes`` (edges; black outside the photo)."""
-        from torchvision.ops import roi_align
-
-        rois = torch.zeros((len(boxes), 5), dtype=torch.float32, device=raw.device)
-        rois[:, 1:] = torch.from_numpy(boxes + 0.5).float()  # roi_align(aligned=True): pixel i spans [i, i+1]
-        ratio = int(np.clip(np.ceil((boxes[:, 2] - boxes[:, 0]).max() / size), 1, 2))
-        crops = roi_align(raw, rois, output_size=size, spatial_scale=1.0, sampling_ratio=ratio, aligned=True)
-        return (crops - 127.5) * 0.0078125
+    def _crops(self, photo: Image.Image, boxes: np.ndarray, size: int) -> Tensor:
+        """``[N, 3, size, size]`` normalised crops of ``boxes`` (edges), black outside the photo as in
+        MTCNN: the pixels whose centres lie in the box, resampled by area (a box filter)."""
+        crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(np.ceil(boxes).astype(np.int64).tolist()):
+            box = (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))
+            crops[i] = np.asarray(photo.crop(box).resize((size, size), Image.BOX))  # crop pads with black
+        x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float()
+        return (x - 127.5) * 0.0078125
 
     def _run(self, net: nn.Module, crops: Tensor) -> list[np.ndarray]:
         crops = crops.contiguous(memory_format=torch.channels_last)
         parts = [net(crops[i:i + self.max_batch]) for i in range(0, len(crops), self.max_batch)]
         return [torch.cat(outs).double().cpu().numpy() for outs in zip(*parts)]
 
-    def _refine(self, rnet: RNet, raw: Tensor, boxes: np.ndarray, size: int, threshold: float) -> np.ndarray:
+    def _refine(self, rnet: RNet, photo: Image.Image, boxes: np.ndarray, size: int, threshold: float) -> np.ndarray:
         """R-Net: rescored, regressed, squared boxes."""
-        scores, offsets = self._run(rnet, self._crops(raw, boxes, size))
+        scores, offsets = self._run(rnet, self._crops(photo, boxes, size))
         ok = scores >= threshold
         boxes, scores, offsets = boxes[ok], scores[ok], offsets[ok]
         keep = nms(boxes, scores, 0.7)
         return square_boxes(_regress(boxes[keep], offsets[keep]))
 
-    def _output(self, onet: ONet, raw: Tensor, boxes: np.ndarray) -> list[Face]:
+    def _output(self, onet: ONet, photo: Image.Image, boxes: np.ndarray) -> list[Face]:
         """O-Net: final scores, boxes and landmarks, best score first."""
-        scores, offsets, points = self._run(onet, self._crops(raw, boxes, 48))
+        scores, offsets, points = self._run(onet, self._crops(photo, boxes, 48))
         ok = scores >= self.thresholds[2]
         boxes, scores, offsets, points = boxes[ok], scores[ok], offsets[ok], points[ok]
         size = (boxes[:, 2:] - boxes[:, :2])[:, None, :]  # [N, 1, 2] width, height

@@ -10,7 +10,7 @@ once and DataLoader workers receive it as it is::
     for path in photos:
         crop, found = detect_and_align(detector, decode_image(path.read_bytes()))
         if crop is None: ...                     # found.count == 0
-        print(found.describe())                  # "face 1 of 2 (largest): box ..., score 0.999"
+        print(found.describe())                  # "largest of 2 faces: box ..., score 0.999"
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ class FaceChoice:
     choice: str
 
     def describe(self) -> str:
-        """``face 1 of 2 (largest): box 180,59-267,175, score 0.9998`` or ``no face found``."""
+        """``largest of 2 faces: box 180,59-267,175, score 0.9998`` (``1 face: ...``) or ``no face found``."""
         if self.face is None:
             return "no face found"
         x1, y1, x2, y2 = (int(round(v)) for v in self.face.box)
-        return f"face 1 of {self.count} ({self.choice}): box {x1},{y1}-{x2},{y2}, score {self.face.score:.4f}"
+        which = "1 face" if self.count == 1 else f"{self.choice} of {self.count} faces"
+        return f"{which}: box {x1},{y1}-{x2},{y2}, score {self.face.score:.4f}"
 
 
 def choose_face(detector: Detector, image: np.ndarray, choice: str = "largest", min_score: float = 0.0) -> FaceChoice:

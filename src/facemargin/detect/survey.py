@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import UserError
-from .base import Detector
+from .base import FACE_CHOICES, Detector
 from .pipeline import FaceChoice, choose_face
 
 __all__ = ["Survey", "survey", "survey_folder"]
@@ -64,6 +64,8 @@ def survey(paths: Sequence[str | os.PathLike], detector: Detector, choice: str =
 
     from ..data.decode import CorruptImageError, decode_image
 
+    if choice not in FACE_CHOICES:  # before the first photo, not after it
+        raise UserError(f"face choice must be one of {', '.join(FACE_CHOICES)}, got {choice!r}")
     base = Path(root) if root is not None else Path(".")
     result = Survey(base, choice)
     for path in tqdm([Path(p) for p in paths], desc=f"detect ({detector.name})", unit="photo",
