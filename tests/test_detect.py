@@ -207,3 +207,19 @@ def test_select_face_contract() -> None:
     assert select_face([small, big], (30, 100), "largest") is big
     assert select_face([small, big], (30, 30), "central") is small
     assert select_face([], (30, 30)) is None
+
+
+def test_the_detector_imports_little() -> None:
+    """``import facemargin.detect`` is numpy-only; running MTCNN adds torch and Pillow, not torchvision,
+    Lightning or timm (a DataLoader worker or a packer pays for what it imports)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, facemargin.detect\n"
+            "assert not [m for m in ('torch', 'hydra', 'PIL') if m in sys.modules], 'import facemargin.detect is not light'\n"
+            "from facemargin.detect.mtcnn import MTCNN\n"
+            "MTCNN()(np.zeros((60, 80, 3), np.uint8))\n"
+            "heavy = [m for m in ('torchvision', 'lightning', 'timm', 'hydra') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

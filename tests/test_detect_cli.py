@@ -6,6 +6,7 @@ keep working as before."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -196,3 +197,57 @@ def test_compare_raw_photos_says_which_face_it_used(pixel_model, photos, tmp_pat
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"facemargin.compare: error: no face found in {photos / 'coffee.png'} (largest face of those scoring >= 0)"
     assert err[1].startswith("hint: give its 5 landmarks (landmarks=FILE)")
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.slow
+def test_readme_detect_and_align_commands_run(pixel_model, photos, tmp_path, monkeypatch, capsys) -> None:
+    """The README's "Detect and align faces" commands, as written (MODEL: the thumbnail model), and its snippet."""
+    section = README.read_text().split("### Detect and align faces", 1)[1].split("\n## ", 1)[0]
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "photos").symlink_to(photos, target_is_directory=True)
+    (work / "a.jpg").write_bytes((photos / "people" / "grace_hopper.jpg").read_bytes())
+    (work / "b.jpg").write_bytes(_jpeg(np.ascontiguousarray(packaged_photo("grace_hopper")[::2, ::2])))
+    (work / "photo.jpg").write_bytes(_jpeg(packaged_photo("astronaut")))
+    outputs = []
+    for line in commands:
+        argv = line.split("#", 1)[0].split()
+        assert argv[:2] == ["python", "-m"], line
+        outputs.append(run(argv[2], *[str(pixel_model) if a == "MODEL" else a for a in argv[3:]], cwd=work).stdout)
+    assert (work / "landmarks.txt").is_file() and (work / "landmarks.noface.txt").read_text() == "coffee.png\n"
+    assert (work / "embeddings.npy").is_file() and (work / "embeddings.noface.txt").read_text() == "coffee.png\n"
+    assert outputs[3].splitlines()[0].startswith("a.jpg: 1 face: box ") and outputs[3].rstrip().endswith(": same person")
+    monkeypatch.chdir(work)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert re.fullmatch(r"1 face: box 1\d\d,\d\d-2\d\d,1\d\d, score 0\.99\d\d\n", capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_run_on_the_packaged_photos(tmp_path) -> None:
+    bench = README.parent / "benchmarks"
+    proc = run_script(bench / "detect_throughput.py", "--no-variants", "--repeats", "1", cwd=tmp_path)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["photos"] == 5 and result["with_face"] == 3 and result["face_found_share"] == 1.0
+    assert result["false_detection_share"] == 0.0 and result["detect_per_cpu_s"] > 0
+    out = tmp_path / "faces"
+    proc = run_script(bench / "real_faces.py", "--out", str(out), "--count", "7", cwd=tmp_path)
+    assert json.loads(proc.stdout)["people"] == 3
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg"))
+    # round robin over astronaut, grace_hopper, camera
+    assert files == ["astronaut/00000.jpg", "astronaut/00001.jpg", "astronaut/00002.jpg", "camera/00000.jpg",
+                     "camera/00001.jpg", "grace_hopper/00000.jpg", "grace_hopper/00001.jpg"]
+    assert all(Image.open(out / f).size == (112, 112) for f in files)
+    assert (out / "SOURCES.txt").read_text().splitlines()[0].startswith("astronaut\tscikit-image ")
+
+
+def run_script(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FACEMARGIN_PHOTO_WHEELS", None)  # the installed packages' photos only
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

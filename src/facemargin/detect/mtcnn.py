@@ -40,12 +40,16 @@ from ..errors import UserError
 from .base import Face
 from .boxes import nms, square_boxes
 
-__all__ = ["MTCNN", "WEIGHT_FILES", "WEIGHTS_PACKAGE", "mtcnn_weight_files"]
+__all__ = ["MTCNN", "WEIGHT_FILES", "WEIGHT_SHA256", "WEIGHTS_PACKAGE", "mtcnn_weight_files"]
 
 #: The registry package whose wheel carries the weights, and the files inside it.
 WEIGHTS_PACKAGE = "facenet-pytorch"
 WEIGHT_FILES = {"pnet": "facenet_pytorch/data/pnet.pt", "rnet": "facenet_pytorch/data/rnet.pt",
                 "onet": "facenet_pytorch/data/onet.pt"}
+#: SHA-256 of those files (identical in facenet-pytorch 2.5.3 and 2.6.0): the weights this module was checked with
+WEIGHT_SHA256 = {"pnet": "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
+                 "rnet": "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
+                 "onet": "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d"}
 _INSTALL = "pip install 'facenet-pytorch>=2.5.3,<2.6' --no-deps (a weights-only dependency of facemargin)"
 
 
@@ -169,12 +173,13 @@ class MTCNN:
     def cache_key(self) -> str:
         """``mtcnn-<weights digest>-<options>``: changes with the weights or any option that changes the faces."""
         if self._key is None:
-            digest = hashlib.sha256()
-            for path in self._files.values():
-                digest.update(path.read_bytes())
+            digest = hashlib.sha256("".join(self._digests().values()).encode()).hexdigest()[:12]
             opts = f"min{self.min_face_size:g}-t{'-'.join(f'{t:g}' for t in self.thresholds)}-f{self.factor:g}"
-            self._key = f"mtcnn-{digest.hexdigest()[:12]}-{opts}"
+            self._key = f"mtcnn-{digest}-{opts}"
         return self._key
+
+    def _digests(self) -> dict[str, str]:
+        return {net: hashlib.sha256(path.read_bytes()).hexdigest() for net, path in self._files.items()}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_nets": None}
@@ -185,6 +190,11 @@ class MTCNN:
 
     def _networks(self) -> tuple[PNet, RNet, ONet]:
         if self._nets is None:
+            if self.weights_dir is None:
+                changed = [str(self._files[n]) for n, d in self._digests().items() if d != WEIGHT_SHA256[n]]
+                if changed:
+                    raise UserError(f"{', '.join(changed)}: not the MTCNN weights facenet-pytorch 2.5.3 ships "
+                                    "(another version of the package?)", hint=_INSTALL)
             nets = (PNet(), RNet(), ONet())
             # channels-last: these few-channel convolutions run several times faster on a CPU
             self._nets = tuple(_load_net(n, self._files[k]).to(self.device, memory_format=torch.channels_last)  # type: ignore[assignment]

@@ -7,6 +7,7 @@ Located through :mod:`importlib.metadata` (the package is never imported) and de
 - ``grace_hopper``: Grace Hopper's US Navy portrait (public domain),
   ``matplotlib/mpl-data/sample_data/grace_hopper.jpg`` in matplotlib (a core dependency),
   512x600, one face with glasses;
+- ``camera``: scikit-image's photographer with a camera, 512x512 grey, one face;
 - ``coffee`` and ``rocket``: scikit-image photos with no face.
 """
 
@@ -25,6 +26,7 @@ __all__ = ["PACKAGED_PHOTOS", "packaged_photo", "packaged_photo_path"]
 PACKAGED_PHOTOS = {
     "astronaut": ("scikit-image", "skimage/data/astronaut.png", "Eileen Collins, NASA portrait: one face"),
     "grace_hopper": ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg", "Grace Hopper, US Navy portrait: one face"),
+    "camera": ("scikit-image", "skimage/data/camera.png", "a photographer with a camera (grey): one face"),
     "coffee": ("scikit-image", "skimage/data/coffee.png", "a cup of coffee: no face"),
     "rocket": ("scikit-image", "skimage/data/rocket.jpg", "a rocket on its launch pad: no face"),
 }
