@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from facemargin.align import align_face, arcface_template, estimate_similarity, warp_affine
+from facemargin.align import arcface_template, estimate_similarity, warp_affine
 from facemargin.detect import Face, select_face
 from facemargin.detect.boxes import nms, square_boxes
 from facemargin.detect.mtcnn import MTCNN
@@ -212,14 +212,18 @@ def test_select_face_contract() -> None:
 def test_the_detector_imports_little() -> None:
     """``import facemargin.detect`` is numpy-only; running MTCNN adds torch and Pillow, not torchvision,
     Lightning or timm (a DataLoader worker or a packer pays for what it imports)."""
+    run_python("import sys, numpy as np, facemargin.detect\n"
+               "assert not [m for m in ('torch', 'hydra', 'PIL') if m in sys.modules], 'import facemargin.detect is not light'\n"
+               "from facemargin.detect.mtcnn import MTCNN\n"
+               "MTCNN()(np.zeros((60, 80, 3), np.uint8))\n"
+               "heavy = [m for m in ('torchvision', 'lightning', 'timm', 'hydra') if m in sys.modules]\n"
+               "assert not heavy, heavy\n")
+
+
+def run_python(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (what it imports is its own); it must exit 0."""
     import subprocess
     import sys
 
-    code = ("import sys, numpy as np, facemargin.detect\n"
-            "assert not [m for m in ('torch', 'hydra', 'PIL') if m in sys.modules], 'import facemargin.detect is not light'\n"
-            "from facemargin.detect.mtcnn import MTCNN\n"
-            "MTCNN()(np.zeros((60, 80, 3), np.uint8))\n"
-            "heavy = [m for m in ('torchvision', 'lightning', 'timm', 'hydra') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_detect import REFERENCE, assert_near, collage
+from test_detect import REFERENCE, assert_near, collage, run_python
 
 from facemargin.detect.landmarks import read_landmarks
 from facemargin.detect.mtcnn import MTCNN
@@ -109,19 +109,17 @@ def test_detect_cli_writes_the_landmark_list_and_the_photos_without_a_face(photo
 
 
 def test_help_answers_before_torch_is_imported() -> None:
-    code = ("import sys, contextlib, io\n"
-            "for name in ('facemargin.detect.__main__', 'facemargin.embed', 'facemargin.compare'):\n"
-            "    module = __import__(name, fromlist=['main'])\n"
-            "    out = io.StringIO()\n"
-            "    with contextlib.redirect_stdout(out):\n"
-            "        try:\n"
-            "            module.main(['--help'])\n"
-            "        except SystemExit as e:\n"
-            "            assert e.code == 0, e.code\n"
-            "    assert 'choice=largest' in out.getvalue() and 'detector.KEY=VALUE' in out.getvalue(), out.getvalue()\n"
-            "assert 'torch' not in sys.modules, 'torch imported before the arguments were parsed'\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python("import sys, contextlib, io\n"
+               "for name in ('facemargin.detect.__main__', 'facemargin.embed', 'facemargin.compare'):\n"
+               "    module = __import__(name, fromlist=['main'])\n"
+               "    out = io.StringIO()\n"
+               "    with contextlib.redirect_stdout(out):\n"
+               "        try:\n"
+               "            module.main(['--help'])\n"
+               "        except SystemExit as e:\n"
+               "            assert e.code == 0, e.code\n"
+               "    assert 'choice=largest' in out.getvalue() and 'detector.KEY=VALUE' in out.getvalue(), out.getvalue()\n"
+               "assert 'torch' not in sys.modules, 'torch imported before the arguments were parsed'\n")
 
 
 def test_embed_detects_raw_photos_and_keeps_aligned_crops(pixel_model, photos, tmp_path, capsys) -> None:

@@ -15,7 +15,6 @@ readable by ``landmarks=``) and ``<out>.noface.txt`` (photos left out: no face f
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence

@@ -15,9 +15,11 @@ package's code is never imported. ``weights_dir=`` reads the three files from a 
 
 The pyramid and the crops are resampled by area (a box filter), the crops padded with black
 outside the photo, as MTCNN's were; inputs are normalised as the nets were trained, ``(x - 127.5)
-/ 128`` on RGB. torch, Pillow and numpy only (no torchvision: a DataLoader worker imports little). The networks were converted from
-a framework that stored images transposed, so their dense layers read features column-major
-(hence the ``permute(0, 3, 2, 1)`` before flattening).
+/ 128`` on RGB. torch, Pillow and numpy only (no torchvision: a DataLoader worker imports little).
+The networks were converted from a framework that stored images transposed, so their dense layers
+read features column-major (hence the ``permute(0, 3, 2, 1)`` before flattening). The landmarks
+come out in the ArcFace template's order (image-left eye first), checked on real photos in
+``tests/test_detect.py``.
 """
 
 from __future__ import annotations
