@@ -145,10 +145,15 @@ def test_embed_and_compare_entry_points(demo_checkpoint, faces, tmp_path, capsys
                                f"demo_val (accuracy {record['verification']['demo_val']['acc']:.4f})): {verdict}")
     compare_main([str(demo_checkpoint), str(a), str(b), "threshold=-1"])
     assert capsys.readouterr().out.strip().endswith("(given): same person")
-    with pytest.raises(SystemExit, match=r"unknown option\(s\) \['thresh'\]"):
+    with pytest.raises(SystemExit) as exit_:
         compare_main([str(demo_checkpoint), str(a), str(b), "thresh=0.3"])
-    with pytest.raises(ValueError, match=r"photos/p0\.png is 220x220 but the model takes 112x112 aligned faces: align it"):
-        embed_main([str(demo_checkpoint), str(photos), f"out={tmp_path / 'x.npy'}", "progress=false"])
+    assert exit_.value.code == 2
+    assert "facemargin.compare: error: unknown option 'thresh' (did you mean threshold=?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # detect=false: photos must be aligned crops
+        embed_main([str(demo_checkpoint), str(photos), f"out={tmp_path / 'x.npy'}", "detect=false", "progress=false"])
+    assert exit_.value.code == 2
+    assert re.search(r"photos/p0\.png is 220x220 but the model takes 112x112 aligned faces: let a detector find",
+                     capsys.readouterr().err)
 
 
 def _png(img: np.ndarray) -> bytes:

@@ -22,19 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import LastCheckpoint
 from .checkpoint import init_weights
+from .config import config_dir  # noqa: F401 -- re-exported: facemargin.train.config_dir
 from .module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-
-
-def config_dir() -> Path:
-    """The packaged ``facemargin/conf`` (wheel installs) or the repository's ``conf/`` (editable)."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "conf"
 
 
 #: the config nodes a model is built from; recorded in every checkpoint (facemargin.checkpoint).

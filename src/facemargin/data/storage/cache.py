@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ...config import cache_home
 from .source import is_remote, open_source
 
 __all__ = ["cached_copy", "cache_root"]
@@ -18,8 +19,7 @@ _COPY_BLOCK = 4 << 20
 
 def cache_root() -> Path:
     """Where :func:`cached_copy` keeps remote files: ``$FACEMARGIN_CACHE/remote`` (default ``~/.cache/facemargin/remote``)."""
-    env = os.environ.get("FACEMARGIN_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "facemargin") / "remote"
+    return cache_home() / "remote"
 
 
 def cached_copy(path: str | os.PathLike, **options: Any) -> Path:

@@ -36,6 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ...config import cache_home
 from ..formats.verification import write_bin
 from .pack import write_faceset
 
@@ -321,16 +322,10 @@ def _params(num_identities, images_per_identity, num_val_identities, num_val_pai
 _REQUIRED = ("train.rec", "train.idx", "property", "demo_val.bin", "manifest.json")
 
 
-def default_cache_root() -> Path:
-    """``$FACEMARGIN_CACHE`` if set, else ``~/.cache/facemargin``."""
-    env = os.environ.get("FACEMARGIN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "facemargin"
-
-
 def ensure_demo_dataset(cache_dir: str | os.PathLike | None = None, **overrides) -> Path:
     """Path of the demo set, generated on first use (atomically: temp dir, then rename).
 
-    ``cache_dir`` is the cache root (default :func:`default_cache_root`); the default-parameter
+    ``cache_dir`` is the cache root (default :func:`cache_home`); the default-parameter
     set lives in ``<root>/demo-v1``. Keyword overrides of :data:`DEFAULT_PARAMS` (e.g. a smaller
     set for tests) go to ``<root>/demo-v1-<hash>``.
     """
@@ -341,7 +336,7 @@ def ensure_demo_dataset(cache_dir: str | os.PathLike | None = None, **overrides)
     name = DEMO_VERSION
     if params != _params(**DEFAULT_PARAMS):
         name += "-" + hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_home()
     target = root / name
     if all((target / f).is_file() for f in _REQUIRED):
         return target
