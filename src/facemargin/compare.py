@@ -30,6 +30,7 @@ def compare(model_path: str, a: str, b: str, threshold: float | None = None, set
             landmarks: str | None = None, device: str = "auto") -> dict[str, object]:
     """``{"cosine", "threshold", "threshold_from", "same"}`` for two photos."""
     model = load_embedder(model_path, device)
+    cos_threshold, source = decision_threshold(model, threshold, set_name)  # before any work: it may be missing
     paths = [Path(a), Path(b)]
     points = None
     if landmarks:
@@ -41,7 +42,6 @@ def compare(model_path: str, a: str, b: str, threshold: float | None = None, set
         points = np.stack([lookup[str(p)] for p in paths])
     emb = embed_files(model, paths, points, batch_size=2, progress=False)
     cosine = float(emb[0] @ emb[1])
-    cos_threshold, source = decision_threshold(model, threshold, set_name)
     return {"cosine": cosine, "threshold": cos_threshold, "threshold_from": source, "same": cosine > cos_threshold}
 
 
