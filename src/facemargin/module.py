@@ -234,8 +234,11 @@ class FaceRecognitionModule(pl.LightningModule):
             return True
 
     def on_validation_epoch_end(self) -> None:
-        """Log every set's figures; average the monitored figure of the sets that can support it
-        into ``val/acc`` (a null figure is never averaged) and keep their thresholds."""
+        """Log every set's figures; average the monitored figure of the sets that can support one
+        (:meth:`~facemargin.evaluation.Evaluator.monitor_undefined` is ``None``: the same test
+        ``train.py`` makes before fitting) into ``val/acc``, and keep their thresholds. A set that
+        cannot is left out; a figure null for a run-time reason (NaN embeddings of a diverged
+        model) makes ``val/acc`` NaN, which checkpoint callbacks rank last."""
         monitored = []
         for i, ev in enumerate(self.evaluators):
             if self.trainer.sanity_checking or not ev.update_called:
@@ -250,7 +253,7 @@ class FaceRecognitionModule(pl.LightningModule):
             for key, value in scores.items():
                 self.log(f"val/{ev.name}/{key}", value, sync_dist=False, add_dataloader_idx=False)
             monitor = getattr(ev, "monitor", None)
-            if monitor in scores and monitor not in ev.notes and torch.isfinite(scores[monitor]):
+            if monitor in scores and ev.monitor_undefined() is None:
                 monitored.append(scores[monitor])
             entry = threshold_entry(scores)
             if entry is not None:

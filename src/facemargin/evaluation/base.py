@@ -7,10 +7,12 @@ views and calls :meth:`Evaluator.update` with the images' indices; :meth:`Evalua
 gathers the embeddings across ranks, drops the duplicates the ``DistributedSampler`` pads with,
 orders them by index and scores them with the subclass's :meth:`Evaluator.score`.
 
-Two additions to the torchmetrics contract serve the entry points: :attr:`Evaluator.notes` explains
-figures that come out null (``NaN``: e.g. a FAR the set has too few negative pairs to resolve; each
-explanation is also warned once), and :meth:`Evaluator.cache_key` names the set's files so
-``python -m facemargin.evaluate`` can cache embeddings and re-score instantly.
+Three additions to the torchmetrics contract serve training and the entry points:
+:attr:`Evaluator.notes` explains figures that come out null (``NaN``: e.g. a FAR the set has too few
+negative pairs to resolve, an accuracy on same-person pairs only; each reason is also warned once),
+:meth:`Evaluator.monitor_undefined` says before anything is embedded why a set cannot choose a
+checkpoint (it is then left out of ``val/acc``), and :meth:`Evaluator.cache_key` names the set's
+content so ``python -m facemargin.evaluate`` can cache embeddings and re-score instantly.
 """
 
 from __future__ import annotations
