@@ -79,7 +79,7 @@ def test_export_then_evaluate_the_onnx_file_twice(demo_checkpoint, faces, tmp_pa
                             num_workers=0, progress=False)
     got = one["sets"]["demo_val"]  # a set is named by its evaluator (the .bin file's stem)
     assert got["acc"] == pytest.approx(want["acc"]) and got["tar@far=1e-1"] == pytest.approx(want["tar@far=1e-1"])
-    assert got["tar@far=1e-3"] is None and set(got) == {"acc", "acc_std", "threshold", "xnorm", "tar@far=1e-1", "tar@far=1e-3"}
+    assert got["tar@far=1e-3"] is None and set(got) == {"acc", "acc_std", "threshold_cosine", "xnorm", "tar@far=1e-1", "tar@far=1e-3"}
     assert one["notes"]["demo_val"] == {"tar@far=1e-3": "FAR 0.001 needs at least 1000 negative pairs in each of the "
                                         "10 training splits, this set has 45; choose larger far_targets or a larger set"}
     folder, _ = run_evaluator(load_embedder(demo_checkpoint), FolderPairsEvaluator(faces / "pairs.txt", faces / "images", nfolds=2),
@@ -134,14 +134,14 @@ def test_embed_and_compare_entry_points(demo_checkpoint, faces, tmp_path, capsys
     assert np.all(np.sum(aligned * emb[:3], axis=1) > 0.95)  # the same faces, up to two resamplings
 
     record = torch.load(demo_checkpoint, map_location="cpu", weights_only=True)["facemargin"]
-    t = record["verification"]["demo_val"]["threshold"]
+    t = record["verification"]["demo_val"]["threshold_cosine"]  # a cosine similarity, stored as such
     a, b = images / names[0], images / names[1]
     assert "12 embeddings of size 64 -> " in capsys.readouterr().out
     compare_main([str(demo_checkpoint), str(a), str(b)])
     printed = capsys.readouterr().out
     cosine = float(emb[0] @ emb[1])
-    verdict = "same person" if cosine > 1 - t / 2 else "different people"
-    assert printed.strip() == (f"cosine similarity {cosine:.4f}; threshold {1 - t / 2:.4f} (chosen by validation on "
+    verdict = "same person" if cosine > t else "different people"
+    assert printed.strip() == (f"cosine similarity {cosine:.4f}; threshold {t:.4f} cosine (chosen by validation on "
                                f"demo_val (accuracy {record['verification']['demo_val']['acc']:.4f})): {verdict}")
     compare_main([str(demo_checkpoint), str(a), str(b), "threshold=-1"])
     assert capsys.readouterr().out.strip().endswith("(given): same person")

@@ -68,7 +68,8 @@ def ref_evaluate(emb: np.ndarray, same: np.ndarray, nfolds: int = 10) -> dict[st
         best = int(np.argmax(acc_train))
         best_ts.append(thresholds[best])
         accs.append(ref_accuracy(thresholds[best], d[test], same[test]))
-    res = {"acc": np.mean(accs), "acc_std": np.std(accs), "threshold": np.mean(best_ts), "xnorm": xnorm}
+    # insightface reports the mean squared distance t; for unit vectors |a - b|^2 = 2 - 2 cos(a, b)
+    res = {"acc": np.mean(accs), "acc_std": np.std(accs), "threshold_cosine": 1 - np.mean(best_ts) / 2, "xnorm": xnorm}
     val_thresholds = np.arange(0, 4, 0.001)
     for key, far_target in (("tar@far=1e-3", 1e-3), ("tar@far=1e-4", 1e-4)):
         vals = []
@@ -98,7 +99,7 @@ def planted(n_pairs: int, dim: int, seed: int, p_same: float = 0.5) -> tuple[np.
 
 
 def assert_scores_equal(got: dict[str, float], want: dict[str, float]) -> None:
-    assert set(got) == {"acc", "acc_std", "threshold", "xnorm", "tar@far=1e-3", "tar@far=1e-4"}
+    assert set(got) == {"acc", "acc_std", "threshold_cosine", "xnorm", "tar@far=1e-3", "tar@far=1e-4"}
     for k, v in want.items():
         if math.isnan(v):
             assert math.isnan(got[k]), k
@@ -147,7 +148,7 @@ def test_hand_computed_twenty_pairs() -> None:
     # Fold 5 (tests pair 10): train peak 17/18 on (0.505, 1.505] -> 0.51; pair 10 rejected -> 0.5.
     assert s["acc"] == pytest.approx(0.9)
     assert s["acc_std"] == pytest.approx(0.2)  # sqrt((8 * 0.1^2 + 2 * 0.4^2) / 10)
-    assert s["threshold"] == pytest.approx((9 * 1.21 + 0.51) / 10)
+    assert s["threshold_cosine"] == pytest.approx(1 - (9 * 1.21 + 0.51) / 10 / 2)  # cos = 1 - d / 2
     assert s["xnorm"] == pytest.approx(3.0)  # mean of norms 2 and 4
     assert math.isnan(s["tar@far=1e-3"]) and math.isnan(s["tar@far=1e-4"])  # 9 train negatives
 
@@ -288,7 +289,7 @@ def test_far_targets_are_chosen_by_the_user() -> None:
     ]
     emb, same = planted(3000, 8, seed=9)
     got = verification_scores(emb, same, far_targets=(1e-1, 1e-2))
-    assert set(got) == {"acc", "acc_std", "threshold", "xnorm", "tar@far=1e-1", "tar@far=1e-2"}
+    assert set(got) == {"acc", "acc_std", "threshold_cosine", "xnorm", "tar@far=1e-1", "tar@far=1e-2"}
     for key, far in (("tar@far=1e-1", 0.1), ("tar@far=1e-2", 0.01)):
         assert 0.0 <= got[key] <= 1.0, key
     assert got["tar@far=1e-1"] >= got["tar@far=1e-2"]  # a looser FAR accepts at least as many

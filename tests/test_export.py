@@ -74,6 +74,8 @@ def test_metadata_travels_inside_the_files(demo_checkpoint, exported) -> None:
         assert meta["input_size"] == 112 and meta["embedding_size"] == 64 and meta["flip_fused"] is False
         assert meta["margin"] == record["config"]["head"]["margin"] and meta["margin"]["name"] == "expface"
         assert meta["config"] == record["config"] and meta["verification"] == record["verification"]
+        assert set(meta["verification"]["demo_val"]) == {"threshold_cosine", "acc"}  # the unit in the key ...
+        assert meta["threshold_unit"].startswith("cosine similarity of the L2-normalised embeddings")  # ... and said
     assert load_embedder(exported["onnx_flip"]).metadata["flip_fused"] is True
 
 
@@ -86,7 +88,7 @@ def test_exported_model_verifies_the_demo_bin_like_the_checkpoint(demo_checkpoin
     acc = results["ckpt"]["acc"]
     assert acc == pytest.approx(record["verification"]["demo_val"]["acc"], abs=1e-6)  # what training's validation saw
     for name, figures in results.items():
-        assert figures["acc"] == acc and figures["threshold"] == pytest.approx(results["ckpt"]["threshold"]), name
+        assert figures["acc"] == acc and figures["threshold_cosine"] == pytest.approx(results["ckpt"]["threshold_cosine"]), name
         if not name.endswith("_flip"):  # a flip-fused file only knows the summed view
             assert figures["xnorm"] == pytest.approx(results["ckpt"]["xnorm"], rel=1e-4), name
 

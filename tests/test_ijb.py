@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +305,129 @@ def test_ijb_evaluator_runs_in_lightning_validation(ijb, model, embedded) -> Non
     for key in ("tar@far=1e-1", "tar@far=1e-2", "auc", "rank1", "rank5", "tpir@fpir=1e-1"):
         assert logged[f"val/ijbc/{key}"] == pytest.approx(want[key], abs=1e-4), key
     assert math.isnan(logged["val/ijbc/tar@far=1e-4"])
+
+
+# ------------------------------------------------------------------ input checked at read (issue 18)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def _edit_line(path: Path, lineno: int, edit) -> None:
+    lines = path.read_text().splitlines()
+    lines[lineno - 1] = edit(lines[lineno - 1])
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("field, value, why", [
+    (11, "nan", r"landmarks and score must be finite numbers"),   # faceness NaN (today: TAR moves, exit 0)
+    (3, "inf", r"landmarks and score must be finite numbers"),    # a landmark coordinate
+    (11, "-0.5", r"faceness score -0\.5 is negative"),
+])
+def test_non_finite_or_negative_values_name_the_file_and_line(ijb, tmp_path, field, value, why) -> None:
+    from facemargin.errors import UserError
+
+    root = _copy(ijb[0], tmp_path / "IJBC")
+    lmk = root / "meta" / "ijbc_name_5pts_score.txt"
+    _edit_line(lmk, 7, lambda line: " ".join(value if i == field else f for i, f in enumerate(line.split())))
+    with pytest.raises(UserError, match=rf"ijbc_name_5pts_score\.txt:7: {why}"):
+        IJBEvaluator(root)
+
+
+@pytest.mark.parametrize("name, why", [("../meta/ijbc_face_tid_mid.txt", "a '..' component"),
+                                       ("/etc/hostname", "an absolute path")])
+def test_image_names_that_leave_loose_crop_are_refused(ijb, tmp_path, name, why) -> None:
+    from facemargin.errors import UserError
+
+    root = _copy(ijb[0], tmp_path / "IJBC")
+    for meta in ("ijbc_name_5pts_score.txt", "ijbc_face_tid_mid.txt"):
+        _edit_line(root / "meta" / meta, 3, lambda line: " ".join([name, *line.split()[1:]]))
+    with pytest.raises(UserError, match=rf"ijbc_name_5pts_score\.txt:3: image name '{re.escape(name)}' is {why}"):
+        IJBEvaluator(root)
+
+
+def test_a_symbolic_link_out_of_loose_crop_is_refused_before_any_image_is_read(ijb, tmp_path) -> None:
+    from facemargin.errors import UserError
+
+    root = _copy(ijb[0], tmp_path / "IJBC")
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes((root / "loose_crop" / "1.jpg").read_bytes())
+    (root / "loose_crop" / "5.jpg").unlink()
+    (root / "loose_crop" / "5.jpg").symlink_to(outside)
+    ev = IJBEvaluator(root)  # the meta files are fine; the images are checked before they are used
+    for use in (ev.dataset, ev.cache_key):
+        with pytest.raises(UserError, match=rf"ijbc_name_5pts_score\.txt:5: image '5\.jpg' is a symbolic link to "
+                                            rf"{re.escape(str(outside.resolve()))}, outside "):
+            use()
+    # a link that stays inside is an image like any other; so is a linked loose_crop/ folder itself
+    (root / "loose_crop" / "5.jpg").unlink()
+    (root / "loose_crop" / "5.jpg").symlink_to(root / "loose_crop" / "1.jpg")
+    assert IJBEvaluator(root).cache_key()
+    linked = tmp_path / "linked" / "IJBC"
+    linked.mkdir(parents=True)
+    (linked / "meta").symlink_to(root / "meta")
+    (linked / "loose_crop").symlink_to(root / "loose_crop")
+    assert len(IJBEvaluator(linked).dataset()) == len(ijb[1]["name"])
+    # a missing image is named with its line before anything is embedded
+    (root / "loose_crop" / "9.jpg").unlink()
+    with pytest.raises(UserError, match=r"ijbc_name_5pts_score\.txt:9: image not found: .*loose_crop/9\.jpg"):
+        IJBEvaluator(root).dataset()
+
+
+def test_a_csv_without_its_header_is_refused(ijb, tmp_path) -> None:
+    from facemargin.errors import UserError
+
+    root = _copy(ijb[0], tmp_path / "IJBC")
+    probe = root / "meta" / "ijbc_1N_probe_mixed.csv"
+    probe.write_text("".join(probe.read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(UserError, match=r"ijbc_1N_probe_mixed\.csv:1: expected the header line 'TEMPLATE_ID,SUBJECT_ID,\.\.\.', "
+                                        r"got '\d+,\d+,img/"):
+        IJBEvaluator(root)
+
+
+def test_roc_curve_refuses_nan_like_sklearn() -> None:
+    # sklearn.metrics.roc_curve runs assert_all_finite on y_true and y_score: "Input contains NaN"
+    for scores in ([0.1, np.nan, 0.3, 0.8], [0.1, np.inf, 0.3, 0.8]):
+        with pytest.raises(ValueError, match=r"roc_curve: scores contain NaN or infinity \(1 of 4\)"):
+            roc_curve(np.array([0, 0, 1, 1]), np.array(scores))
+    with pytest.raises(ValueError, match=r"labels contain NaN"):
+        roc_curve(np.array([0, np.nan, 1, 1]), np.array([0.1, 0.2, 0.3, 0.8]))
+
+
+def test_non_finite_embeddings_give_null_figures_with_the_reason(ijb, embedded) -> None:
+    emb, norms = embedded
+    bad = emb.copy()
+    bad[4] = np.nan
+    ev = IJBEvaluator(ijb[0])
+    got = ev.score(bad, norms)
+    assert all(math.isnan(v) for v in got.values()) and "auc" in got and "rank1" in got
+    assert ev.notes["auc"] == f"1 of {len(emb)} images have non-finite embeddings (NaN or inf)"
+
+
+def test_replacing_two_images_changes_the_cached_result(ijb, model, tmp_path) -> None:
+    """The embedding cache key covers the images, not only the meta files."""
+    root = _copy(ijb[0], tmp_path / "IJBC")
+    cache = EmbeddingCache(tmp_path / "cache")
+    keyed = Embedder(model.net, model.metadata, key="demo-weights")
+
+    def scored(**kw) -> tuple[dict, bool]:
+        return run_evaluator(keyed, IJBEvaluator(root), kw.get("cache", cache), batch_size=64, num_workers=0, progress=False)
+
+    before, hit = scored()
+    assert not hit and scored()[1]  # the second run reads the cache
+    crops = root / "loose_crop"
+    a, b = (crops / "2.jpg").read_bytes(), (crops / "60.jpg").read_bytes()  # two subjects' faces, swapped
+    stat_a, stat_b = (crops / "2.jpg").stat(), (crops / "60.jpg").stat()
+    (crops / "2.jpg").write_bytes(b)
+    (crops / "60.jpg").write_bytes(a)
+    os.utime(crops / "2.jpg", ns=(stat_a.st_atime_ns, stat_a.st_mtime_ns))  # even with the old times put back
+    os.utime(crops / "60.jpg", ns=(stat_b.st_atime_ns, stat_b.st_mtime_ns))
+    after, hit = scored()
+    fresh, _ = scored(cache=None)
+    assert not hit
+    assert after == pytest.approx(fresh, nan_ok=True)
+    assert after["auc"] != before["auc"]

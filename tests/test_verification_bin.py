@@ -249,15 +249,22 @@ def _peak_mib(fn) -> float:
         tracemalloc.stop()
 
 
-def test_memo_amplification_is_refused_without_allocating(tmp_path):
+def test_memo_references_are_shared_not_copied_and_rebuilt_copies_are_refused(tmp_path):
     big = bytearray(b"\xff\xd8\xff" + bytes(2**20))
-    # 1: the list references one bytearray 20 000 times (a 1 MiB file worth 20 GiB of images)
+    # 1: the list references one bytearray 20 000 times: one object in memory, 20 000 references
     shared = tmp_path / "shared.bin"
     shared.write_bytes(pickle.dumps(([big] * 20000, [True] * 10000), protocol=2))
     assert shared.stat().st_size < 2**20 + 2**17
-    peak, msg = _peak_mib(lambda: load_bin(shared))
-    assert "shared.bin: not a valid insightface verification .bin" in msg and "memo amplification" in msg
-    assert peak < 16, peak
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        images, issame = load_bin(shared)
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert len(images) == 20000 and images[0] == bytes(big) and all(im is images[0] for im in images)
+    assert peak < 8, peak  # file (1 MiB) + its string + one bytes copy + pointers: not 20 GiB of copies
     # 2: each image is a *new* bytearray(...) built from one memoised string: refused while unpickling
     blob = b"B" + len(big).to_bytes(4, "little") + bytes(big) + b"q\x01"  # BINBYTES, memo 1
     call = b"cbuiltins\nbytearray\nh\x01\x85R"  # bytearray(memo[1])
@@ -267,6 +274,47 @@ def test_memo_amplification_is_refused_without_allocating(tmp_path):
     peak, msg = _peak_mib(lambda: load_bin(path))
     assert "rebuilt.bin" in msg and "more than twice the bytes the file holds" in msg
     assert peak < 16, peak
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("as_arrays", [False, True])
+def test_a_deduplicating_writer_s_file_loads(tmp_path, protocol, as_arrays):
+    """300 pairs over 216 distinct image objects: pickle's memo stores each once, then references it."""
+    rng = np.random.default_rng(0)
+    distinct = [_jpeg(16, 16) + bytes([k % 256, k // 256]) for k in range(216)]  # same header size, distinct bytes
+    objects = _arrays(distinct) if as_arrays else distinct
+    order = np.concatenate([np.arange(216), rng.integers(0, 216, size=600 - 216)])
+    rng.shuffle(order)
+    issame = (np.arange(300) % 2 == 0).tolist()
+    path = tmp_path / "dedup.bin"
+    path.write_bytes(pickle.dumps(([objects[k] for k in order], issame), protocol=protocol))
+    total = sum(len(distinct[k]) for k in order)
+    assert path.stat().st_size < total  # each image stored once: the references add up to more than the file
+    plain = pickle.loads(path.read_bytes())  # what pickle itself reads
+    images, got = load_bin(path)
+    assert images == [bytes(im) for im in plain[0]] == [distinct[k] for k in order]
+    assert got.tolist() == issame
+    first = {}
+    for k, im in zip(order, images):  # one object per distinct image, however often it is referenced
+        assert first.setdefault(int(k), im) is im
+
+
+def test_an_empty_file_and_a_huge_declared_size_name_the_file(tmp_path):
+    import struct
+
+    from facemargin.errors import UserError
+
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty\.bin: not a valid insightface verification \.bin: the file is empty \(0 bytes\)$"):
+        load_bin(empty)
+    # BINBYTES8 / BINUNICODE8 / BYTEARRAY8 declaring 2**62 bytes: the C unpickler would try to allocate them
+    for opcode, what in ((b"\x8e", "BINBYTES8"), (b"\x8d", "BINUNICODE8"), (b"\x96", "BYTEARRAY8")):
+        huge = tmp_path / "huge.bin"
+        huge.write_bytes(b"\x80\x04" + opcode + struct.pack("<Q", 2**62) + b"abc")
+        with pytest.raises(UserError, match=rf"huge\.bin: not a valid insightface verification \.bin: byte 2: {what} "
+                                            r"declares 4611686018427387904 bytes but only 3 follow in the 14-byte file"):
+            load_bin(huge)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Same person? ``python -m facemargin.compare MODEL a.jpg b.jpg [threshold=COS] [set=NAME] [key=value ...]``.
 
 Prints the cosine similarity of the two faces' embeddings (image + flip, L2-normalised) and
-"same" or "different" at the threshold a verification run chose: validation stores a squared-L2
-threshold ``t`` on normalised embeddings in the checkpoint (and the export copies it);
-``|a - b|^2 = 2 - 2 cos``, so the cosine threshold is ``1 - t / 2``. ``set`` picks which
-validation set's threshold (default: the first stored); ``threshold`` gives a cosine directly.
+"same" or "different" at a cosine threshold: ``threshold`` given, or the one validation chose and
+stored in the checkpoint (the export copies it), naming the set that chose it. ``set`` picks
+which set's threshold (default: the first stored). Only sets with same- and different-person
+pairs in every fold store one (:mod:`facemargin.evaluation.thresholds`); without one, compare
+asks for ``threshold=``.
 A photo of the model's input size is taken as an aligned crop; any other photo is detected and
 aligned, and the face used is printed (box, score, how many were found, the choice rule) --
 ``detect=true|false`` forces either way, ``landmarks=FILE`` gives the 5 points instead (lines
@@ -15,12 +16,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .cli import Option, parse_kv_args, run_cli
 from .errors import UserError
 
-__all__ = ["compare", "main"]
+if TYPE_CHECKING:
+    from .evaluation.embedder import Embedder
+
+__all__ = ["compare", "decision_threshold", "main"]
 
 PROG = "facemargin.compare"
 POSITIONAL = {"MODEL": "a checkpoint or an exported .onnx / TorchScript file", "A": "first photo", "B": "second photo"}
@@ -52,6 +56,7 @@ def compare(model_path: str, a: str, b: str, threshold: float | None = None, set
     from .evaluation.embedder import load_embedder
 
     model = load_embedder(model_path, device)
+    cos_threshold, source = decision_threshold(model, threshold, set_name)  # before any work: it may be missing
     paths = [Path(a), Path(b)]
     faces: dict[str, str] = {}
     if landmarks:
@@ -70,14 +75,20 @@ def compare(model_path: str, a: str, b: str, threshold: float | None = None, set
             faces = {name: found.describe() for name, found in survey.faces.items()}
     emb = embed_files(model, paths, points, batch_size=2, progress=False)
     cosine = float(emb[0] @ emb[1])
-    if threshold is not None:
-        cos_threshold, source = float(threshold), "given"
-    else:
-        cos_threshold, name = model.cosine_threshold(set_name)
-        acc = (model.metadata.get("verification") or {}).get(name, {}).get("acc")
-        source = f"chosen by validation on {name}" + (f" (accuracy {acc:.4f})" if acc is not None else "")
     return {"cosine": cosine, "threshold": cos_threshold, "threshold_from": source, "same": cosine > cos_threshold,
             "faces": faces}
+
+
+def decision_threshold(model: "Embedder", threshold: float | None = None, set_name: str | None = None) -> tuple[float, str]:
+    """``(cosine threshold, where it comes from)``: ``threshold`` as given, else the one a validation
+    set chose and stored with the model (:func:`~facemargin.evaluation.thresholds.choose_threshold`:
+    a :class:`~facemargin.errors.UserError` when none is stored, naming the sets that could not)."""
+    from .evaluation.thresholds import choose_threshold
+
+    if threshold is not None:
+        return float(threshold), "given"
+    cos_threshold, _, said = choose_threshold(model.metadata, set_name, model.source)
+    return cos_threshold, said
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -102,7 +113,7 @@ def _run(args: dict[str, str], detector_options: dict[str, str]) -> None:
     for photo, found in r["faces"].items():  # type: ignore[union-attr]
         print(f"{photo}: {found}")
     verdict = "same person" if r["same"] else "different people"
-    print(f"cosine similarity {r['cosine']:.4f}; threshold {r['threshold']:.4f} ({r['threshold_from']}): {verdict}")
+    print(f"cosine similarity {r['cosine']:.4f}; threshold {r['threshold']:.4f} cosine ({r['threshold_from']}): {verdict}")
 
 
 if __name__ == "__main__":

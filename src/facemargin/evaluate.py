@@ -72,7 +72,12 @@ def format_tables(result: Mapping[str, Any]) -> str:
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         blocks.append("\n".join(lines))
-    notes = [f"* {n} {k}: {why}" for n, by_key in result["notes"].items() for k, why in by_key.items()]
+    notes = []
+    for n, by_key in result["notes"].items():
+        by_why: dict[str, list[str]] = {}
+        for k, why in by_key.items():
+            by_why.setdefault(why, []).append(k)
+        notes += [f"* {n} {', '.join(keys)}: {why}" for why, keys in by_why.items()]
     return "\n\n".join(blocks + (["\n".join(notes)] if notes else []))
 
 

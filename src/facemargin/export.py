@@ -5,8 +5,9 @@ Only the backbone (with its embedding neck) is exported: normalised float images
 carries what a user of the model must know (:data:`~facemargin.evaluation.embedder.METADATA_KEY`,
 JSON): ``channel_order`` (RGB), ``mean``/``std`` of ``(x / 255 - mean) / std``, ``input_size``,
 ``embedding_size``, ``flip_fused``, the ``margin`` and the training ``config``, and the
-``verification`` thresholds validation chose. In ONNX it is a ``metadata_props`` entry; in
-TorchScript the extra file ``facemargin.json``.
+``verification`` thresholds validation chose (``threshold_cosine`` per set, ``threshold_unit``
+says what it is; ``verification_notes`` why a set stored none). In ONNX it is a
+``metadata_props`` entry; in TorchScript the extra file ``facemargin.json``.
 
 ``flip_fused=true`` exports ``f(x) + f(flip(x))`` as one graph (one batched forward of both views),
 the embedding insightface's protocol uses. Every exported file runs in
@@ -114,9 +115,16 @@ def export_model(
 
 def checkpoint_export_metadata(record: dict[str, Any], source: str) -> dict[str, Any]:
     """What an exported file records from a module's :meth:`~facemargin.module.FaceRecognitionModule.record`."""
-    keys = ("channel_order", "mean", "std", "input_size", "embedding_size", "num_classes", "verification", "config")
+    from .evaluation.thresholds import THRESHOLD_UNIT, stored_thresholds
+
+    keys = ("channel_order", "mean", "std", "input_size", "embedding_size", "num_classes", "config")
     head = record["config"].get("head") or {}
-    return {**{k: record[k] for k in keys}, "margin": head.get("margin"), "source": Path(source).name}
+    thresholds = {  # cosine thresholds (records written before stored squared distances: converted)
+        "verification": stored_thresholds(record.get("verification")),
+        "verification_notes": dict(record.get("verification_notes") or {}),
+        "threshold_unit": THRESHOLD_UNIT,
+    }
+    return {**{k: record[k] for k in keys}, **thresholds, "margin": head.get("margin"), "source": Path(source).name}
 
 
 def export_checkpoint(

@@ -24,6 +24,7 @@ from .config import to_plain
 from .data.loading.normalize import CHANNEL_ORDER, MEAN, STD, normalize_uint8
 from .distributed import exclude_from_ddp
 from .evaluation.pairs import datamodule_evaluators
+from .evaluation.thresholds import THRESHOLD_KEY, THRESHOLD_UNIT, stored_thresholds, threshold_entry
 
 __all__ = ["FaceRecognitionModule", "RECORD_KEY"]
 
@@ -130,7 +131,10 @@ class FaceRecognitionModule(pl.LightningModule):
         self.val_batch_size = int(val_batch_size)
         self.val_num_workers = int(val_num_workers)
         self.config = to_plain(dict(config or {}))
+        #: per set: the threshold validation chose (``threshold_cosine``) and the accuracy at it
         self.verification: dict[str, dict[str, float]] = {}
+        #: per set that could not choose a threshold: why (see facemargin.evaluation.thresholds)
+        self.verification_notes: dict[str, str] = {}
         # plain values only: checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
@@ -169,8 +173,12 @@ class FaceRecognitionModule(pl.LightningModule):
         ignored = getattr(self.head, "ddp_ignored_parameters", None)
         if callable(ignored) and ignored():
             exclude_from_ddp(self, [f"head.{n}" for n in ignored()])
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if not self._datamodule_evaluators_added:
+        self.add_datamodule_evaluators(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
+
+    def add_datamodule_evaluators(self, datamodule: Any) -> None:
+        """Add one evaluator per verification file ``datamodule`` names (its ``verification_files()``);
+        the first call with a DataModule does it, later calls change nothing (each set is read once)."""
+        if not self._datamodule_evaluators_added and datamodule is not None:
             self.evaluators.extend(datamodule_evaluators(datamodule))
             self._datamodule_evaluators_added = True
 
@@ -231,6 +239,11 @@ class FaceRecognitionModule(pl.LightningModule):
             return True
 
     def on_validation_epoch_end(self) -> None:
+        """Log every set's figures; average the monitored figure of the sets that can support one
+        (:meth:`~facemargin.evaluation.Evaluator.monitor_undefined` is ``None``: the same test
+        ``train.py`` makes before fitting) into ``val/acc``, and keep their thresholds. A set that
+        cannot is left out; a figure null for a run-time reason (NaN embeddings of a diverged
+        model) makes ``val/acc`` NaN, which checkpoint callbacks rank last."""
         monitored = []
         for i, ev in enumerate(self.evaluators):
             if self.trainer.sanity_checking or not ev.update_called:
@@ -245,10 +258,15 @@ class FaceRecognitionModule(pl.LightningModule):
             for key, value in scores.items():
                 self.log(f"val/{ev.name}/{key}", value, sync_dist=False, add_dataloader_idx=False)
             monitor = getattr(ev, "monitor", None)
-            if monitor in scores:
+            if monitor in scores and ev.monitor_undefined() is None:
                 monitored.append(scores[monitor])
-            if "threshold" in scores:
-                self.verification[ev.name] = {k: float(scores[k]) for k in ("threshold", "acc") if k in scores}
+            entry = threshold_entry(scores)
+            if entry is not None:
+                self.verification[ev.name] = entry
+                self.verification_notes.pop(ev.name, None)
+            elif THRESHOLD_KEY in scores:  # a set that cannot choose a threshold stores none, and why
+                self.verification.pop(ev.name, None)
+                self.verification_notes[ev.name] = f"{ev.name}: {ev.notes.get(THRESHOLD_KEY, 'its threshold is null')}"
         if monitored:
             self.log("val/acc", torch.stack([torch.as_tensor(a) for a in monitored]).mean(), prog_bar=True)
 
@@ -313,6 +331,8 @@ class FaceRecognitionModule(pl.LightningModule):
             "mean": MEAN,
             "std": STD,
             "verification": {k: dict(v) for k, v in self.verification.items()},
+            "verification_notes": dict(self.verification_notes),
+            "threshold_unit": THRESHOLD_UNIT,
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -326,4 +346,5 @@ class FaceRecognitionModule(pl.LightningModule):
         if callable(load):  # e.g. slice the full centres for this rank, at any world size
             load(checkpoint, "head.")
         record = checkpoint.get(RECORD_KEY) or {}
-        self.verification = {k: dict(v) for k, v in (record.get("verification") or {}).items()}
+        self.verification = stored_thresholds(record.get("verification"))  # old squared distances converted
+        self.verification_notes = dict(record.get("verification_notes") or {})

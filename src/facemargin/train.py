@@ -46,32 +46,46 @@ def build_model(cfg: DictConfig, num_classes: int) -> FaceRecognitionModule:
 
 
 def why_unscored(cfg: DictConfig, model: FaceRecognitionModule, datamodule: Any) -> str | None:
-    """Why validation will score no verification pairs in this run, or ``None`` when it will."""
+    """Why no verification set can choose the best checkpoint in this run, or ``None`` when one can.
+
+    Known before training: validation off or limited to part of each set, no sets, or sets none of
+    which can support an accuracy (:meth:`~facemargin.evaluation.Evaluator.monitor_undefined`,
+    e.g. a ``.bin`` of same-person pairs only). Sets that cannot, beside sets that can, are named
+    once: they are left out of ``val/acc``.
+    """
     limit = cfg.trainer.get("limit_val_batches", 1.0)
     if limit == 0:
-        return "trainer.limit_val_batches=0"
+        return "no verification pairs are scored in this run (trainer.limit_val_batches=0)"
     if isinstance(limit, float) and limit < 1.0:
-        return f"trainer.limit_val_batches={limit}: only whole verification sets are scored"
-    files = getattr(datamodule, "verification_files", None)
-    if not (len(model.evaluators) or (callable(files) and files())):
-        return "no verification sets: data.val_sets is empty and there are no eval= sets"
+        return (f"no verification pairs are scored in this run (trainer.limit_val_batches={limit}: only whole "
+                "verification sets are scored)")
+    model.add_datamodule_evaluators(datamodule)  # read each set once, here; setup finds them added
+    evaluators = list(model.evaluators)
+    if not evaluators:
+        return "no verification sets (data.val_sets is empty and there are no eval= sets)"
+    refused = [why for why in (ev.monitor_undefined() for ev in evaluators) if why]
+    if len(refused) == len(evaluators):
+        return "no verification set can choose the best checkpoint: " + "; ".join(refused)
+    if refused:
+        log.info("left out of val/acc, they cannot choose the best checkpoint: %s", "; ".join(refused))
     return None
 
 
-#: what the checkpoint callbacks monitor when a run has no verification pairs
+#: what the checkpoint callbacks monitor when no verification set can choose the best checkpoint
 TRAIN_MONITOR = {"monitor": "train/loss_epoch", "mode": "min", "filename": "epoch{epoch:02d}-loss{train/loss_epoch:.4f}"}
 
 
 def _callback_nodes(cfg: DictConfig, unscored: str | None) -> list[DictConfig]:
-    """The callback nodes; when no verification pairs are scored, a ``val/`` monitor becomes the training loss."""
+    """The callback nodes; when no verification set can choose the best checkpoint (``unscored`` says
+    why), a ``val/`` monitor becomes the training loss, and the run says so once."""
     nodes = []
     for name, node in (cfg.callbacks or {}).items():
         if not node:
             continue
         if unscored and str(node.get("monitor") or "").startswith("val/"):
             node = node.copy()
-            log.info("no verification pairs are scored in this run (%s): callbacks.%s keeps the checkpoint with the "
-                     "lowest %s instead of the highest %s", unscored, name, TRAIN_MONITOR["monitor"], node.monitor)
+            log.info("%s: callbacks.%s keeps the checkpoint with the lowest %s instead of the highest %s",
+                     unscored, name, TRAIN_MONITOR["monitor"], node.monitor)
             node.monitor, node.mode = TRAIN_MONITOR["monitor"], TRAIN_MONITOR["mode"]
             if "{val/" in str(node.get("filename") or ""):
                 node.filename = TRAIN_MONITOR["filename"]

@@ -7,10 +7,12 @@ views and calls :meth:`Evaluator.update` with the images' indices; :meth:`Evalua
 gathers the embeddings across ranks, drops the duplicates the ``DistributedSampler`` pads with,
 orders them by index and scores them with the subclass's :meth:`Evaluator.score`.
 
-Two additions to the torchmetrics contract serve the entry points: :attr:`Evaluator.notes` explains
-figures that come out null (``NaN``: e.g. a FAR the set has too few negative pairs to resolve; each
-explanation is also warned once), and :meth:`Evaluator.cache_key` names the set's files so
-``python -m facemargin.evaluate`` can cache embeddings and re-score instantly.
+Three additions to the torchmetrics contract serve training and the entry points:
+:attr:`Evaluator.notes` explains figures that come out null (``NaN``: e.g. a FAR the set has too few
+negative pairs to resolve, an accuracy on same-person pairs only; each reason is also warned once),
+:meth:`Evaluator.monitor_undefined` says before anything is embedded why a set cannot choose a
+checkpoint (it is then left out of ``val/acc``), and :meth:`Evaluator.cache_key` names the set's
+content so ``python -m facemargin.evaluate`` can cache embeddings and re-score instantly.
 """
 
 from __future__ import annotations
@@ -29,16 +31,19 @@ from ..align import align_face
 from ..data.formats.image import CorruptImageError, decode_image
 from ..data.loading.normalize import to_uint8_chw
 
-__all__ = ["EncodedImages", "Evaluator", "ImageFiles", "file_key"]
+__all__ = ["EncodedImages", "Evaluator", "ImageFiles", "file_key", "stat_key"]
+
+
+def stat_key(st: os.stat_result) -> str:
+    """What changes when a file's content may have changed: size, modification and status-change
+    times (ns) and inode. ``st_ctime_ns`` cannot be set back by a program (``touch -d``, ``cp -p``
+    and ``os.utime`` set ``mtime`` only), and a file replaced by a rename has a new inode."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def file_key(*paths: str | os.PathLike) -> str:
-    """Identity of files for caching: resolved path, size and modification time of each."""
-    parts = []
-    for p in paths:
-        st = Path(p).stat()
-        parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
+    """Identity of files for caching: resolved path and :func:`stat_key` of each."""
+    return "|".join(f"{Path(p).resolve()}:{stat_key(Path(p).stat())}" for p in paths)
 
 
 class EncodedImages(Dataset):
@@ -131,12 +136,24 @@ class Evaluator(Metric):
         """A string that changes whenever the set's images or their order change (``None``: never cache)."""
         return None
 
-    def explain(self, key: str, why: str) -> None:
-        """Record why figure ``key`` is null; warn the first time (rank zero only)."""
-        self.notes[key] = why
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(f"{self.name}: {key} is null: {why}")
+    def monitor_undefined(self) -> str | None:
+        """Why this set cannot choose a checkpoint, known before anything is embedded (``None``: it
+        can). Such a set is left out of ``val/acc``; a run none of whose sets can choose keeps
+        checkpoints by its training loss. Default: only a set with a :attr:`monitor` figure can."""
+        if self.monitor is None:
+            return f"{self.name}: reports no accuracy to average into val/acc"
+        return None
+
+    def explain(self, keys: str | Sequence[str], why: str) -> None:
+        """Record why the figures ``keys`` are null; warn the first time (rank zero only), once for
+        all the keys that share this reason."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        for key in keys:
+            self.notes[key] = why
+        new = [k for k in keys if k not in self._warned]
+        if new:
+            self._warned.update(new)
+            rank_zero_warn(f"{self.name}: {', '.join(new)} {'is' if len(new) == 1 else 'are'} null: {why}")
 
     # ---- the metric
     def update(

@@ -108,20 +108,17 @@ class Embedder:
         return torch.nn.functional.normalize(emb, dim=1).numpy()
 
     def cosine_threshold(self, set_name: str | None = None) -> tuple[float, str]:
-        """``(cosine threshold, set name)`` chosen by a verification run and stored with the model.
+        """``(cosine threshold, set name)`` chosen by a verification run and stored with the model:
+        "same person" is ``cosine > threshold``. Without ``set_name`` the first stored set is used.
 
-        Validation picks a squared-L2 threshold ``t`` on L2-normalised embeddings; ``|a - b|^2 =
-        2 - 2 cos``, so "same" (``dist < t``) is ``cos > 1 - t / 2``. Without ``set_name`` the
-        first stored set is used.
+        Only sets that could support a threshold store one (see
+        :mod:`facemargin.evaluation.thresholds`; old squared-distance records are converted).
+        Raises :class:`~facemargin.evaluation.thresholds.NoThresholdError` when none is stored.
         """
-        stored = self.metadata.get("verification") or {}
-        if not stored:
-            raise ValueError(f"{self.source}: no verification threshold is stored with this model; "
-                             "pass threshold=<cosine> (or validate on a verification set while training)")
-        name = set_name if set_name is not None else next(iter(stored))
-        if name not in stored:
-            raise KeyError(f"{self.source}: no threshold for set {name!r}; stored: {sorted(stored)}")
-        return 1.0 - float(stored[name]["threshold"]) / 2.0, name
+        from .thresholds import choose_threshold
+
+        cos, name, _ = choose_threshold(self.metadata, set_name, self.source)
+        return cos, name
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .base import Evaluator, ImageFiles, file_key
-from .ijb_files import GALLERIES, read_ijb_meta
+from .base import Evaluator, ImageFiles
+from .ijb_files import GALLERIES, image_identity, read_ijb_meta
 from .pairs import far_key
 
 __all__ = [
@@ -97,10 +97,16 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     """``(fpr, tpr, thresholds)`` exactly as ``sklearn.metrics.roc_curve(labels, scores)`` (defaults).
 
     Points at distinct score thresholds, highest first; points collinear with both neighbours
-    are dropped (``drop_intermediate=True``); ``(0, 0)`` at threshold ``inf`` comes first.
+    are dropped (``drop_intermediate=True``); ``(0, 0)`` at threshold ``inf`` comes first. Like
+    sklearn, scores or labels that are NaN or infinite raise ``ValueError``.
     """
-    y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
+    raw = np.asarray(labels)
+    for what, values in (("labels", raw), ("scores", s)):
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise ValueError(f"roc_curve: {what} contain NaN or infinity ({bad} of {values.size}), as sklearn refuses")
+    y = raw.astype(bool)
     order = np.argsort(s, kind="mergesort")[::-1]
     s, y = s[order], y[order]
     last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # last position of each distinct score
@@ -217,13 +223,25 @@ class IJBEvaluator(Evaluator):
         self.normalize_images = bool(normalize_images)
         self.identification = bool(identification) and self.meta.probes is not None
         self.image_size = int(image_size)
+        self._images: str | None = None
+
+    def images_checked(self) -> str:
+        """:func:`~facemargin.evaluation.ijb_files.image_identity` of the images (every one present
+        and inside ``loose_crop/``), computed once per evaluator."""
+        if self._images is None:
+            self._images = image_identity(self.meta)
+        return self._images
 
     def dataset(self) -> Dataset:
+        self.images_checked()
         crops = self.meta.root / "loose_crop"
         return ImageFiles([crops / n for n in self.meta.names], self.meta.landmarks, self.image_size)
 
     def cache_key(self) -> str:
-        return f"{file_key(*self.meta.files)}|{self.meta.root.resolve() / 'loose_crop'}|{self.image_size}"
+        """The meta files' content, every image's identity (name, size, mtime, ctime, inode), the
+        crop folder and size: replacing an image changes it."""
+        crops = self.meta.root.resolve() / "loose_crop"
+        return f"ijb:{self.meta.target}:{self.meta.meta_digest}:{self.images_checked()}|{crops}|{self.image_size}"
 
     def template_features(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(template ids, template features)`` of every template, from the image embeddings."""
@@ -231,6 +249,13 @@ class IJBEvaluator(Evaluator):
         return template_features(feats, self.meta.templates, self.meta.medias)
 
     def score(self, embeddings: np.ndarray, view_norms: np.ndarray) -> dict[str, float]:
+        bad = int((~np.isfinite(embeddings).all(axis=1)).sum())
+        if bad:  # a diverged model: no figure (the ROC refuses NaN scores)
+            keys = [far_key(f) for f in self.far_targets] + ["auc"]
+            if self.identification:
+                keys += [f"rank{k}" for k in self.ranks] + [fpir_key(f) for f in self.fpir_targets]
+            self.explain(keys, f"{bad} of {len(embeddings)} images have non-finite embeddings (NaN or inf)")
+            return {k: float("nan") for k in keys}
         ids, feats = self.template_features(embeddings)
         row = {int(t): i for i, t in enumerate(ids)}
         p = self.meta.pairs

@@ -10,9 +10,26 @@ fold. TAR@FAR follows ``calculate_val`` (thresholds ``arange(0, 4, 0.001)``): pe
 threshold reaching the target FAR on the training folds is found by linear interpolation of
 (FAR, threshold) and the TAR of the held-out fold at that threshold is averaged.
 
-A FAR target needs at least ``1 / FAR`` negative pairs in every training split to be resolved
-(LFW's 2 700 negatives per split resolve 1e-3, not 1e-4); otherwise its TAR is NaN (``null`` in
-JSON) and the evaluator says why in :attr:`~facemargin.evaluation.base.Evaluator.notes`.
+The threshold is searched as insightface searches it (squared distance on unit vectors) and
+reported as a **cosine similarity**, ``threshold_cosine = 1 - d / 2`` (``|a - b|^2 = 2 - 2 cos``
+for unit vectors: "same" is ``cos > threshold_cosine``), the number a user compares with.
+
+A figure is reported only where the pairs can support it; otherwise it is NaN (``null`` in JSON)
+and the evaluator says why in :attr:`~facemargin.evaluation.base.Evaluator.notes`:
+
+* ``acc``, ``acc_std``, ``threshold_cosine`` need **at least one same-person and one
+  different-person pair in every fold** (:func:`accuracy_undefined`). The 9 training folds choose
+  the threshold by trading false rejects against false accepts: with one kind only, every
+  threshold beyond (or below) all distances is "best" and the first grid point wins, so the
+  threshold says where the data lies, not where the classes separate. The held-out fold's
+  accuracy with one kind only is a TAR (or TRR) alone, and the mean over folds becomes a mixture
+  of the two. One pair of each kind per held-out fold also puts at least 9 of each into every
+  training split. insightface's own files are ordered so that every fold is balanced (LFW: 300
+  + 300 per fold); a file of same-person pairs only (insightface's ``small_lfw.bin``) has neither.
+* ``tar@far=<far>`` needs ``round(1 / far)`` different-person pairs in every training split to
+  resolve that FAR (LFW's 2 700 per split resolve 1e-3, not 1e-4) and a same-person pair in every
+  held-out fold (a TAR of zero genuine pairs is undefined).
+* every figure needs finite embeddings (a diverged model's NaN is never scored).
 """
 
 from __future__ import annotations
@@ -33,8 +50,10 @@ __all__ = [
     "FolderPairsEvaluator",
     "PairsEvaluator",
     "far_key",
+    "accuracy_undefined",
     "kfold_splits",
-    "unresolved_far_targets",
+    "squared_distance_to_cosine",
+    "undefined_figures",
     "verification_scores",
 ]
 
@@ -42,6 +61,8 @@ ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 #: FAR targets reported by default (insightface reports 1e-3; 1e-4 where the pairs allow).
 FAR_TARGETS = (1e-3, 1e-4)
+#: the figures that need both kinds of pair in every fold
+ACCURACY_KEYS = ("acc", "acc_std", "threshold_cosine")
 
 
 def far_key(far: float) -> str:
@@ -117,14 +138,69 @@ def _tar_far(dist: np.ndarray, same: np.ndarray, threshold: float) -> tuple[floa
     return tar, far
 
 
-def unresolved_far_targets(
-    issame: np.ndarray, nfolds: int = 10, far_targets: Sequence[float] = FAR_TARGETS
-) -> dict[float, tuple[int, int]]:
-    """FAR targets these pairs cannot resolve: ``{far: (negatives needed, negatives in the smallest
-    training split)}``; a target needs ``round(1 / far)`` negative pairs in every training split."""
+def accuracy_undefined(issame: np.ndarray, nfolds: int = 10) -> str | None:
+    """Why accuracy and threshold are undefined on these pairs (``None``: they are defined).
+
+    Every one of the ``nfolds`` ordered folds must hold at least one same-person and one
+    different-person pair (see the module docstring for why).
+    """
     same = np.asarray(issame, dtype=bool).reshape(-1)
-    have = min(int((~same[train]).sum()) for train, _ in kfold_splits(same.size, nfolds))
-    return {float(f): (round(1.0 / f), have) for f in far_targets if have < round(1.0 / f)}
+    n_same, n_diff = int(same.sum()), int((~same).sum())
+    counts = f"{n_same} same-person pairs, {n_diff} different-person pairs"
+    rule = f"insightface's {nfolds}-fold protocol needs a same-person and a different-person pair in every fold"
+    if n_same == 0 or n_diff == 0:
+        return f"{counts}: accuracy and threshold are undefined ({rule})"
+    if nfolds > 1 and same.size < 2 * nfolds:
+        return f"{counts}: accuracy and threshold are undefined ({rule}: at least {2 * nfolds} pairs)"
+    for k, (_, test) in enumerate(kfold_splits(same.size, nfolds)):
+        s = int(same[test].sum())
+        if s == 0 or s == test.size:
+            return (
+                f"{counts}, but fold {k + 1} of {nfolds} (pairs {test[0] + 1}-{test[-1] + 1}) has {s} same-person and "
+                f"{test.size - s} different-person pairs: accuracy and threshold are undefined ({rule}; the folds "
+                "are consecutive blocks of the pairs, so each block must hold both kinds)"
+            )
+    return None
+
+
+def undefined_figures(
+    issame: np.ndarray, nfolds: int = 10, far_targets: Sequence[float] = FAR_TARGETS
+) -> dict[str, str]:
+    """``{figure: why it is undefined}`` for these pairs, known from the labels alone.
+
+    ``acc``, ``acc_std`` and ``threshold_cosine``: :func:`accuracy_undefined`. ``tar@far=<far>``:
+    at least ``round(1 / far)`` different-person pairs in every training split and a same-person
+    pair in every held-out fold.
+    """
+    same = np.asarray(issame, dtype=bool).reshape(-1)
+    out: dict[str, str] = {}
+    why = accuracy_undefined(same, nfolds)
+    if why is not None:
+        out.update({key: why for key in ACCURACY_KEYS})
+    if nfolds > 1 and same.size < nfolds:
+        few = f"{same.size} pairs: the {nfolds}-fold protocol needs at least {nfolds}"
+        out.update({far_key(f): few for f in far_targets})
+        return out
+    folds = kfold_splits(same.size, nfolds)
+    negatives = min(int((~same[train]).sum()) for train, _ in folds)
+    no_genuine = [k + 1 for k, (_, test) in enumerate(folds) if not same[test].any()]
+    for far in far_targets:
+        need = round(1.0 / far)
+        if negatives < need:
+            out[far_key(far)] = (
+                f"FAR {far:g} needs at least {need} negative pairs in each of the {nfolds} training splits, this set "
+                f"has {negatives}; choose larger far_targets or a larger set"
+            )
+        elif no_genuine:
+            out[far_key(far)] = (
+                f"TAR needs a same-person pair in every held-out fold; fold {no_genuine[0]} of {nfolds} has none"
+            )
+    return out
+
+
+def squared_distance_to_cosine(d: float) -> float:
+    """The cosine similarity of two unit vectors whose squared L2 distance is ``d``: ``1 - d / 2``."""
+    return 1.0 - float(d) / 2.0
 
 
 def verification_scores(
@@ -139,40 +215,39 @@ def verification_scores(
     ``view_norms [2N]``: each image's mean L2 norm over its views (image and flip) before they were
     summed; insightface's XNorm is their mean. Without it, XNorm is the mean norm of ``embeddings``.
 
-    Returns ``acc`` (mean of the fold accuracies), ``acc_std``, ``threshold`` (mean best threshold
-    over folds), ``xnorm`` and ``tar@far=<far>`` for each of ``far_targets`` (mean TAR over folds;
-    NaN when the training folds hold fewer than ``1/FAR`` negative pairs, too few to resolve that FAR).
+    Returns ``acc`` (mean of the fold accuracies), ``acc_std``, ``threshold_cosine`` (the mean best
+    threshold over folds, as a cosine similarity), ``xnorm`` and ``tar@far=<far>`` for each of
+    ``far_targets`` (mean TAR over folds). A figure the pairs cannot support is NaN
+    (:func:`undefined_figures` says why); non-finite embeddings make every figure NaN.
     """
     emb = np.asarray(embeddings, dtype=np.float64)
     same = np.asarray(issame, dtype=bool).reshape(-1)
     if emb.ndim != 2 or emb.shape[0] != 2 * same.size:
         raise ValueError(f"need embeddings [2N, D] for N={same.size} pairs, got {tuple(emb.shape)}")
+    keys = [*ACCURACY_KEYS, "xnorm", *(far_key(f) for f in far_targets)]
+    if not np.isfinite(emb).all() or (view_norms is not None and not np.isfinite(view_norms).all()):
+        return {k: float("nan") for k in keys}
+    undefined = undefined_figures(same, nfolds, far_targets)
     norms = np.linalg.norm(emb, axis=1)
     xnorm = float(norms.mean() if view_norms is None else np.asarray(view_norms, dtype=np.float64).mean())
     emb = emb / np.where(norms == 0, 1.0, norms)[:, None]  # like sklearn.preprocessing.normalize
     dist = np.square(emb[0::2] - emb[1::2]).sum(axis=1)
-
-    folds = kfold_splits(same.size, nfolds)
-    accs, best_thresholds = [], []
-    for train, test in folds:
-        best = int(np.argmax(_accuracy_curve(dist[train], same[train], ACC_THRESHOLDS)))
-        best_thresholds.append(ACC_THRESHOLDS[best])
-        accs.append(_accuracy_curve(dist[test], same[test], ACC_THRESHOLDS[best : best + 1])[0])
-
-    scores: dict[str, float] = {
-        "acc": float(np.mean(accs)),
-        "acc_std": float(np.std(accs)),
-        "threshold": float(np.mean(best_thresholds)),
-        "xnorm": xnorm,
-    }
-    unresolved = unresolved_far_targets(same, nfolds, far_targets)
+    scores: dict[str, float] = {k: float("nan") for k in keys}
+    scores["xnorm"] = xnorm
+    if "acc" not in undefined:
+        accs, best_thresholds = [], []
+        for train, test in kfold_splits(same.size, nfolds):
+            best = int(np.argmax(_accuracy_curve(dist[train], same[train], ACC_THRESHOLDS)))
+            best_thresholds.append(ACC_THRESHOLDS[best])
+            accs.append(_accuracy_curve(dist[test], same[test], ACC_THRESHOLDS[best : best + 1])[0])
+        scores["acc"], scores["acc_std"] = float(np.mean(accs)), float(np.std(accs))
+        scores["threshold_cosine"] = squared_distance_to_cosine(float(np.mean(best_thresholds)))
     for far_target in far_targets:
         key = far_key(far_target)
-        if float(far_target) in unresolved:
-            scores[key] = float("nan")
+        if key in undefined:
             continue
         tars = []
-        for train, test in folds:
+        for train, test in kfold_splits(same.size, nfolds):
             far_train = _far_curve(dist[train], same[train], VAL_THRESHOLDS)
             threshold = _threshold_at_far(far_train, VAL_THRESHOLDS, far_target)
             tars.append(_tar_far(dist[test], same[test], threshold)[0])
@@ -183,8 +258,9 @@ def verification_scores(
 class PairsEvaluator(Evaluator):
     """insightface's 1:1 verification protocol over encoded images whose pairs are ``(2i, 2i+1)``.
 
-    ``compute()`` returns ``acc``, ``acc_std``, ``threshold``, ``xnorm`` and ``tar@far=<far>`` for
-    each of ``far_targets`` (see :func:`verification_scores`). ``images``: the encoded images (a
+    ``compute()`` returns ``acc``, ``acc_std``, ``threshold_cosine``, ``xnorm`` and
+    ``tar@far=<far>`` for each of ``far_targets`` (see :func:`verification_scores`); a figure the
+    pairs cannot support is NaN and :attr:`notes` says why. ``images``: the encoded images (a
     subclass may hold what its :meth:`dataset` reads instead, e.g. file paths).
     """
 
@@ -201,6 +277,8 @@ class PairsEvaluator(Evaluator):
         issame = np.asarray(issame, dtype=bool).reshape(-1)
         if len(images) != 2 * issame.size:
             raise ValueError(f"{source or name}: {len(images)} images for {issame.size} pairs (expected {2 * issame.size})")
+        if int(nfolds) < 1:
+            raise ValueError(f"{source or name}: nfolds must be >= 1, got {nfolds}")
         super().__init__(name, len(images), **kwargs)
         self.images = images
         self.issame = issame
@@ -211,14 +289,22 @@ class PairsEvaluator(Evaluator):
     def dataset(self) -> Dataset:
         return EncodedImages(self.images, self.source)
 
+    def monitor_undefined(self) -> str | None:
+        why = accuracy_undefined(self.issame, self.nfolds)
+        return None if why is None else f"{self.name}: {why}"
+
     def score(self, embeddings: np.ndarray, view_norms: np.ndarray) -> dict[str, float]:
-        for far, (need, have) in unresolved_far_targets(self.issame, self.nfolds, self.far_targets).items():
-            self.explain(
-                far_key(far),
-                f"FAR {far:g} needs at least {need} negative pairs in each of the {self.nfolds} training "
-                f"splits, this set has {have}; choose larger far_targets or a larger set",
-            )
-        return verification_scores(embeddings, self.issame, self.nfolds, view_norms, self.far_targets)
+        scores = verification_scores(embeddings, self.issame, self.nfolds, view_norms, self.far_targets)
+        bad = int((~np.isfinite(embeddings).all(axis=1)).sum())
+        if bad:
+            self.explain(list(scores), f"{bad} of {len(embeddings)} images have non-finite embeddings (NaN or inf)")
+            return scores
+        by_why: dict[str, list[str]] = {}
+        for key, why in undefined_figures(self.issame, self.nfolds, self.far_targets).items():
+            by_why.setdefault(why, []).append(key)
+        for why, keys in by_why.items():
+            self.explain(keys, why)
+        return scores
 
 
 class BinPairsEvaluator(PairsEvaluator):

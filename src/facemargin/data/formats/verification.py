@@ -11,10 +11,21 @@ the constructors such a file needs, which only type-check and convert what the f
   encoded bytes. The stand-ins accept exactly a 1-D or ``(n, 1)`` ``uint8`` array whose raw data
   is in the file and return its bytes; numpy itself is never called.
 
-Memory is bounded by the file: stand-ins may produce at most twice as many bytes as the file holds
-(protocol 2 encodes a string, then copies it into a bytearray), and the images together may not reference more bytes than the file holds (a pickle that refers to one
-large string 20 000 times is refused, it never becomes 20 000 copies). Images of one file must all
-have the same size (read from the JPEG/PNG headers at load time).
+Memory is bounded by what the loaded images really take, never by how often they are referenced:
+
+* before unpickling, every size the pickle declares (a string, bytes, a frame) is checked against
+  the bytes that follow it in the file, so a 20-byte file declaring a 2^62-byte string is refused
+  with a message, not a ``MemoryError`` (the C unpickler allocates a declared size before reading);
+* stand-ins may create at most twice as many bytes as the file holds (protocol 2 encodes a
+  string, then copies it into a bytearray): a pickle that rebuilds a new image from one memoised
+  string 20 000 times is refused while unpickling;
+* an image object referenced many times (pickle's memo: deduplicating writers store each distinct
+  image once, e.g. 300 pairs over 216 images) is one object in memory, referenced from the list,
+  never copied per reference. The images then take at most what the file's distinct images take,
+  plus one pointer per reference (a reference costs at least two bytes of the file).
+
+Images of one file must all have the same size (read from the JPEG/PNG headers at load time).
+Every problem raises :class:`VerificationFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -22,15 +33,21 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import struct
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ...errors import UserError
 from ..storage.cache import cached_copy
 
-__all__ = ["encoded_image_size", "load_bin", "read_pairs_txt", "write_bin"]
+__all__ = ["VerificationFileError", "encoded_image_size", "load_bin", "read_pairs_txt", "write_bin"]
+
+
+class VerificationFileError(UserError, ValueError):
+    """A verification ``.bin`` that cannot be read as one: the message names the file."""
 
 
 class _Budget:
@@ -161,8 +178,56 @@ class _BinUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refused persistent id")
 
 
-def _fail(path: str, why: str) -> ValueError:
-    return ValueError(f"{path}: not a valid insightface verification .bin: {why}")
+def _fail(path: str, why: str) -> VerificationFileError:
+    return VerificationFileError(f"{path}: not a valid insightface verification .bin: {why}")
+
+
+#: how a counted argument declares its size: (bytes of the count, struct format)
+_COUNTS = {
+    pickletools.TAKEN_FROM_ARGUMENT1: (1, "<B"),
+    pickletools.TAKEN_FROM_ARGUMENT4: (4, "<i"),
+    pickletools.TAKEN_FROM_ARGUMENT4U: (4, "<I"),
+    pickletools.TAKEN_FROM_ARGUMENT8U: (8, "<Q"),
+}
+
+
+def _check_declared_sizes(data: bytes, name: str) -> None:
+    """Walk the pickle's opcodes (nothing is built, nothing decoded): every counted argument (a
+    string, bytes, a long, a frame) must fit in the bytes that follow it."""
+    pos, end = 0, len(data)
+    while pos < end:
+        op = pickletools.code2op.get(chr(data[pos]))
+        if op is None:
+            raise _fail(name, f"byte {pos}: {data[pos]:#04x} is not a pickle opcode")
+        at, pos = pos, pos + 1
+        if op.name == "STOP" or op.arg is None:
+            if op.name == "STOP":
+                return
+            continue
+        n = op.arg.n
+        if n >= 0:
+            if op.name == "FRAME" and pos + 8 <= end:
+                (size,) = struct.unpack_from("<Q", data, pos)
+                if size > end - pos - 8:
+                    raise _fail(name, f"byte {at}: a frame declares {size} bytes but only {end - pos - 8} follow in the "
+                                      f"{end}-byte file (truncated or corrupt)")
+            pos += n
+        elif n == pickletools.UP_TO_NEWLINE:
+            for _ in range(2 if op.arg.name.endswith("_pair") else 1):
+                newline = data.find(b"\n", pos)
+                if newline < 0:
+                    raise _fail(name, f"byte {at}: {op.name} without the end of its line (truncated)")
+                pos = newline + 1
+        else:
+            width, fmt = _COUNTS[n]
+            if pos + width > end:
+                break  # the unpickler reports the truncation
+            (size,) = struct.unpack_from(fmt, data, pos)
+            pos += width
+            if size < 0 or size > end - pos:
+                raise _fail(name, f"byte {at}: {op.name} declares {size} bytes but only {end - pos} follow in the "
+                                  f"{end}-byte file (truncated or corrupt)")
+            pos += size
 
 
 def encoded_image_size(data: bytes) -> tuple[int, int] | None:
@@ -196,7 +261,7 @@ def encoded_image_size(data: bytes) -> tuple[int, int] | None:
 
 
 def check_same_size(images: Sequence[bytes], source: str, names: Sequence[str] | None = None) -> None:
-    """Raise ``ValueError`` naming ``source`` and the first image whose header size differs.
+    """Raise :class:`VerificationFileError` naming ``source`` and the first image whose header size differs.
 
     Images whose header is unreadable are left to the decoder (it names them when they are read).
     """
@@ -209,7 +274,7 @@ def check_same_size(images: Sequence[bytes], source: str, names: Sequence[str] |
             first = (i, size)
         elif size != first[1]:
             what = (lambda k: names[k]) if names is not None else (lambda k: f"image {k}")
-            raise ValueError(
+            raise VerificationFileError(
                 f"{source}: images differ in size: {what(i)} is {size[1]}x{size[0]} but {what(first[0])} is "
                 f"{first[1][1]}x{first[1][0]} (width x height); every face of a verification set must be "
                 "aligned to the same size"
@@ -219,19 +284,25 @@ def check_same_size(images: Sequence[bytes], source: str, names: Sequence[str] |
 def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     """Read an insightface verification ``.bin``: ``(encoded images, issame bool array)``.
 
-    Raises ``FileNotFoundError`` if missing and ``ValueError`` naming the file for anything that
-    is not a ``(list of images, list of bools)`` pickle with ``2 * len(issame)`` images of one
-    size, where an image is ``bytes`` or a 1-D ``uint8`` numpy array of encoded bytes.
+    Raises ``FileNotFoundError`` if missing and :class:`VerificationFileError` (a ``ValueError``)
+    naming the file for anything that is not a ``(list of images, list of bools)`` pickle with
+    ``2 * len(issame)`` images of one size, where an image is ``bytes`` or a 1-D ``uint8`` numpy
+    array of encoded bytes. Images the pickle references several times are shared, not copied.
     """
     name = str(path)
     local = cached_copy(path)
     if not Path(local).is_file():
         raise FileNotFoundError(f"verification file not found: {name}")
     data = Path(local).read_bytes()
+    if not data:
+        raise _fail(name, "the file is empty (0 bytes)")
+    _check_declared_sizes(data, name)
     try:
         obj = _BinUnpickler(data).load()
     except pickle.UnpicklingError as exc:
         raise _fail(name, str(exc)) from None
+    except MemoryError:
+        raise _fail(name, f"unpickling its {len(data)} bytes ran out of memory") from None
     except Exception as exc:  # truncated or garbage data: EOFError, struct/unicode/index errors...
         raise _fail(name, f"{type(exc).__name__}: {exc}") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
@@ -240,19 +311,18 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple)):
         raise _fail(name, "images and issame must be lists")
     out_images: list[bytes] = []
-    total = 0
+    converted: dict[int, bytes] = {}  # id of a referenced object -> its bytes, converted once
     for i, im in enumerate(images):
-        if isinstance(im, _Uint8Array):
-            if im.data is None:
-                raise _fail(name, f"image {i} is a numpy array without data")
-            im = im.data
-        if not isinstance(im, (bytes, bytearray)):
-            raise _fail(name, f"image {i} is {type(im).__name__}, expected bytes")
-        total += len(im)
-        if total > len(data):
-            raise _fail(name, f"images up to {i} reference {total} bytes but the file holds {len(data)}: "
-                        "one object referenced many times (memo amplification) is refused")
-        out_images.append(im if type(im) is bytes else bytes(im))
+        key = id(im)
+        if key not in converted:
+            if isinstance(im, _Uint8Array):
+                if im.data is None:
+                    raise _fail(name, f"image {i} is a numpy array without data")
+                im = im.data
+            if not isinstance(im, (bytes, bytearray)):
+                raise _fail(name, f"image {i} is {type(im).__name__}, expected bytes")
+            converted[key] = im if type(im) is bytes else bytes(im)
+        out_images.append(converted[key])  # a reference repeated by the pickle's memo stays one object
     flags = np.zeros(len(issame), dtype=bool)
     for i, v in enumerate(issame):
         if isinstance(v, bool) or (type(v) is int and v in (0, 1)):
