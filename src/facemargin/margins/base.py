@@ -41,8 +41,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 __all__ = [
     "THETA_EPS",
+    "ParameterError",
     "BaseMargin",
     "MarginInput",
     "MarginOutput",
@@ -62,6 +65,10 @@ __all__ = [
 THETA_EPS = 1e-3
 
 Reduction = Callable[[Tensor], Tensor]
+
+
+class ParameterError(UserError, ValueError):
+    """A margin's or head's parameter of the wrong type or out of its range (names both)."""
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -100,11 +107,11 @@ def check_range(
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{owner}: {name} must be a number in {lo}{low:g}, {high:g}{hi}; got {value!r}")
+        raise ParameterError(f"{owner}: {name} must be a number in {lo}{low:g}, {high:g}{hi}; got {value!r}")
     v = float(value)
     ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
-        raise ValueError(f"{owner}: {name} must lie in {lo}{low:g}, {high:g}{hi}; got {value!r}")
+        raise ParameterError(f"{owner}: {name} must lie in {lo}{low:g}, {high:g}{hi}; got {value!r}")
     return v
 
 
@@ -112,7 +119,7 @@ def check_flag(owner: str, name: str, value: object) -> bool:
     """``value`` if it is a ``bool``, else a ``ValueError`` (``"no"``, ``"false"``, ``0`` or ``None``
     would otherwise silently mean True or False)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{owner}: {name} must be true or false (a bool); got {value!r}")
+        raise ParameterError(f"{owner}: {name} must be true or false (a bool); got {value!r}")
     return bool(value)
 
 
@@ -120,7 +127,7 @@ def check_int(owner: str, name: str, value: object, low: int = 1) -> int:
     """``value`` if it is an integer ``>= low`` (not a ``bool``, not ``2.0``), else a ``ValueError``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise ValueError(f"{owner}: {name} must be {what}; got {value!r}")
+        raise ParameterError(f"{owner}: {name} must be {what}; got {value!r}")
     return int(value)
 
 
