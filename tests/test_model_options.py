@@ -105,6 +105,6 @@ def test_options_are_flags_and_come_from_the_model_group():
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("config", overrides=["model.channels_last=true", "backbone=demo"])
-    assert cfg.model == {"compile": False, "channels_last": True}
+    assert cfg.model == {"compile": False, "channels_last": True, "compile_options": None}
     model = build_model(cfg, num_classes=5)
     assert model.channels_last and not model.use_compile

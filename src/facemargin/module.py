@@ -98,6 +98,7 @@ class FaceRecognitionModule(pl.LightningModule):
             :func:`facemargin.checkpoint.load_module` rebuilds the model from the checkpoint alone.
         compile: ``torch.compile`` the backbone and the head's loss (``model.compile=true``), once
             per process at their first call; parameters and checkpoints are unchanged.
+        compile_options: keywords for ``torch.compile`` (``model.compile_options={mode: max-autotune}``).
         channels_last: the backbone's weights and its input images in NHWC memory
             (``model.channels_last=true``); same results, faster convolutions on GPUs.
     """
@@ -116,9 +117,11 @@ class FaceRecognitionModule(pl.LightningModule):
         config: Mapping[str, Any] | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.use_compile = check_flag("model", "compile", compile)
+        self.compile_options = dict(to_plain(compile_options or {}))
         self.channels_last = check_flag("model", "channels_last", channels_last)
         if self.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
@@ -201,7 +204,7 @@ class FaceRecognitionModule(pl.LightningModule):
             return fn
         cache = self.__dict__.setdefault("_compiled_parts", {})
         if name not in cache:
-            cache[name] = torch.compile(fn)
+            cache[name] = torch.compile(fn, **self.compile_options)
         return cache[name]
 
     def embed(self, images: Tensor) -> Tensor:

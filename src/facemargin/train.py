@@ -51,6 +51,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> FaceRecognitionModule:
         model_cfg, num_classes=num_classes, evaluators=evaluators,
         val_batch_size=cfg.val_batch_size, val_num_workers=cfg.val_num_workers,
         compile=options.get("compile", False), channels_last=options.get("channels_last", False),
+        compile_options=options.get("compile_options"),
     )
 
 
