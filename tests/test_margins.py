@@ -10,7 +10,6 @@ import torch
 
 from facemargin.margins import (
     MARGINS,
-    THETA_EPS,
     Margin,
     MarginInput,
     available_margins,
