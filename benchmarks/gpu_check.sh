@@ -13,12 +13,13 @@
 #
 # OUT_DIR receives one JSON per piece, gpu_check.json and gpu_check.md (the table) and
 # gpu_check.log. PYTHON (default: python) runs the pieces; GPU_CHECK_CACHE is where the demo face
-# set is generated once (default: $TMPDIR/facemargin-gpu-check). Without CUDA it stops at once
-# (exit 3) unless --dry-run.
+# set is generated once (default: $TMPDIR/facemargin-gpu-check). It stops at once, before any
+# piece runs, without an output folder (exit 2), without CUDA unless --dry-run (exit 3), or when
+# a package it needs is missing (exit 4).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 dry=0
 if [[ "${1:-}" == "--dry-run" ]]; then dry=1; shift; fi
 out="${1:-${GPU_CHECK_OUT:-}}"
@@ -28,6 +29,16 @@ if [[ -z "$out" ]]; then
 fi
 if [[ -d "$here/../src/facemargin" ]]; then  # a checkout: use its sources
   export PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+missing=$("$PY" - <<'PYEOF'
+import importlib.util
+need = ["torch", "torchvision", "lightning", "hydra", "omegaconf", "timm", "simplejpeg", "facemargin"]
+print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+PYEOF
+) || missing="python ($PY) itself"
+if [[ -n "$missing" ]]; then
+  echo "gpu_check: $PY lacks: $missing (pip install -e . in the checkout, or carry the wheels); nothing was run" >&2
+  exit 4
 fi
 if [[ $dry == 0 ]] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: no CUDA device (torch.cuda.is_available() is False with $("$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1)). Run it on a GPU machine; --dry-run runs every piece tiny on the CPU." >&2

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     c, w, d, r, b = args.num_classes, args.world, args.embedding_size, args.sample_rate, args.batch_size
     local = c // w
     logits_mib = w * b * math.ceil(r * local) * 4 / 2**20
-    need = w * (held_analytic_mib(local, d, r) + 4 * logits_mib + 400)  # + ~400 MiB per process (torch)
+    need = w * (held_analytic_mib(local, d, r) + 3 * logits_mib + 250)  # + ~250 MiB private per process (torch)
     avail = mem_available_mib()
     print(f"C={c:,} over {w} ranks (C_local={local:,}), D={d}, sample_rate={r}, B={b}/rank (global {w * b}); "
           f"estimated need ~{need / 1024:.1f} GiB, MemAvailable {'?' if avail is None else f'{avail / 1024:.1f} GiB'}")
