@@ -67,10 +67,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, rate: fl
     torch.manual_seed(rank)
     base = _rss_mib()
     if getattr(args, "warmup", False):  # one step of a tiny head first: the libraries' lazy set-up
-        tiny = PartialFCHead(args.embedding_size, 16 * world, margin="arcface", sample_rate=rate, seed=0)
+        small = 64 * world  # >= 13 sampled classes per shard for the global batch of `world` rows
+        tiny = PartialFCHead(args.embedding_size, small, margin="arcface", sample_rate=rate, seed=0)
         tiny_opt = torch.optim.SGD([tiny.optimizer_param], lr=0.1, momentum=0.9, weight_decay=5e-4)
         tiny.attach_optimizer(tiny_opt)
-        tiny.loss(torch.randn(2, args.embedding_size, requires_grad=True), torch.randint(0, 16 * world, (2,))).backward()
+        tiny.loss(torch.randn(1, args.embedding_size, requires_grad=True), torch.randint(0, small, (1,))).backward()
         tiny_opt.step()
         del tiny, tiny_opt
         base = _current_rss_mib()  # what is resident now; the peak below is the high-water mark
