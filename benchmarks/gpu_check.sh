@@ -73,7 +73,7 @@ else
   step "JPEG decode" "$here/gpu_decode.py" --device cuda --images 8192 --batch 128 --workers 8 --repeats 3 \
     --json "$out/2_gpu_decode.json"
   step "training samples/s" "$here/gpu_train.py" --backbones iresnet50,iresnet100 --batch 128 --workers 8 \
-    --json "$out/3_gpu_train.json"
+    --budget-s 330 --json "$out/3_gpu_train.json"
   step "Partial FC memory" "$here/partial_fc_memory.py" --device cuda --num-classes 1000000 --batch-size 128 \
     --json "$out/4_partial_fc_memory.json"
 fi

@@ -14,7 +14,8 @@ start stay out of the figure):
 * ``bf16, CPU decode, compile``: ``model.compile=true`` (compiled during the warm-up steps).
 
 Reported: samples/s, the ratio to the baseline, the peak GPU memory of the fit
-(``torch.cuda.max_memory_allocated``).
+(``torch.cuda.max_memory_allocated``). ``--budget-s``: a fit that would start after that many
+seconds is not run; its row says so (value null), so the whole check keeps to its time.
 
     python benchmarks/gpu_train.py --json out/train.json            # on a CUDA machine
     python benchmarks/gpu_train.py --dry-run --json /tmp/train.json  # CPU, tiny sizes, aot_eager
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching variants")
+    p.add_argument("--budget-s", type=float, default=0.0, help="start no fit after this many seconds (0: no limit)")
     p.add_argument("--cache", default=os.environ.get("GPU_CHECK_CACHE", str(Path(tempfile.gettempdir()) / "facemargin-gpu-check")),
                    help="where the demo set is generated once")
     p.add_argument("--dry-run", action="store_true", help="CPU, backbone=demo (iresnet_demo), batch 8, 1+2 steps, compile backend aot_eager")
@@ -131,11 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     variants = [v for v in VARIANTS if not args.only or any(q in v[0] for q in args.only.split(","))]
     tf32 = f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}"
     rows, details = [], []
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         for backbone in args.backbones.split(","):
             base = None
             for name, variant in variants:
                 cfg_overrides = overrides(args, backbone, variant, out)
+                setting = f"{backbone} {name}; batch {args.batch}, {args.workers} workers, {args.steps} steps"
+                if args.budget_s and time.perf_counter() - started > args.budget_s:
+                    note = f"not run: the {args.budget_s:.0f} s budget was spent (--budget-s)"
+                    rows.append(row("training samples/s", setting, None, "samples/s", note=note))
+                    print(f"{backbone:11s} {name:34s} {note}", flush=True)
+                    continue
                 t0 = time.perf_counter()
                 rate, peak = fit(args, cfg_overrides, device)
                 wall = time.perf_counter() - t0
@@ -144,9 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                 note = f"peak {peak:,.0f} MiB" if peak is not None else "CPU dry run"
                 if name.startswith("fp32"):
                     note += f"; {tf32}"
-                rows.append(row("training samples/s",
-                                f"{backbone} {name}; batch {args.batch}, {args.workers} workers, {args.steps} steps",
-                                rate, "samples/s", ratio, BASELINE if name != BASELINE else "", note=note))
+                rows.append(row("training samples/s", setting, rate, "samples/s", ratio,
+                                BASELINE if name != BASELINE else "", note=note))
                 details.append({"backbone": backbone, "variant": name, "overrides": cfg_overrides,
                                 "samples_per_s": rate, "peak_mib": peak, "fit_wall_s": wall})
                 print(f"{backbone:11s} {name:34s} {rate or float('nan'):8.1f} samples/s  "
