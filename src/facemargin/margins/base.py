@@ -27,7 +27,8 @@ float64 and rounded once to the buffer's dtype; the margin reads them in its com
 
 Parameters are validated when a margin is built: numbers must be real numbers (not ``bool``, not
 strings) within their documented range, flags must be ``bool``; anything else raises
-``ValueError`` naming the margin, the parameter and what it accepts.
+:class:`ParameterError` (a ``UserError`` and a ``ValueError``) naming the margin, the parameter
+and what it accepts.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def check_range(
     owner: str, name: str, value: float, low: float = -math.inf, high: float = math.inf,
     low_open: bool = False, high_open: bool = False,
 ) -> float:
-    """``value`` as a float, or a ``ValueError`` naming ``owner``'s parameter ``name`` and its range.
+    """``value`` as a float, or a :class:`ParameterError` naming ``owner``'s parameter ``name`` and its range.
 
     Only real numbers are accepted: ``True``, ``"0.5"`` or ``None`` are refused, not converted."""
     lo = "(" if low_open else "["
@@ -116,7 +117,7 @@ def check_range(
 
 
 def check_flag(owner: str, name: str, value: object) -> bool:
-    """``value`` if it is a ``bool``, else a ``ValueError`` (``"no"``, ``"false"``, ``0`` or ``None``
+    """``value`` if it is a ``bool``, else a :class:`ParameterError` (``"no"``, ``"false"``, ``0`` or ``None``
     would otherwise silently mean True or False)."""
     if not isinstance(value, (bool, np.bool_)):
         raise ParameterError(f"{owner}: {name} must be true or false (a bool); got {value!r}")
@@ -124,7 +125,7 @@ def check_flag(owner: str, name: str, value: object) -> bool:
 
 
 def check_int(owner: str, name: str, value: object, low: int = 1) -> int:
-    """``value`` if it is an integer ``>= low`` (not a ``bool``, not ``2.0``), else a ``ValueError``."""
+    """``value`` if it is an integer ``>= low`` (not a ``bool``, not ``2.0``), else a :class:`ParameterError`."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ParameterError(f"{owner}: {name} must be {what}; got {value!r}")
