@@ -1,6 +1,6 @@
 """JPEG decode for training batches: CPU DataLoader workers vs shipping bytes and decoding on the GPU.
 
-    python benchmarks/gpu_decode.py --images 4096 --batch 128 --workers 2 --repeats 3 [--device cuda]
+    python benchmarks/gpu_decode.py --images 4096 --batch 128 --workers 2 --repeats 3 [--device cuda] [--json F]
 
 Data: ``--images`` procedural 112x112 faces (:mod:`facemargin.data.tools.synthetic`) as JPEG quality 90
 bytes held in memory (so the figure is decode + batching, not storage). Rows, each a full pass of
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -31,6 +33,9 @@ from facemargin.data.formats.image import decode_image
 from facemargin.data.loading.device_decode import JpegBatchDecoder, collate_encoded
 from facemargin.data.loading.normalize import to_uint8_chw
 from facemargin.data.tools.synthetic import render_identity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_report import row, write_rows  # noqa: E402
 
 
 class Encoded(Dataset):
@@ -67,8 +72,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the rows here (benchmarks/gpu_report.py)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_decode: --device cuda but torch.cuda.is_available() is False")
     images = make_images(args.images)
     common = dict(batch_size=args.batch, num_workers=args.workers, persistent_workers=args.workers > 0,
                   pin_memory=device.type == "cuda")
@@ -87,8 +95,15 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (fallback decode)"
     print(f"{args.images} JPEGs 112x112, batch {args.batch}, {args.workers} workers, device {name}")
     base = statistics.median(rates["cpu workers"])
-    for row, r in rates.items():
-        print(f"{row:14s} {statistics.median(r):9.0f} images/s  {statistics.median(r) / base:5.2f}x")
+    for name_, r in rates.items():
+        print(f"{name_:14s} {statistics.median(r):9.0f} images/s  {statistics.median(r) / base:5.2f}x")
+    setting = f"{args.images} JPEGs 112x112 q90, batch {args.batch}, {args.workers} workers"
+    note = "" if device.type == "cuda" else "no CUDA: the device row is the CPU fallback, not nvJPEG"
+    write_rows(args.json, "gpu_decode", args.device, [
+        row("JPEG decode", f"{name_}; {setting}", statistics.median(r), "images/s", statistics.median(r) / base,
+            "cpu workers", note=note)
+        for name_, r in rates.items()
+    ])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ The inputs hold cosines of exactly +1 and -1 (targets and non-targets) and a row
 (extension: no target, no hard negatives, left out of every batch statistic). At cos = +-1 the
 references' gradient is 0 (``cos.clamp(-1, 1)``, whose backward is 0 at the bounds) or inf/NaN
 (``sqrt(1 - cos^2)``): there the library's documented finite values are checked instead (the
-formula's derivative, with ``sin(theta) >= sin(THETA_EPS)``).
+formula's derivative at the smallest angle float64 resolves, ``sin(theta) = sin(sqrt(eps))``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from facemargin.heads import MarginHead
-from facemargin.margins import THETA_EPS, AdaFace, CurricularFace, MagFace, MarginInput, SphereFaceR
+from facemargin.margins import AdaFace, CurricularFace, MagFace, MarginInput, SphereFaceR
+
+SIN_MIN = math.sin(math.sqrt(2.0**-52))  # float64: sin of the smallest angle it tells from 0
 
 F64 = torch.float64
 COS = [
@@ -85,11 +87,11 @@ def test_curricularface_values_gradients_and_t_over_two_steps():
         assert unit.sum() == (0 if step == 1 else 4)
         torch.testing.assert_close(cos.grad[~unit], cos_ref.grad[~unit], rtol=1e-6, atol=1e-6)
         if step == 0:
-            # target +1: cos m + sin m / sin(THETA_EPS); target -1: fallback cos - m sin m, slope 1;
+            # target +1: cos m + sin m / SIN_MIN; target -1: fallback cos - m sin m, slope 1;
             # non-target -1 (row 0, threshold cos(0.5)): plain; non-target +1 (row 2, threshold
             # cos(pi + 0.5)): hard, slope t + 2c
             slope = torch.ones(6, 5, dtype=F64)
-            slope[0, 0] = math.cos(0.5) + math.sin(0.5) / math.sin(THETA_EPS)
+            slope[0, 0] = math.cos(0.5) + math.sin(0.5) / SIN_MIN
             slope[2, 4] = t_prev + 2.0
             torch.testing.assert_close(cos.grad[unit], (64 * WEIGHTS * slope)[unit], rtol=1e-6, atol=0)
 
@@ -183,11 +185,11 @@ def test_magface_values_gradients_and_regulariser():
     assert norms.grad[1] == 0 and norms.grad[4] == 0  # outside [l_a, u_a]: clamped, no gradient
     unit = at_unit(cos)
     torch.testing.assert_close(cos.grad[~unit], cos_ref.grad[~unit], rtol=1e-9, atol=1e-9)
-    # at +-1: target +1 takes the margin (slope cos m + sin m / sin(THETA_EPS)), target -1 and
+    # at +-1: target +1 takes the margin (slope cos m + sin m / SIN_MIN), target -1 and
     # the non-targets take cos itself (slope 1)
     m0 = 0.35 / 100 * (25 - 10) + 0.45
     slope = torch.ones(6, 5, dtype=F64)
-    slope[0, 0] = math.cos(m0) + math.sin(m0) / math.sin(THETA_EPS)
+    slope[0, 0] = math.cos(m0) + math.sin(m0) / SIN_MIN
     torch.testing.assert_close(cos.grad[unit], (64 * WEIGHTS * slope)[unit], rtol=1e-9, atol=0)
 
 

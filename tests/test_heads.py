@@ -99,7 +99,7 @@ def test_margin_object_and_bad_input():
         for call in (head, head.loss, head.output, PartialFCHead(4, 3, seed=0).loss):
             with pytest.raises(err, match=message):
                 call(x, bad)
-    with pytest.raises(ValueError, match="num_classes must be positive"):
+    with pytest.raises(ValueError, match="num_classes must be a positive integer; got 0"):
         MarginHead(4, 0)
 
 

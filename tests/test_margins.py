@@ -10,7 +10,6 @@ import torch
 
 from facemargin.margins import (
     MARGINS,
-    THETA_EPS,
     Margin,
     MarginInput,
     available_margins,
@@ -93,9 +92,14 @@ def test_values_at_the_six_angles(name, grad):
     assert got.tolist() == pytest.approx(want, abs=2e-5)
 
 
+EPS32 = math.sqrt(2.0**-23)  # the smallest angle a float32 cosine tells from 0 (and from pi)
+EPS64 = math.sqrt(2.0**-52)  # float64's
+
+
 def dpsi_dcos_by_hand(name: str, c: float) -> float:
-    """Central difference of psi(theta) in float64, at theta clamped as the exact mode promises."""
-    t = min(max(math.acos(max(-1.0, min(1.0, c))), THETA_EPS), math.pi - THETA_EPS)
+    """Central difference of psi(theta) in float64, at theta clamped as the exact mode promises
+    for a float32 cosine (only cos = +-1 exactly is moved, to the smallest angle float32 resolves)."""
+    t = min(max(math.acos(max(-1.0, min(1.0, c))), EPS32), math.pi - EPS32)
     h = 1e-6
     dpsi_dt = (psi_by_hand(name, t + h) - psi_by_hand(name, t - h)) / (2 * h)
     return dpsi_dt * (-1.0 / math.sin(t))
@@ -261,6 +265,19 @@ def psi_with(name: str, t: float, m: float) -> float:
     return (-1) ** k * math.cos(m * t) - 2 * k
 
 
+def dpsi_dtheta_with(name: str, t: float, m: float) -> float:
+    """d psi / d theta of :func:`psi_with`, differentiated by hand."""
+    if name == "expface":
+        x = t / math.pi
+        return -math.sin(math.pi * x**m) * m * x ** (m - 1)
+    if name == "cosface":
+        return -math.sin(t)
+    if name == "arcface":
+        return -math.sin(t + m)
+    k = math.floor(m * t / math.pi)  # sphereface
+    return -((-1) ** k) * m * math.sin(m * t)
+
+
 def dynamic_m_by_hand(name: str, cos: list[list[float]], labels: list[int], s: float, balanced: bool) -> float:
     """The ExpFace authors' PowerFace_d / CosFace_d / ArcFace_d / SphereFace_d margin (``*_dd``
     without the ln(C-1)/s term), over the labelled rows, with plain Python floats."""
@@ -311,9 +328,8 @@ def test_dynamic_margin_values_gradients_and_log(name, mode, grad):
     if grad == "exact":
         for i, y in enumerate(DYN_LABELS):
             if y >= 0:
-                t = min(max(math.acos(DYN_COS[i][y]), THETA_EPS), math.pi - THETA_EPS)
-                h = 1e-6
-                dpsi = (psi_with(name, t + h, m) - psi_with(name, t - h, m)) / (2 * h) * (-1.0 / math.sin(t))
+                t = min(max(math.acos(DYN_COS[i][y]), EPS64), math.pi - EPS64)
+                dpsi = dpsi_dtheta_with(name, t, m) * (-1.0 / math.sin(t))
                 grad_want[i, y] = weights[i, y] * s * dpsi
     torch.testing.assert_close(cos.grad, grad_want, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(cos.grad).all()

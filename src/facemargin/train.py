@@ -39,9 +39,12 @@ def build_model(cfg: DictConfig, num_classes: int) -> FaceRecognitionModule:
     evaluators = [instantiate(node) for node in (cfg.get("eval") or {}).values() if node]
     model_cfg = {key: cfg[key] for key in MODEL_NODES}
     model_cfg["flip_test"] = cfg.flip_test
+    options = cfg.get("model") or {}
     return FaceRecognitionModule.from_config(
         model_cfg, num_classes=num_classes, evaluators=evaluators,
         val_batch_size=cfg.val_batch_size, val_num_workers=cfg.val_num_workers,
+        compile=options.get("compile", False), channels_last=options.get("channels_last", False),
+        compile_options=options.get("compile_options"),
     )
 
 

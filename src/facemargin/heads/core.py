@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from ..margins import BaseMargin, MarginInput, MarginOutput, as_margin
+from ..margins.base import check_int
 from .base import HeadHooks, HeadOutput
 from .objectives import build_objective
 from .subcenters import subcentre_max
@@ -137,15 +138,10 @@ class CentreHead(HeadHooks, nn.Module):
         sample_rate: float = 1.0,
     ) -> None:
         nn.Module.__init__(self)
-        if embedding_size <= 0 or num_classes <= 0:
-            raise ValueError(
-                f"embedding_size and num_classes must be positive; got {embedding_size}, {num_classes}"
-            )
-        if isinstance(subcenters, bool) or int(subcenters) != subcenters or subcenters < 1:
-            raise ValueError(f"subcenters must be a positive integer; got {subcenters!r}")
-        self.embedding_size = embedding_size
-        self.num_classes = num_classes
-        self.subcenters = int(subcenters)
+        owner = type(self).__name__
+        self.embedding_size = check_int(owner, "embedding_size", embedding_size)
+        self.num_classes = check_int(owner, "num_classes", num_classes)
+        self.subcenters = check_int(owner, "subcenters", subcenters)
         self.margin = as_margin(margin, s=s, grad=grad, **margin_params)
         self.objective = build_objective(objective, num_classes, sample_rate, self.margin.s, objective_params)
 

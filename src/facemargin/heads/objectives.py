@@ -23,6 +23,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd import Function
 
+from ..margins.base import check_int, check_range
+
 __all__ = ["OBJECTIVES", "SoftmaxCrossEntropy", "UniFace", "build_objective"]
 
 
@@ -156,11 +158,10 @@ class UniFace(nn.Module):
 
     def __init__(self, num_classes: int, sample_rate: float = 1.0, s: float = 64.0, lam: float = 1.0) -> None:
         super().__init__()
-        if num_classes <= 0 or not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"UniFace needs num_classes > 0 and 0 < sample_rate <= 1; got {num_classes}, {sample_rate}")
-        if not (s > 0 and lam > 0):
-            raise ValueError(f"UniFace needs s > 0 and lam > 0; got s={s}, lam={lam}")
-        self.s, self.lam = float(s), float(lam)
+        num_classes = check_int("UniFace", "num_classes", num_classes)
+        sample_rate = check_range("UniFace", "sample_rate", sample_rate, 0.0, 1.0, low_open=True)
+        self.s = check_range("UniFace", "s", s, 0.0, low_open=True)
+        self.lam = check_range("UniFace", "lam", lam, 0.0, low_open=True)
         self.bias = nn.Parameter(torch.tensor(math.log(10.0 * num_classes * sample_rate)))
 
     def forward(self, logits: Tensor, labels: Tensor, valid: Tensor, sharded: bool = False) -> Tensor:

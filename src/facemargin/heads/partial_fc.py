@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_gather_rows, all_gather_with_grad, all_reduce_sum, broadcast_object, world_and_rank
 from ..margins import BaseMargin, check_labels
+from ..margins.base import check_flag, check_int, check_range
 from .base import HeadOutput, check_embeddings
 from .core import BlockLayout, CentreHead, margin_block, objective_output
 from .margin_head import MarginHead
@@ -77,8 +78,10 @@ class PartialFCHead(CentreSampling, CentreHead):
         objective_params: dict | None = None,
         **margin_params: float | bool | str | None,
     ) -> None:
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1]; got {sample_rate}")
+        sample_rate = check_range("PartialFCHead", "sample_rate", sample_rate, 0.0, 1.0, low_open=True)
+        ddp_grad_scale = check_flag("PartialFCHead", "ddp_grad_scale", ddp_grad_scale)
+        if seed is not None:
+            seed = check_int("PartialFCHead", "seed", seed, low=0)
         super().__init__(
             embedding_size, num_classes, margin, s, grad, margin_params, subcenters, objective, objective_params,
             sample_rate,

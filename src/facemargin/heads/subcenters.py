@@ -12,6 +12,9 @@ sub-centre gets the gradient. Ties go to the lowest ``k`` -- the sub-centre the 
 (``np.argmax`` in insightface's ``drop.py``, :func:`nearest_subcentres` here) assigns the sample
 to. (MXNet's ``max`` backward, which the reference trains with, hands the full gradient to every
 tied element; ties have probability zero once centres differ, so the two agree in training.)
+The margin's gradient is the margin's own: the original symbol applies ArcFace through
+``arccos``, i.e. the exact gradient, which ``grad="exact"`` reproduces; the psi-margins' default
+``grad="detached"`` (insightface's ``arcface_torch``) differs from it.
 
 Cleaning (insightface ``drop.py``, README: "drop non-dominant subcenters and high-confident noisy
 data (>75 degrees)"): per class, each sample is assigned to its nearest sub-centre; the

@@ -7,7 +7,7 @@ whole block, the embedding norms or running statistics.
 """
 
 from .adaptive import AdaFace, CurricularFace, MagFace, SphereFaceR
-from .base import THETA_EPS, BaseMargin, MarginInput, MarginOutput, check_labels
+from .base import THETA_EPS, BaseMargin, MarginInput, MarginOutput, ParameterError, check_labels
 from .psi import GRAD_MODES, MARGINS, Margin, MarginSpec, target_logit
 from .registry import ADAPTIVE_MARGINS, as_margin, available_margins, build_margin
 
@@ -24,6 +24,7 @@ __all__ = [
     "MarginInput",
     "MarginOutput",
     "MarginSpec",
+    "ParameterError",
     "SphereFaceR",
     "as_margin",
     "available_margins",

@@ -1,9 +1,10 @@
 """Margins that need more than the target angle: CurricularFace, AdaFace, MagFace, SphereFace-R.
 
 Each follows its authors' code (read for the formulas, not copied); where that code and the
-paper differ, the code wins and the class docstring says so. Running statistics are buffers,
-updated in training mode only, from the reduced batch values of :class:`MarginInput` (so they
-are identical on every rank), over the labelled rows only.
+paper differ, the code wins and the class docstring says so. Running statistics are float32
+buffers (float64 after ``.double()``, never lower: see :mod:`facemargin.margins.base`), updated in
+training mode only, from the reduced batch values of :class:`MarginInput` (so they are identical
+on every rank), over the labelled rows only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .base import (
     BaseMargin,
     MarginInput,
     MarginOutput,
+    check_flag,
     check_range,
     compute_dtype,
     cos_theta_plus,
@@ -26,8 +28,9 @@ __all__ = ["AdaFace", "CurricularFace", "MagFace", "SphereFaceR"]
 
 
 def _ema_(buffer: Tensor, value: float, weight: float) -> None:
-    """``buffer <- weight * value + (1 - weight) * buffer``, in place."""
-    buffer.mul_(1.0 - weight).add_(weight * value)
+    """``buffer <- weight * value + (1 - weight) * buffer``, in place, computed in float64 and
+    rounded once to the buffer's dtype."""
+    buffer.copy_(weight * value + (1.0 - weight) * buffer.to(torch.float64))
 
 
 class _HardNegatives(torch.autograd.Function):
@@ -67,7 +70,7 @@ class CurricularFace(BaseMargin):
         self.m = check_range("curricularface", "m", m, 0.0, math.pi, high_open=True)
         self.momentum = check_range("curricularface", "momentum", momentum, 0.0, 1.0, low_open=True)
         self.params = {"m": self.m, "momentum": self.momentum}
-        self.register_buffer("t", torch.zeros(()))
+        self.register_buffer("t", torch.zeros((), dtype=torch.float32))
 
     def forward(self, inp: MarginInput) -> MarginOutput:
         with torch.autocast(device_type=inp.cos.device.type, enabled=False):
@@ -136,8 +139,8 @@ class AdaFace(BaseMargin):
         self.h = check_range("adaface", "h", h, 0.0, low_open=True)
         self.t_alpha = check_range("adaface", "t_alpha", t_alpha, 0.0, 1.0, low_open=True)
         self.params = {"m": self.m, "h": self.h, "t_alpha": self.t_alpha}
-        self.register_buffer("batch_mean", torch.full((), 20.0))
-        self.register_buffer("batch_std", torch.full((), 100.0))
+        self.register_buffer("batch_mean", torch.full((), 20.0, dtype=torch.float32))
+        self.register_buffer("batch_std", torch.full((), 100.0, dtype=torch.float32))
 
     def forward(self, inp: MarginInput) -> MarginOutput:
         if inp.norms is None:
@@ -147,7 +150,8 @@ class AdaFace(BaseMargin):
             norms = inp.norms.detach().to(cos.dtype).clip(0.001, 100.0)
             if self.training:
                 self._update_statistics(inp, norms)
-            scaler = (self.h * (norms - self.batch_mean) / (self.batch_std + self.eps)).clip(-1.0, 1.0)
+            mean, std = self.batch_mean.to(cos.dtype), self.batch_std.to(cos.dtype)
+            scaler = (self.h * (norms - mean) / (std + self.eps)).clip(-1.0, 1.0)
             logits = _ClampScaled.apply(cos, -1.0 + self.eps, 1.0 - self.eps, self.s)
             rows, cols = inp.target_rows()
             r = scaler[rows]
@@ -198,7 +202,7 @@ class MagFace(BaseMargin):
         self.l_m = check_range("magface", "l_m", l_m, 0.0, math.pi / 2)
         self.u_m = check_range("magface", "u_m", u_m, self.l_m, math.pi / 2)
         self.lambda_g = check_range("magface", "lambda_g", lambda_g, 0.0)
-        self.easy_margin = bool(easy_margin)
+        self.easy_margin = check_flag("magface", "easy_margin", easy_margin)
         self.params = {"l_a": self.l_a, "u_a": self.u_a, "l_m": self.l_m, "u_m": self.u_m,
                        "lambda_g": self.lambda_g, "easy_margin": self.easy_margin}
 

@@ -17,26 +17,47 @@ collectives under a process group: every rank calls them, in the same order, eve
 Rules for margins: math in float32 (float64 when given float64), autocast off, clamp before
 ``acos``; running statistics are registered buffers updated only from these reduced values
 (so they stay identical on every rank) and only in training mode.
+
+Running statistics' dtype: float32 buffers, whatever the input's dtype (bf16/fp16, under
+autocast or not, float32, float64); a cast of the model to bf16/fp16 (``.half()``,
+``.to(torch.bfloat16)``, Lightning ``precision="bf16-true"``) leaves them float32 (an EMA
+``t <- 0.99 t + 0.01 x`` stalls in bf16's 8 bits: near 0.5 a step of 0.005 is below half a bf16
+unit). Only ``.double()`` (``precision="64-true"``) makes them float64. Each update is computed in
+float64 and rounded once to the buffer's dtype; the margin reads them in its compute dtype.
+
+Parameters are validated when a margin is built: numbers must be real numbers (not ``bool``, not
+strings) within their documented range, flags must be ``bool``; anything else raises
+:class:`ParameterError` (a ``UserError`` and a ``ValueError``) naming the margin, the parameter
+and what it accepts.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 __all__ = [
     "THETA_EPS",
+    "ParameterError",
     "BaseMargin",
     "MarginInput",
     "MarginOutput",
     "check_labels",
+    "check_flag",
+    "check_int",
     "check_range",
     "compute_dtype",
     "cos_theta_plus",
+    "min_angle",
+    "sin_theta",
 ]
 
 # theta is clamped to [THETA_EPS, pi - THETA_EPS] wherever a derivative of psi(acos(cos)) is
@@ -45,6 +66,10 @@ __all__ = [
 THETA_EPS = 1e-3
 
 Reduction = Callable[[Tensor], Tensor]
+
+
+class ParameterError(UserError, ValueError):
+    """A margin's or head's parameter of the wrong type or out of its range (names both)."""
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -77,30 +102,69 @@ def check_range(
     owner: str, name: str, value: float, low: float = -math.inf, high: float = math.inf,
     low_open: bool = False, high_open: bool = False,
 ) -> float:
-    """``value`` as a float, or a ``ValueError`` naming ``owner``'s parameter ``name`` and its range."""
+    """``value`` as a float, or a :class:`ParameterError` naming ``owner``'s parameter ``name`` and its range.
+
+    Only real numbers are accepted: ``True``, ``"0.5"`` or ``None`` are refused, not converted."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ParameterError(f"{owner}: {name} must be a number in {lo}{low:g}, {high:g}{hi}; got {value!r}")
     v = float(value)
     ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{owner}: {name} must lie in {lo}{low:g}, {high:g}{hi}; got {value!r}")
+        raise ParameterError(f"{owner}: {name} must lie in {lo}{low:g}, {high:g}{hi}; got {value!r}")
     return v
 
 
+def check_flag(owner: str, name: str, value: object) -> bool:
+    """``value`` if it is a ``bool``, else a :class:`ParameterError` (``"no"``, ``"false"``, ``0`` or ``None``
+    would otherwise silently mean True or False)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ParameterError(f"{owner}: {name} must be true or false (a bool); got {value!r}")
+    return bool(value)
+
+
+def check_int(owner: str, name: str, value: object, low: int = 1) -> int:
+    """``value`` if it is an integer ``>= low`` (not a ``bool``, not ``2.0``), else a :class:`ParameterError`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ParameterError(f"{owner}: {name} must be {what}; got {value!r}")
+    return int(value)
+
+
+def min_angle(dtype: torch.dtype) -> float:
+    """The smallest angle a cosine of ``dtype`` can tell from 0: ``acos`` of the largest value
+    below 1, ``sqrt(eps)`` (3.5e-4 rad in float32, 1.5e-8 rad in float64)."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def sin_theta(cos: Tensor) -> Tensor:
+    """``sin(acos(c)) = sqrt((1 - c)(1 + c))`` for ``c`` clamped to ``[-1, 1]``, without gradient,
+    bounded below by ``sin(min_angle)`` of its dtype.
+
+    ``1 - c`` and ``1 + c`` are exact near ``c = +-1``, so this is accurate to rounding at every
+    angle the dtype can represent (``sqrt(1 - c^2)`` loses 1 % at 1e-7 rad in float64); the bound
+    only acts at ``c = +-1`` exactly (and beyond), where the derivative of ``acos`` is infinite:
+    there the gradient is the one at the nearest representable angle, large but finite.
+    """
+    c = cos.detach().clamp(-1.0, 1.0)
+    return torch.sqrt((1.0 - c) * (1.0 + c)).clamp_min(math.sin(min_angle(cos.dtype)))
+
+
 def cos_theta_plus(cos: Tensor, m: Tensor | float) -> Tensor:
-    """``cos(theta + m)`` from ``cos = cos(theta)``, as ``c cos m - sqrt(1 - c^2) sin m``.
+    """``cos(theta + m)`` from ``cos = cos(theta)``, as ``c cos m - sin(theta) sin m``.
 
     ``m`` may be a tensor with gradient (MagFace: the margin depends on the feature norm); its
     gradient ``-sin(theta + m)`` is exact. The gradient in ``cos``, ``cos m + c sin m / sin theta``,
-    uses ``sin theta >= sin(THETA_EPS)`` so that it stays finite at ``cos = +-1`` (where the
-    reference implementations' ``sqrt`` gives inf and NaN).
+    is exact at every angle the dtype can tell from 0 and pi (:func:`sin_theta`; the reference
+    implementations' ``sqrt(1 - c^2)`` gives inf and NaN at ``cos = +-1``).
     """
     c0 = cos.detach().clamp(-1.0, 1.0)
-    sin0 = torch.sqrt((1.0 - c0 * c0).clamp_min(0.0))
+    sin0 = torch.sqrt((1.0 - c0) * (1.0 + c0))
     m_t = torch.as_tensor(m, dtype=cos.dtype, device=cos.device)
     cos_m, sin_m = torch.cos(m_t), torch.sin(m_t)
     value = c0 * cos_m - sin0 * sin_m  # carries the exact gradient in m
-    slope = (cos_m + c0 * sin_m / sin0.clamp_min(math.sin(THETA_EPS))).detach()
+    slope = (cos_m + c0 * sin_m / sin_theta(cos)).detach()
     return value + (cos - cos.detach()) * slope
 
 
@@ -191,6 +255,15 @@ class BaseMargin(nn.Module):
     def __init__(self, s: float) -> None:
         super().__init__()
         self.s = check_range(type(self).__name__, "s", s, low=0.0, low_open=True)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def,override]
+        """Module casts as usual, except that floating buffers (running statistics) never go
+        below float32 (see the module docstring)."""
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype not in (torch.float32, torch.float64):
+                self._buffers[name] = buf.to(torch.float32)
+        return self
 
     def forward(self, inp: MarginInput) -> MarginOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -15,9 +15,13 @@ expface    ``cos(pi * (theta/pi)**m)``                      m=0.7 (0 < m <= 1)  
 ========== =============================================== ===================== =====
 
 Two gradient modes: ``"detached"`` (default) replaces the target logit without autograd, so the
-backward sees d(logit)/d(cos) = 1, exactly as insightface and the ExpFace authors' code do;
-``"exact"`` back-propagates the true derivative of ``psi(acos(cos))``, evaluated at ``theta``
-clamped to ``[THETA_EPS, pi - THETA_EPS]`` so that it is finite at cos = +-1.
+backward sees d(logit)/d(cos) = 1, exactly as insightface's ``arcface_torch`` and the ExpFace
+authors' code do; ``"exact"`` back-propagates the true derivative ``psi'(theta) * (-1 / sin theta)``
+of ``psi(acos(cos))`` (what the original MXNet ArcFace and Sub-center ArcFace symbols do through
+``arccos``), exact at every angle the dtype can tell from 0 and pi (below 3.5e-4 rad a float32
+cosine is 1.0; float64 resolves 1.5e-8 rad): only at cos = +-1 exactly is ``theta`` taken as
+:func:`~facemargin.margins.base.min_angle` from the end, so that the gradient is large but
+finite where the reference code gives inf or NaN.
 
 ``dynamic="balanced" | "plain"`` (expface, cosface, arcface, sphereface) replaces ``m`` every
 step by the ExpFace authors' per-batch margin (``PowerFace_d`` / ``CosFace_d`` / ``ArcFace_d`` /
@@ -32,9 +36,16 @@ target cosine over the labelled rows, ``N`` = mean of every other entry of those
 
 computed without gradient; under Partial FC the means are over the global batch and all
 centres (the authors' code averages each GPU's own block). ``C`` is the global number of
-classes, also with sampled centres, as in their code. Where their code would give NaN or inf
-we clamp: the argument of each ``acos`` to ``[-1, 1]``, ``theta_P`` to ``[THETA_EPS, pi - THETA_EPS]``
-and ``acos(N + b)`` to ``>= THETA_EPS``. ``m`` is logged as ``"m"``; the configured ``m`` is unused.
+classes, also with sampled centres, as in their code. ``s`` is the margin's own (30 for
+sphereface unless set; the authors' ``SphereFace_d`` defaults to 32, their SphereFace configs
+use s = 32, m = 1.7). Wherever their code gives a finite ``m`` we give the same ``m``; we differ
+only where it gives NaN or inf: (1) the argument of each ``acos`` is clamped to ``[-1, 1]``
+(their logits are clamped to ``[-1, 1]`` by Partial FC, but ``N + b > 1``, e.g. small ``s`` and
+many classes, gives NaN: here ``acos(N + b) = 0``, so ArcFace gets ``m = -theta_P`` and
+SphereFace ``m = 0``); (2) if ``m`` is then still NaN or inf (ExpFace with ``acos(N + b) = 0`` or
+``theta_P = pi``; SphereFace with ``theta_P = 0``), ``theta_P`` is clamped to
+``[THETA_EPS, pi - THETA_EPS]`` and ``acos(N + b)`` to ``>= THETA_EPS`` and ``m`` recomputed.
+``m`` is logged as ``"m"``; the configured ``m`` is unused.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import THETA_EPS, BaseMargin, MarginInput, MarginOutput, check_range, compute_dtype
+from .base import THETA_EPS, BaseMargin, MarginInput, MarginOutput, check_flag, check_range, compute_dtype, min_angle
 
 __all__ = ["DYNAMIC_MODES", "GRAD_MODES", "MARGINS", "Margin", "MarginSpec", "target_logit"]
 
@@ -123,6 +134,8 @@ DYNAMIC_MARGINS = ("expface", "cosface", "arcface", "sphereface")
 
 def _spec(name: str) -> MarginSpec:
     try:
+        if not isinstance(name, str):
+            raise KeyError(name)
         return MARGINS[name]
     except KeyError:
         from .registry import available_margins
@@ -140,8 +153,14 @@ def _resolve_params(spec: MarginSpec, params: dict) -> dict:
             f"margin {spec.name!r} got unknown parameter(s) {sorted(unknown)}; valid: {valid}"
         )
     out = {**spec.defaults, **params}
-    for key, (low, high, low_open, high_open) in spec.bounds.items():
-        out[key] = check_range(f"margin {spec.name!r}", key, out[key], low, high, low_open, high_open)
+    owner = f"margin {spec.name!r}"
+    for key, default in spec.defaults.items():
+        if isinstance(default, bool):
+            out[key] = check_flag(owner, key, out[key])
+        elif key in spec.bounds:
+            out[key] = check_range(owner, key, out[key], *spec.bounds[key])
+        else:
+            out[key] = check_range(owner, key, out[key])
     return out
 
 
@@ -168,21 +187,31 @@ def _apply_fn(fn: Callable[..., Tensor], params: dict, cos_theta: Tensor, grad: 
         if grad == "detached":
             # value psi(theta), gradient d/dcos = 1 (the reference implementations' backward)
             return cos + (value - cos).detach()
-        # exact: the derivative is taken at theta clamped to [eps, pi - eps] (d theta/d cos =
-        # -1/sin theta there), so at cos = +-1 it is large but finite, never 0 or NaN.
+        # exact: psi'(theta) * d theta / d cos = psi'(theta) * (-1 / sin theta); theta is moved
+        # off 0 and pi only where the dtype cannot tell it from them (cos = +-1 exactly), so the
+        # gradient is exact at every representable angle and finite at cos = +-1.
         with torch.no_grad():
-            theta_c = theta.clamp(THETA_EPS, math.pi - THETA_EPS)
+            eps = min_angle(cos.dtype)
+            theta_c = theta.clamp(eps, math.pi - eps)
             dtheta_dcos = -1.0 / torch.sin(theta_c)
         linear = fn(theta_c + (cos - cos.detach()) * dtheta_dcos, **params)
         return linear + (value - linear).detach()
 
 
 def _dynamic_m(name: str, p_mean: Tensor, n_mean: Tensor, b: float) -> Tensor:
-    """The ExpFace authors' per-batch margin (see the module docstring)."""
+    """The ExpFace authors' per-batch margin; clamped only where theirs is NaN or inf (see the
+    module docstring)."""
     if name == "cosface":
         return p_mean - n_mean - b
-    theta_p = torch.acos(p_mean.clamp(-1.0, 1.0)).clamp(THETA_EPS, math.pi - THETA_EPS)
-    phi = torch.acos((n_mean + b).clamp(-1.0, 1.0)).clamp_min(THETA_EPS)
+    theta_p = torch.acos(p_mean.clamp(-1.0, 1.0))
+    phi = torch.acos((n_mean + b).clamp(-1.0, 1.0))
+    m = _m_from_angles(name, theta_p, phi)
+    if not bool(torch.isfinite(m)):
+        m = _m_from_angles(name, theta_p.clamp(THETA_EPS, math.pi - THETA_EPS), phi.clamp_min(THETA_EPS))
+    return m
+
+
+def _m_from_angles(name: str, theta_p: Tensor, phi: Tensor) -> Tensor:
     if name == "expface":
         return torch.log(phi / math.pi) / torch.log(theta_p / math.pi)
     if name == "arcface":
