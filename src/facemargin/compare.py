@@ -7,7 +7,7 @@ threshold ``t`` on normalised embeddings in the checkpoint (and the export copie
 validation set's threshold (default: the first stored); ``threshold`` gives a cosine directly.
 The photos must be aligned crops of the model's input size unless ``landmarks=FILE`` gives their
 5 points (lines ``a.jpg x1 y1 ... x5 y5``, paths as given on the command line). Other options:
-``device`` (auto).
+``device`` (auto), and the model options of ``embed`` (``backbone``, ``input.*``) for published models.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ import numpy as np
 
 from .embed import embed_files, parse_args, read_landmarks
 from .evaluation.embedder import load_embedder
+from .published.options import MODEL_OPTIONS, model_options
 
 __all__ = ["compare", "main"]
 
 
 def compare(model_path: str, a: str, b: str, threshold: float | None = None, set_name: str | None = None,
-            landmarks: str | None = None, device: str = "auto") -> dict[str, object]:
+            landmarks: str | None = None, device: str = "auto", backbone: str | None = None,
+            input: dict[str, str] | None = None) -> dict[str, object]:
     """``{"cosine", "threshold", "threshold_from", "same"}`` for two photos."""
-    model = load_embedder(model_path, device)
+    model = load_embedder(model_path, device, backbone=backbone, input=input)
     paths = [Path(a), Path(b)]
     points = None
     if landmarks:
@@ -51,10 +53,11 @@ def compare(model_path: str, a: str, b: str, threshold: float | None = None, set
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(
         sys.argv[1:] if argv is None else argv, ["model", "a", "b"],
-        {"threshold": "", "set": "", "landmarks": "", "device": "auto"}, __doc__.split("\n\n")[0],
+        {"threshold": "", "set": "", "landmarks": "", "device": "auto", **{k: o.default for k, o in MODEL_OPTIONS.items()}},
+        __doc__.split("\n\n")[0],
     )
     r = compare(args["model"], args["a"], args["b"], float(args["threshold"]) if args["threshold"] else None,
-                args["set"] or None, args["landmarks"] or None, args["device"])
+                args["set"] or None, args["landmarks"] or None, args["device"], **model_options(args))
     verdict = "same person" if r["same"] else "different people"
     print(f"cosine similarity {r['cosine']:.4f}; threshold {r['threshold']:.4f} ({r['threshold_from']}): {verdict}")
 

@@ -1,13 +1,16 @@
 """Embed your photos: ``python -m facemargin.embed MODEL IMAGES_DIR [out=embeddings.npy] [key=value ...]``.
 
-``MODEL``: a training checkpoint or an exported ``.onnx`` / TorchScript file. ``IMAGES_DIR``: aligned
+``MODEL``: a training checkpoint, an exported ``.onnx`` / TorchScript file, or a published model
+(insightface ``backbone.pth`` with ``backbone=iresnet50``, AdaFace ``.ckpt``, CVLface ``model.pt``,
+a foreign ONNX file with ``input.channel_order= input.mean= input.std=``). ``IMAGES_DIR``: aligned
 face crops of the model's input size (112x112), read recursively in sorted order; or any photos
 when ``landmarks=FILE`` gives 5 points per image (lines ``relative/path x1 y1 ... x5 y5 [score]``,
 insightface's ``*_5pts`` format; then exactly the listed images are embedded, aligned first).
 
 Writes ``out`` (float32 ``[N, D]``, L2-normalised, image + flip) and next to it ``<out>.txt`` with
 the image paths, one per row. Options: ``out``, ``landmarks``, ``batch_size`` (64), ``device``
-(auto), ``num_workers`` (0), ``progress`` (true).
+(auto), ``num_workers`` (0), ``progress`` (true), and the model options ``backbone``, ``input.size``,
+``input.channel_order``, ``input.mean``, ``input.std`` (:mod:`facemargin.published.options`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .detect.landmarks import read_landmarks as read_landmark_file
 from .evaluation.base import ImageFiles
 from .evaluation.embedder import Embedder, load_embedder
 from .evaluation.runner import embed_dataset
+from .published.options import MODEL_OPTIONS, model_options
 
 __all__ = ["IMAGE_SUFFIXES", "embed_files", "find_images", "parse_args", "read_landmarks"]
 
@@ -85,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(
         sys.argv[1:] if argv is None else argv, ["model", "images"],
         {"out": "embeddings.npy", "landmarks": "", "batch_size": "64", "device": "auto", "num_workers": "0",
-         "progress": "true"},
+         "progress": "true", **{k: o.default for k, o in MODEL_OPTIONS.items()}},
         __doc__.split("\n\n")[0],
     )
     root = Path(args["images"])
@@ -93,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         paths, landmarks = read_landmarks(Path(args["landmarks"]), root)
     else:
         paths, landmarks = find_images(root), None
-    model = load_embedder(args["model"], args["device"])
+    model = load_embedder(args["model"], args["device"], **model_options(args))
     emb = embed_files(model, paths, landmarks, int(args["batch_size"]), int(args["num_workers"]),
                       args["progress"].lower() == "true")
     out = Path(args["out"])

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .config import to_plain
-from .data.decode import CHANNEL_ORDER, MEAN, STD, normalize_uint8
 from .distributed import exclude_from_ddp
+from .input_spec import InputSpec, input_spec_of
 
 __all__ = ["FaceRecognitionModule", "RECORD_KEY"]
 
@@ -79,8 +79,9 @@ class FaceRecognitionModule(pl.LightningModule):
     """Train a face embedder with any head; validate with any evaluators.
 
     Args:
-        backbone: images ``[B, 3, H, W]`` (float, normalised; uint8 is normalised here) ->
-            embeddings ``[B, D]``. ``D`` is ``backbone.embedding_size`` or measured once.
+        backbone: images ``[B, 3, H, W]`` (float, normalised; uint8 is normalised here with the
+            backbone's :class:`~facemargin.input_spec.InputSpec`, e.g. flipped to BGR for an AdaFace
+            IR net) -> embeddings ``[B, D]``. ``D`` is ``backbone.embedding_size`` or measured once.
         head: a ready ``nn.Module``, or a factory called as ``head(embedding_size=D, num_classes=C)``
             (Hydra ``_partial_``). See the head contract in ``docs/architecture.md``.
         optimizer: ``optimizer(params) -> Optimizer`` (Hydra ``_partial_``); default SGD(lr=0.1).
@@ -174,10 +175,15 @@ class FaceRecognitionModule(pl.LightningModule):
             self._datamodule_evaluators_added = True
 
     # ------------------------------------------------------------------ forward
+    @property
+    def input_spec(self) -> InputSpec:
+        """What the backbone takes (``backbone.input_spec``; facemargin's RGB default without one)."""
+        return input_spec_of(self.backbone)
+
     def forward(self, images: Tensor) -> Tensor:
-        """Un-normalised embeddings ``[B, D]``; uint8 images are normalised first."""
+        """Un-normalised embeddings ``[B, D]``; uint8 RGB images are normalised first (:attr:`input_spec`)."""
         if images.dtype == torch.uint8:
-            images = normalize_uint8(images)
+            images = self.input_spec.normalize(images)
         return self.backbone(images)
 
     def embed(self, images: Tensor) -> Tensor:
@@ -307,10 +313,7 @@ class FaceRecognitionModule(pl.LightningModule):
             "config": self.config,
             "num_classes": self.num_classes,
             "embedding_size": self.embedding_size,
-            "input_size": self.input_size,
-            "channel_order": CHANNEL_ORDER,
-            "mean": MEAN,
-            "std": STD,
+            **self.input_spec.to_dict(),  # input_size, channel_order, mean, std, alignment, descriptions
             "verification": {k: dict(v) for k, v in self.verification.items()},
         }
 
