@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import re
 import shlex
 import subprocess
@@ -22,7 +23,9 @@ import simplejpeg
 import torch
 
 import published_layouts as pl
+from facemargin.backbones import build_embedder
 from facemargin.data.decode import decode_image, to_uint8_chw
+from facemargin.errors import UserError
 from facemargin.data.synthetic import render_identity
 from facemargin.evaluation import BinPairsEvaluator
 from facemargin.evaluation.embedder import Embedder, load_embedder
@@ -92,19 +95,20 @@ def test_evaluate_embed_export_of_a_published_file(case, demo_checkpoint, aligne
     for key in ("acc", "threshold", "tar@far=1e-1", "xnorm"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
 
-    # embed: L2-normalised (image + flip) of the peer's output
+    # embed (its main, in this process: evaluate above ran the same options through a real command line)
+    from facemargin.embed import main as embed_main
+    from facemargin.export import export_checkpoint
+
     out = tmp_path / "e.npy"
-    run("facemargin.embed", str(case.path), str(aligned_faces), *case.options, f"out={out}", "progress=false", "device=cpu",
-        cwd=tmp_path)
+    embed_main([str(case.path), str(aligned_faces), *case.options, f"out={out}", "progress=false", "device=cpu"])
     names = (tmp_path / "e.txt").read_text().split()
     x = torch.stack([to_uint8_chw(decode_image((aligned_faces / n).read_bytes())) for n in names])
-    ref = case.reference()
-    emb = ref.embed_views(x)[0]
+    emb = case.reference().embed_views(x)[0]  # the peer's network, image + flip
     np.testing.assert_allclose(np.load(out), torch.nn.functional.normalize(emb, dim=1).numpy(), atol=1e-5)
 
-    # export: the file keeps the convention, and scores the same
-    onnx_path = tmp_path / "model.onnx"
-    run("facemargin.export", f"ckpt_path={case.path}", *case.options, f"out={onnx_path}", cwd=tmp_path)
+    # export: the file keeps the convention, and scores the same (the README test runs the command line)
+    backbone = case.options[0].split("=", 1)[1] if case.options else None
+    onnx_path = export_checkpoint(case.path, tmp_path / "model.onnx", backbone=backbone)
     exported = load_embedder(onnx_path)
     assert exported.spec.channel_order == ("BGR" if case.bgr else "RGB") and exported.metadata["backbone"] == case.backbone
     again, _ = run_evaluator(exported, BinPairsEvaluator(demo_bin, far_targets=[0.1]), num_workers=0, progress=False)
@@ -154,8 +158,16 @@ def test_readme_start_from_a_published_model(tmp_path, demo_env) -> None:
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     commands = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("python -m facemargin.")]
     assert [c.split()[2] for c in commands] == ["facemargin.evaluate", "facemargin.train", "facemargin.embed",
-                                                "facemargin.export", "facemargin.evaluate"]
+                                                "facemargin.export", "facemargin.evaluate", "facemargin.evaluate"]
+    # stand-ins: insightface's r100 and AdaFace's IR-101 at their depths with tiny widths, a foreign ONNX r50
     torch.save(pl.insightface_iresnet((3, 13, 30, 3)), tmp_path / "backbone.pth")
+    torch.save(adaface_checkpoint(pl.adaface_ir((3, 13, 30, 3)), arch="ir_101"), tmp_path / "adaface_ir101_webface12m.ckpt")
+    r50 = build_embedder("iresnet50", embedding_size=16, widths=(8, 16, 32, 64), stem_width=8).eval()
+    r50.load_state_dict(pl.insightface_iresnet((3, 4, 14, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(r50, (torch.zeros(1, 3, 112, 112),), str(tmp_path / "w600k_r50.onnx"), dynamo=False,
+                          input_names=["input.1"], dynamic_axes={"input.1": {0: "None"}})
     make_ijb(tmp_path / "IJB_release" / "IJBC")
     for k in range(4):
         (tmp_path / "my_faces" / f"person_{k}").mkdir(parents=True)
@@ -176,9 +188,15 @@ def test_readme_start_from_a_published_model(tmp_path, demo_env) -> None:
             module = argv[0]
             out = run(module, *argv[1:], *test_only[module], cwd=tmp_path).stdout
             if "ijbc" in command:
-                assert re.search(r"^ijbc\s+\d\.\d{4}", out, re.M), out
+                assert re.search(r"^ijbc\s+.*\d\.\d{4}", out, re.M), out  # a row of figures (nulls explained below it)
     finally:
         for k in env_data:
             os.environ.pop(k)
     assert np.load(tmp_path / "embeddings.npy").shape == (16, 16)
     assert load_embedder(tmp_path / "r100.onnx").metadata["backbone"] == "iresnet100"
+    # the error the README shows, on insightface's r50 at its real widths
+    torch.save(build_embedder("iresnet50").state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(UserError) as err:
+        load_embedder(tmp_path / "r50.pth", backbone="iresnet100")
+    message = str(err.value).split(": ", 1)[1]
+    assert " ".join(message.split()) in " ".join(section.replace("`", "").split()), message
