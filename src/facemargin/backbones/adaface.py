@@ -92,21 +92,12 @@ class AdaFaceIR(FaceEmbedderTimmAPI, nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        kwargs.pop("global_pool", None)
-        if kwargs:
-            raise TypeError(f"AdaFaceIR got unexpected arguments: {sorted(kwargs)}")
         if len(layers) != len(widths) or not layers:
             raise ValueError("AdaFaceIR needs one width per stage (layers and widths of equal length)")
         reduction = 2 ** len(layers)
-        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if h % reduction or w % reduction or h != w:
-            raise ValueError(f"AdaFaceIR input must be square and a multiple of {reduction}, got {h}x{w}")
-        self.img_size = (h, w)
-        self.in_chans = in_chans
-        self.embedding_size = embedding_size
-        self.num_features = self.head_hidden_size = embedding_size
-        self.num_classes = num_classes
-        self.drop_rate = dropout
+        h, w = self._setup_embedder(kwargs, img_size, reduction, in_chans, embedding_size, num_classes, dropout)
+        if h != w:
+            raise ValueError(f"AdaFaceIR input must be square, got {h}x{w}")
         self.input_spec = InputSpec(size=h, channel_order=channel_order)
 
         self.input_layer = nn.Sequential(_conv3x3(in_chans, stem_width), nn.BatchNorm2d(stem_width), nn.PReLU(stem_width))

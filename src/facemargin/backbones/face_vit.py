@@ -69,16 +69,9 @@ class FaceViT(FaceEmbedderTimmAPI, nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        kwargs.pop("global_pool", None)
-        if kwargs:
-            raise TypeError(f"FaceViT got unexpected arguments: {sorted(kwargs)}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        self.img_size = (img_size, img_size)
-        self.in_chans = in_chans
-        self.embedding_size = embedding_size
-        self.num_features = self.head_hidden_size = embedding_size
-        self.num_classes = num_classes
+        self._setup_embedder(kwargs, img_size, 1, in_chans, embedding_size, num_classes, dropout)
         self.embed_dim = embed_dim
         self.mask_ratio = mask_ratio
         self.patch_embed = _PatchEmbed(img_size, patch_size, in_chans, embed_dim)
