@@ -153,24 +153,32 @@ def test_adaface_unsupported_arch_is_named(tmp_path, adaface_sd) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CVLface
-@pytest.mark.parametrize("container", ["pt_with_yaml", "hf_safetensors", "bgr_yaml"])
-def test_cvlface_ir(tmp_path, images, adaface_sd, container) -> None:
+@pytest.mark.parametrize("container", ["pt_with_yaml", "hf_safetensors", "bgr_yaml", "no_yaml"])
+def test_cvlface_ir(tmp_path, images, adaface_sd, container, caplog) -> None:
     from safetensors.torch import save_file
 
-    if container == "hf_safetensors":  # the Hugging Face wrapper: model.net.*
+    if container == "hf_safetensors":  # the Hugging Face wrapper: model.net.*, its config in pretrained_model/
         path = tmp_path / "model.safetensors"
         save_file({f"model.net.{k}": v.contiguous() for k, v in adaface_sd.items()}, str(path))
+        (tmp_path / "pretrained_model").mkdir()
+        (tmp_path / "pretrained_model" / "model.yaml").write_text("color_space: 'RGB'\nname: 'ir18'\n")
+    elif container == "no_yaml":
+        path = tmp_path / "weights.pt"
+        torch.save({f"net.{k}": v for k, v in adaface_sd.items()}, path)
     else:
         path = tmp_path / "model.pt"
         torch.save({f"net.{k}": v for k, v in adaface_sd.items()}, path)
         order = "BGR" if container == "bgr_yaml" else "RGB"
         path.with_suffix(".yaml").write_text(f"input_size: [3, 112, 112]\ncolor_space: '{order}'\nname: 'ir18'\noutput_dim: 16\n")
     model = load_embedder(path)
+    assert ("without their model.yaml: taking RGB" in caplog.text) == (container == "no_yaml")
     bgr = container == "bgr_yaml"
     assert model.format == "cvlface" and model.spec.channel_order == ("BGR" if bgr else "RGB")
     assert model.metadata["backbone"] == ("adaface_ir18" if bgr else "cvlface_ir18")
     unit, norm = pl.adaface_forward(adaface_sd, pl.normalise(images, bgr=bgr), IR18)
     close(raw_embedding(model, images), unit * norm)
+    if container == "no_yaml":  # the file does not say: BGR may be named
+        assert load_embedder(path, backbone="adaface_ir18").spec.channel_order == "BGR"
 
 
 def test_cvlface_insightface_layout(tmp_path, images) -> None:

@@ -93,9 +93,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
 
 
 def sidecar_config(path: str | os.PathLike) -> dict[str, Any]:
-    """CVLface's ``<name>.yaml`` beside ``<name>.pt`` (``color_space``, ``input_size``), or ``{}``."""
-    side = Path(path).with_suffix(".yaml")
-    if not side.is_file():
+    """CVLface's model config (``color_space``, ``input_size``), or ``{}``: ``<name>.yaml`` beside
+    ``<name>.pt``, or ``pretrained_model/model.yaml`` beside a Hugging Face snapshot's weights."""
+    path = Path(path)
+    side = next((p for p in (path.with_suffix(".yaml"), path.parent / "pretrained_model" / "model.yaml") if p.is_file()), None)
+    if side is None:
         return {}
     from omegaconf import OmegaConf
 

@@ -17,6 +17,7 @@ format                        recognised by                                     
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from .files import ModelFileError, describe_keys, read_safetensors, read_torch, 
 from .layouts import Arch, find_layout, infer_arch, mbf_names
 
 __all__ = ["ADAFACE_ARCHS", "Weights", "read_weights"]
+
+log = logging.getLogger(__name__)
 
 #: AdaFace ``hyper_parameters["arch"]`` -> facemargin backbone
 ADAFACE_ARCHS = {"ir_18": "adaface_ir18", "ir_34": "adaface_ir34", "ir_50": "adaface_ir50", "ir_101": "adaface_ir101"}
@@ -44,8 +47,10 @@ class Weights:
     layout: str | None
     #: the wrapper prefix the backbone's keys had in the file (``model.``, ``net.``, ...)
     prefix: str = ""
-    #: the channel order the format's weights take (None: the format does not say)
+    #: the channel order the format's weights take (None: the file does not say)
     channel_order: str | None = None
+    #: the order assumed when the file does not say (names the suggested backbone, never refuses one)
+    assumed_order: str | None = None
     #: an architecture named inside the file (AdaFace's ``arch``, a facemargin record's backbone)
     named: str | None = None
     #: keys beside the backbone (a margin head's ``head.kernel`` ...)
@@ -59,7 +64,7 @@ class Weights:
         """The architecture the tensors' names and shapes say (``None``: no known layout)."""
         if self.layout is None:
             return None
-        return infer_arch(self.layout, self.tensors, self.channel_order)
+        return infer_arch(self.layout, self.tensors, self.channel_order or self.assumed_order)
 
 
 def _tensors_only(d: Mapping[str, Any]) -> bool:
@@ -90,7 +95,7 @@ def _weights(path: Path, fmt: str, sd: Mapping[str, Any], **extra: Any) -> Weigh
     return Weights(path, fmt, inner, names, layout, prefix, ignored=ignored, **extra)
 
 
-def _from_dict(obj: dict[str, Any], path: Path, meta: Mapping[str, str]) -> Weights:
+def _from_dict(obj: dict[str, Any], path: Path) -> Weights:
     from ..module import RECORD_KEY
 
     record = obj.get(RECORD_KEY)
@@ -123,8 +128,12 @@ def _from_dict(obj: dict[str, Any], path: Path, meta: Mapping[str, str]) -> Weig
         w = _weights(path, "state dict", obj)
         if w.layout is not None and w.prefix.endswith("net."):  # CVLface: BaseModel.net (model.net. in its Hugging Face wrapper)
             side = sidecar_config(path)
-            order = str(side.get("color_space", "RGB")).upper() if side else meta.get("color_space", "RGB").upper()
-            w.format, w.channel_order = "cvlface", order
+            if "color_space" not in side:
+                log.warning("%s: CVLface weights without their model.yaml: taking RGB input (CVLface's default); "
+                            "name an adaface_ir* backbone if the model was trained on BGR", path)
+            w.format = "cvlface"
+            w.channel_order = str(side["color_space"]).upper() if "color_space" in side else None
+            w.assumed_order = "RGB"
         elif w.layout == "adaface_ir":
             w.format, w.channel_order = "adaface", "BGR"
         elif w.layout is not None:
@@ -145,11 +154,11 @@ def read_weights(path: str | os.PathLike) -> Weights:
         raise ModelFileError(f"{path}: an {'ONNX' if kind == 'onnx' else 'TorchScript'} file holds a runnable model, "
                         "not weights facemargin can load into a backbone; pass the PyTorch weights (.pth / .ckpt)")
     if kind == "safetensors":
-        obj, meta = read_safetensors(path)
+        obj = read_safetensors(path)[0]
     else:
-        obj, meta = read_torch(path), {}
+        obj = read_torch(path)
     if not isinstance(obj, dict):
         raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
-    w = _from_dict(obj, path, meta)
+    w = _from_dict(obj, path)
     w.raw = obj
     return w
