@@ -106,8 +106,16 @@ def test_evaluate_embed_export_of_a_published_file(case, demo_checkpoint, aligne
     emb = case.reference().embed_views(x)[0]  # the peer's network, image + flip
     np.testing.assert_allclose(np.load(out), torch.nn.functional.normalize(emb, dim=1).numpy(), atol=1e-5)
 
-    # export: the file keeps the convention, and scores the same (the README test runs the command line)
+    # compare: a published file has no stored threshold, a given one decides
+    from facemargin.compare import compare
+
+    a, b = aligned_faces / names[0], aligned_faces / names[1]
     backbone = case.options[0].split("=", 1)[1] if case.options else None
+    result = compare(str(case.path), str(a), str(b), threshold=0.3, device="cpu", backbone=backbone)
+    unit = torch.nn.functional.normalize(emb, dim=1)
+    assert result["cosine"] == pytest.approx(float(unit[0] @ unit[1]), abs=1e-5) and result["threshold_from"] == "given"
+
+    # export: the file keeps the convention, and scores the same (the README test runs the command line)
     onnx_path = export_checkpoint(case.path, tmp_path / "model.onnx", backbone=backbone)
     exported = load_embedder(onnx_path)
     assert exported.spec.channel_order == ("BGR" if case.bgr else "RGB") and exported.metadata["backbone"] == case.backbone
