@@ -35,16 +35,20 @@ def read_record(checkpoint: dict[str, Any], path: str | os.PathLike = "<checkpoi
     return record
 
 
-def load_module(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FaceRecognitionModule:
+def load_module(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", checkpoint: dict[str, Any] | None = None
+) -> FaceRecognitionModule:
     """The :class:`FaceRecognitionModule` saved in ``path``, in eval mode, on ``map_location``.
 
     Sharded Partial FC centres are consolidated in checkpoints, so the head is rebuilt whole on one
     process. ``module.verification`` holds the thresholds chosen by the last validation.
+    ``checkpoint``: the file's contents when already read (``torch.load(weights_only=True)``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if checkpoint is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     record = read_record(checkpoint, path)
     config = dict(record["config"])
     if isinstance(config.get("backbone"), dict) and config["backbone"].get("pretrained_file"):

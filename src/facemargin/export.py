@@ -146,7 +146,7 @@ def export_checkpoint(
     if w.format == "facemargin":
         from .checkpoint import load_module
 
-        module = load_module(ckpt_path, map_location="cpu")
+        module = load_module(ckpt_path, map_location="cpu", checkpoint=w.raw)
         meta = checkpoint_export_metadata(module.record(), str(ckpt_path))
         return export_model(module.backbone, target, format, meta, flip_fused, opset)
     net, w, name = open_backbone(ckpt_path, backbone, w)

@@ -174,10 +174,10 @@ def _load_torchscript(path: Path, device: str) -> Embedder:
     return Embedder(module.eval(), json.loads(extra[f"{METADATA_KEY}.json"]), file_key(path), str(path), device)
 
 
-def _load_checkpoint(path: Path, device: str) -> Embedder:
+def _load_checkpoint(path: Path, device: str, checkpoint: dict[str, Any] | None = None) -> Embedder:
     from ..checkpoint import load_module
 
-    module = load_module(path, map_location="cpu")
+    module = load_module(path, map_location="cpu", checkpoint=checkpoint)
     return Embedder.from_module(module.backbone, module.record(), file_key(path), str(path), device)
 
 
@@ -190,7 +190,7 @@ def _load_weights(path: Path, device: str, backbone: str | None) -> Embedder:
         if backbone and backbone != w.named:
             raise ModelFileError(f"{path}: a facemargin checkpoint of backbone {w.named}; backbone={backbone} is for files "
                             "that do not name theirs")
-        return _load_checkpoint(path, device)
+        return _load_checkpoint(path, device, w.raw)  # read once
     model, w, name = open_backbone(path, backbone, w)
     meta = {**input_spec_of(model).to_dict(), "embedding_size": model.embedding_size, "format": w.format,
             "backbone": name, "source": path.name}
