@@ -29,7 +29,9 @@ def test_registered_in_timm() -> None:
     assert set(timm.list_models("iresnet*")) == {*DEPTHS, "iresnet_demo"}
     assert set(timm.list_models("mobilefacenet*")) == {"mobilefacenet", "mobilefacenet_large"}
     assert not timm.list_pretrained("iresnet*")  # no weights are advertised
-    assert set(fb.FACE_BACKBONES) == {*DEPTHS, "iresnet_demo", "mobilefacenet", "mobilefacenet_large"}
+    peers = {f"{who}_ir{d}" for who in ("adaface", "cvlface") for d in (18, 34, 50, 101)} | {f"face_vit_{s}" for s in "tsblh"}
+    assert set(fb.FACE_BACKBONES) == {*DEPTHS, "iresnet_demo", "mobilefacenet", "mobilefacenet_large", *peers}
+    assert set(timm.list_models("adaface_ir*")) | set(timm.list_models("face_vit_*")) <= peers
 
 
 @pytest.mark.parametrize("name", DEPTHS)
@@ -174,15 +176,21 @@ def test_backbone_configs_are_flat_and_build() -> None:
     files = sorted(CONF_DIR.glob("*.yaml"))
     expected = {f"iresnet{d}" for d in (18, 34, 50, 100, 200)} | {
         "mobilefacenet",
+        "mobilefacenet_large",
         "resnet18",
         "convnext_atto",
         "vit_tiny",
         "demo",
+        *(f"adaface_ir{d}" for d in (18, 34, 50, 101)),
+        *(f"cvlface_ir{d}" for d in (18, 34, 50, 101)),
+        *(f"face_vit_{s}" for s in "tsblh"),
     }
     assert {f.stem for f in files} == expected
     for f in files:
         cfg = OmegaConf.load(f)
-        assert set(cfg.keys()) == {"_target_", "name", "embedding_size", "dropout", "kwargs"}, f.name
+        assert set(cfg.keys()) == {"_target_", "name", "embedding_size", "dropout", "kwargs", "pretrained_file"}, f.name
+        assert cfg.pretrained_file is None, f.name
+        assert f.stem == "demo" or f.stem == cfg.name or f.stem == "vit_tiny", f.name  # backbone=NAME names the model
         assert cfg._target_ == "facemargin.backbones.build_embedder", f.name
         assert cfg.embedding_size == 512
         assert timm.is_model(cfg.name), f.name
@@ -191,3 +199,16 @@ def test_backbone_configs_are_flat_and_build() -> None:
     demo = instantiate(OmegaConf.load(CONF_DIR / "demo.yaml")).eval()
     with torch.no_grad():
         assert demo(torch.randn(2, 3, 112, 112)).shape == (2, 512)
+
+
+@pytest.mark.parametrize("depth, iresnet", [(18, "iresnet18"), (50, "iresnet50"), (101, "iresnet100")])
+def test_adaface_ir_is_iresnet_less_two_pieces(depth: int, iresnet: str) -> None:
+    """AdaFace's IR-N has insightface's iresnet blocks, but the stage-1 entry unit (64 -> 64, stride 2)
+    takes a parameter-free max-pool shortcut (insightface: 1x1 conv 64x64 + BN 2x64) and the
+    embedding BatchNorm1d has no affine parameters (insightface: 2 x 512)."""
+    with torch.device("meta"):
+        ada = timm.create_model(f"adaface_ir{depth}", num_classes=0)
+        ins = timm.create_model(iresnet, num_classes=0)
+    assert n_params(ins) - n_params(ada) == 64 * 64 + 2 * 64 + 2 * 512
+    assert isinstance(ada.body[0].shortcut_layer, nn.MaxPool2d) and ada.input_spec.channel_order == "BGR"
+    assert timm.create_model(f"cvlface_ir{depth}", num_classes=0).input_spec.channel_order == "RGB" if depth == 18 else True

@@ -70,7 +70,8 @@ def test_metadata_travels_inside_the_files(demo_checkpoint, exported) -> None:
     onnx_meta = json.loads(props["facemargin"])
     ts_meta = load_embedder(exported["torchscript"]).metadata
     for meta in (onnx_meta, ts_meta):
-        assert meta["channel_order"] == "RGB" and meta["mean"] == 0.5 and meta["std"] == 0.5
+        assert meta["channel_order"] == "RGB" and meta["mean"] == [0.5] * 3 and meta["std"] == [0.5] * 3  # InputSpec.to_dict()
+        assert meta["alignment"] == "arcface_5pt" and meta["output_description"] == "embedding, not L2-normalised"
         assert meta["input_size"] == 112 and meta["embedding_size"] == 64 and meta["flip_fused"] is False
         assert meta["margin"] == record["config"]["head"]["margin"] and meta["margin"]["name"] == "expface"
         assert meta["config"] == record["config"] and meta["verification"] == record["verification"]

@@ -10,6 +10,7 @@ A photo of the model's input size is taken as an aligned crop; any other photo i
 aligned, and the face used is printed (box, score, how many were found, the choice rule) --
 ``detect=true|false`` forces either way, ``landmarks=FILE`` gives the 5 points instead (lines
 ``a.jpg x1 y1 ... x5 y5``, paths as given on the command line).
+Published models take the model options of ``embed`` (``backbone``, ``input.*``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .cli import Option, parse_kv_args, run_cli
 from .errors import UserError
+from .published.options import MODEL_OPTIONS
 
 if TYPE_CHECKING:
     from .evaluation.embedder import Embedder
@@ -38,24 +40,27 @@ OPTIONS = {
     "min_score": Option("0", "ignore detected faces scoring below this"),
     "landmarks": Option("", "landmark list FILE (a.jpg x1 y1 ... x5 y5): align by it, no detection"),
     "device": Option("auto", "cpu | cuda | auto"),
+    **MODEL_OPTIONS,
 }
 
 
 def compare(model_path: str, a: str, b: str, threshold: float | None = None, set_name: str | None = None,
             landmarks: str | None = None, device: str = "auto", detect: str = "auto", detector: Any = "mtcnn",
-            choice: str = "largest", min_score: float = 0.0) -> dict[str, object]:
+            choice: str = "largest", min_score: float = 0.0, backbone: str | None = None,
+            input: dict[str, str] | None = None) -> dict[str, object]:
     """``{"cosine", "threshold", "threshold_from", "same", "faces"}`` for two photos.
 
     ``faces``: ``{photo: how its face was found}`` for each detected photo (empty when both are
     aligned crops or ``landmarks`` gives the points). ``detector``: a name in ``conf/detector/``,
-    a ``_target_`` mapping or a built detector.
+    a ``_target_`` mapping or a built detector. ``backbone`` / ``input``: see
+    :func:`~facemargin.evaluation.embedder.load_embedder` (published model files).
     """
     import numpy as np
 
     from .embed import embed_files, locate_faces, read_landmarks
     from .evaluation.embedder import load_embedder
 
-    model = load_embedder(model_path, device)
+    model = load_embedder(model_path, device, backbone=backbone, input=input)
     cos_threshold, source = decision_threshold(model, threshold, set_name)  # before any work: it may be missing
     paths = [Path(a), Path(b)]
     faces: dict[str, str] = {}
@@ -101,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _run(args: dict[str, str], detector_options: dict[str, str]) -> None:
     from .detect.pipeline import load_detector
+    from .published.options import model_options
 
     try:
         threshold = float(args["threshold"]) if args["threshold"] else None
@@ -109,7 +115,7 @@ def _run(args: dict[str, str], detector_options: dict[str, str]) -> None:
         raise UserError(f"threshold={args['threshold']!r} / min_score={args['min_score']!r}: expected numbers") from None
     detector: Any = load_detector(args["detector"], **detector_options) if detector_options else args["detector"]
     r = compare(args["MODEL"], args["A"], args["B"], threshold, args["set"] or None, args["landmarks"] or None,
-                args["device"], args["detect"].lower(), detector, args["choice"], min_score)
+                args["device"], args["detect"].lower(), detector, args["choice"], min_score, **model_options(args))
     for photo, found in r["faces"].items():  # type: ignore[union-attr]
         print(f"{photo}: {found}")
     verdict = "same person" if r["same"] else "different people"

@@ -1,6 +1,8 @@
 """Embed your photos: ``python -m facemargin.embed MODEL IMAGES_DIR [out=embeddings.npy] [key=value ...]``.
 
-``MODEL``: a training checkpoint or an exported ``.onnx`` / TorchScript file. ``IMAGES_DIR``: photos,
+``MODEL``: a training checkpoint, an exported ``.onnx`` / TorchScript file, or a published model
+(insightface ``backbone.pth`` with ``backbone=iresnet50``, AdaFace ``.ckpt``, CVLface ``model.pt``,
+a foreign ONNX file with ``input.channel_order= input.mean= input.std=``). ``IMAGES_DIR``: photos,
 read recursively in sorted order. Which face is embedded and how it is aligned (``detect``):
 ``auto`` (default): a photo of the model's input size (112x112) is taken as an aligned crop, any
 other photo is detected (``detector``, ``choice``, ``min_score``) and aligned to the ArcFace
@@ -23,6 +25,7 @@ import numpy as np
 
 from .cli import Option, parse_kv_args, run_cli
 from .errors import UserError
+from .published.options import MODEL_OPTIONS
 
 if TYPE_CHECKING:
     from .detect.survey import Survey
@@ -51,6 +54,7 @@ OPTIONS = {
     "device": Option("auto", "cpu | cuda | auto"),
     "num_workers": Option("0", "DataLoader workers decoding the photos"),
     "progress": Option("true", "show progress bars"),
+    **MODEL_OPTIONS,
 }
 
 
@@ -166,11 +170,12 @@ def _number(args: dict[str, str], key: str, kind: type = int):
 
 def _run(args: dict[str, str], detector_options: dict[str, str]) -> None:
     from .evaluation.embedder import load_embedder
+    from .published.options import model_options
 
     root = Path(args["IMAGES_DIR"])
     out = Path(args["out"])
     progress = args["progress"].lower() == "true"
-    model = load_embedder(args["MODEL"], args["device"])
+    model = load_embedder(args["MODEL"], args["device"], **model_options(args))
     survey = None
     if args["landmarks"]:
         if args["detect"] == "true":

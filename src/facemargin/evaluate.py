@@ -1,7 +1,9 @@
 """Score a model: ``python -m facemargin.evaluate ckpt_path=... eval=[lfw,cfp_fp,agedb_30,ijbc]``.
 
-``ckpt_path`` is a training checkpoint or a file written by ``facemargin.export`` (ONNX,
-TorchScript). Every ``eval/<name>.yaml`` adds one named evaluator (``conf/evaluate.yaml`` says
+``ckpt_path`` is a training checkpoint, a file written by ``facemargin.export`` (ONNX,
+TorchScript) or a published model (insightface ``backbone.pth``, AdaFace ``.ckpt``, CVLface
+``model.pt``, a foreign ONNX file; ``backbone=NAME`` and ``input.*=`` where the file does not say,
+see :mod:`facemargin.published`). Every ``eval/<name>.yaml`` adds one named evaluator (``conf/evaluate.yaml`` says
 where the sets live: ``eval_root``, ``ijb_root``, by default under ``$FACEMARGIN_DATA``). The same
 evaluator objects run in training validation. Prints one table per protocol and writes
 ``eval.json`` (figures, and why a figure is null) into the run folder. Embeddings are cached per
@@ -116,11 +118,12 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from .published.options import config_model_options
     from .train import config_dir
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
     def _run(cfg: DictConfig) -> None:
-        model = load_embedder(cfg.ckpt_path, cfg.device)
+        model = load_embedder(cfg.ckpt_path, cfg.device, **config_model_options(cfg))
         evaluators = _instantiate_evaluators(cfg.eval)
         cache = EmbeddingCache(cfg.cache_dir) if cfg.cache else None
         result = evaluate(model, list(evaluators.values()), cache, cfg.batch_size, cfg.num_workers, cfg.progress)

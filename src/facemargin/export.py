@@ -1,5 +1,8 @@
 """Export a trained embedder: ``python -m facemargin.export ckpt_path=... format=onnx|torchscript out=...``.
 
+``ckpt_path`` is a facemargin checkpoint or a published weights file (insightface ``backbone.pth``
+with ``backbone=iresnet100``, AdaFace ``.ckpt``, CVLface ``model.pt``: :mod:`facemargin.published`).
+
 Only the backbone (with its embedding neck) is exported: normalised float images
 ``[B, 3, H, W]`` -> embeddings ``[B, D]`` (not L2-normalised), with a dynamic batch axis. The file
 carries what a user of the model must know (:data:`~facemargin.evaluation.embedder.METADATA_KEY`,
@@ -114,45 +117,62 @@ def export_model(
 
 
 def checkpoint_export_metadata(record: dict[str, Any], source: str) -> dict[str, Any]:
-    """What an exported file records from a module's :meth:`~facemargin.module.FaceRecognitionModule.record`."""
+    """What an exported file records from a module's :meth:`~facemargin.module.FaceRecognitionModule.record`:
+    its input convention (``InputSpec.to_dict()``: size, channel order, mean/std, an aligned face in,
+    an embedding that is not L2-normalised out), sizes, thresholds (cosine, with their unit), margin and config."""
     from .evaluation.thresholds import THRESHOLD_UNIT, stored_thresholds
+    from .input_spec import InputSpec
 
-    keys = ("channel_order", "mean", "std", "input_size", "embedding_size", "num_classes", "config")
+    keys = ("embedding_size", "num_classes", "config")
     head = record["config"].get("head") or {}
+    spec = InputSpec.from_dict(record, source).to_dict()
     thresholds = {  # cosine thresholds (records written before stored squared distances: converted)
         "verification": stored_thresholds(record.get("verification")),
         "verification_notes": dict(record.get("verification_notes") or {}),
         "threshold_unit": THRESHOLD_UNIT,
     }
-    return {**{k: record[k] for k in keys}, **thresholds, "margin": head.get("margin"), "source": Path(source).name}
+    return {**spec, **{k: record[k] for k in keys}, **thresholds, "margin": head.get("margin"), "source": Path(source).name}
 
 
 def export_checkpoint(
     ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None, format: str = "onnx",
-    flip_fused: bool = False, opset: int = 17,
+    flip_fused: bool = False, opset: int = 17, backbone: str | None = None,
 ) -> Path:
-    """Export the backbone of a training checkpoint (default ``out``: the checkpoint's name with
-    ``.onnx`` / ``.pt``)."""
-    from .checkpoint import load_module
+    """Export the backbone of a training checkpoint, or of a published weights file (insightface
+    ``backbone.pth``, AdaFace ``.ckpt``, CVLface ``model.pt``; ``backbone`` names its architecture
+    where the file does not), with the model's input convention in the metadata (default ``out``:
+    the file's name with ``.onnx`` / ``.pt``)."""
+    from .input_spec import input_spec_of
+    from .published import open_backbone, read_weights
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     ckpt_path = Path(ckpt_path)
-    module = load_module(ckpt_path, map_location="cpu")
-    meta = checkpoint_export_metadata(module.record(), str(ckpt_path))
     target = Path(out) if out else ckpt_path.with_suffix(FORMATS[format])
-    return export_model(module.backbone, target, format, meta, flip_fused, opset)
+    w = read_weights(ckpt_path)
+    if w.format == "facemargin":
+        from .checkpoint import load_module
+
+        module = load_module(ckpt_path, map_location="cpu", checkpoint=w.raw)
+        meta = checkpoint_export_metadata(module.record(), str(ckpt_path))
+        return export_model(module.backbone, target, format, meta, flip_fused, opset)
+    net, w, name = open_backbone(ckpt_path, backbone, w)
+    meta = {**input_spec_of(net).to_dict(), "embedding_size": net.embedding_size, "format": w.format,
+            "backbone": name, "verification": {}, "source": ckpt_path.name}
+    return export_model(net, target, format, meta, flip_fused, opset)
 
 
 def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from .published.options import config_model_options
     from .train import config_dir
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
     def _run(cfg: DictConfig) -> None:
-        path = export_checkpoint(cfg.ckpt_path, cfg.out, cfg.format, cfg.flip_fused, cfg.opset)
+        backbone = config_model_options(cfg)["backbone"]
+        path = export_checkpoint(cfg.ckpt_path, cfg.out, cfg.format, cfg.flip_fused, cfg.opset, backbone)
         print(f"exported {cfg.format} model ({'flip-fused, ' if cfg.flip_fused else ''}batch axis dynamic): {path}")
 
     _run()

@@ -109,9 +109,11 @@ class InputSpec:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         x = images.flip(1) if self.channel_order == "BGR" else images
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return x.float().div_(255.0).sub_(mean).div_(std)
+        # x / (255 std) - mean / std: for facemargin's 0.5 / 0.5 that is x / 127.5 - 1, exactly
+        # normalize_uint8's arithmetic (127.5 and 1 are exact in float32)
+        scale = torch.tensor([255.0 * s for s in self.std], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return x.float().div_(scale).sub_(shift)
 
 
 #: facemargin's own convention: 112x112 RGB, ``(x / 255 - 0.5) / 0.5``.

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .config import to_plain
-from .data.loading.normalize import CHANNEL_ORDER, MEAN, STD, normalize_uint8
 from .distributed import exclude_from_ddp
 from .evaluation.pairs import datamodule_evaluators
 from .evaluation.thresholds import THRESHOLD_KEY, THRESHOLD_UNIT, stored_thresholds, threshold_entry
+from .input_spec import InputSpec, input_spec_of
 from .margins.base import check_flag
 
 __all__ = ["FaceRecognitionModule", "RECORD_KEY"]
@@ -83,8 +83,9 @@ class FaceRecognitionModule(pl.LightningModule):
     """Train a face embedder with any head; validate with any evaluators.
 
     Args:
-        backbone: images ``[B, 3, H, W]`` (float, normalised; uint8 is normalised here) ->
-            embeddings ``[B, D]``. ``D`` is ``backbone.embedding_size`` or measured once.
+        backbone: images ``[B, 3, H, W]`` (float, normalised; uint8 is normalised here with the
+            backbone's :class:`~facemargin.input_spec.InputSpec`, e.g. flipped to BGR for an AdaFace
+            IR net) -> embeddings ``[B, D]``. ``D`` is ``backbone.embedding_size`` or measured once.
         head: a ready ``nn.Module``, or a factory called as ``head(embedding_size=D, num_classes=C)``
             (Hydra ``_partial_``). See the head contract in ``docs/architecture.md``.
         optimizer: ``optimizer(params) -> Optimizer`` (Hydra ``_partial_``); default SGD(lr=0.1).
@@ -198,10 +199,15 @@ class FaceRecognitionModule(pl.LightningModule):
             self._datamodule_evaluators_added = True
 
     # ------------------------------------------------------------------ forward
+    @property
+    def input_spec(self) -> InputSpec:
+        """What the backbone takes (``backbone.input_spec``; facemargin's RGB default without one)."""
+        return input_spec_of(self.backbone)
+
     def forward(self, images: Tensor) -> Tensor:
-        """Un-normalised embeddings ``[B, D]``; uint8 images are normalised first."""
+        """Un-normalised embeddings ``[B, D]``; uint8 RGB images are normalised first (:attr:`input_spec`)."""
         if images.dtype == torch.uint8:
-            images = normalize_uint8(images)
+            images = self.input_spec.normalize(images)
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return self._compiled("backbone", self.backbone)(images)
@@ -354,10 +360,7 @@ class FaceRecognitionModule(pl.LightningModule):
             "config": self.config,
             "num_classes": self.num_classes,
             "embedding_size": self.embedding_size,
-            "input_size": self.input_size,
-            "channel_order": CHANNEL_ORDER,
-            "mean": MEAN,
-            "std": STD,
+            **self.input_spec.to_dict(),  # input_size, channel_order, mean, std, alignment, descriptions
             "verification": {k: dict(v) for k, v in self.verification.items()},
             "verification_notes": dict(self.verification_notes),
             "threshold_unit": THRESHOLD_UNIT,

@@ -1,8 +1,11 @@
 """Face backbones registered in timm, and ``build_embedder`` (images -> embeddings).
 
 Importing this package registers ``iresnet18/34/50/100/200``, ``iresnet_demo``,
-``mobilefacenet`` and ``mobilefacenet_large`` in timm's model registry, so
-``timm.create_model("iresnet100")`` works afterwards.
+``mobilefacenet`` and ``mobilefacenet_large`` (insightface's layouts), ``adaface_ir18/34/50/101``
+and ``cvlface_ir18/34/50/101`` (AdaFace's IR layout; BGR and RGB input) and ``face_vit_t/s/b/l/h``
+(insightface's face ViTs) in timm's model registry, so ``timm.create_model("iresnet100")`` works
+afterwards. ``build_embedder(..., pretrained_file=PATH)`` starts any of them -- and any timm
+model -- from a published weights file (:mod:`facemargin.published`).
 """
 
 from __future__ import annotations
@@ -13,15 +16,21 @@ import timm
 import torch
 from torch import nn
 
+from . import adaface as _adaface
+from . import face_vit as _face_vit
 from . import iresnet as _iresnet
 from . import mobilefacenet as _mobilefacenet
 from ..config import to_plain
+from .adaface import AdaFaceIR
+from .face_vit import FaceViT
 from .iresnet import IBasicBlock, IResNet
 from .mobilefacenet import MobileFaceNet
 from .neck import EmbeddingNeck
 
 __all__ = [
+    "AdaFaceIR",
     "FACE_BACKBONES",
+    "FaceViT",
     "EmbeddingNeck",
     "IBasicBlock",
     "IResNet",
@@ -31,7 +40,10 @@ __all__ = [
 ]
 
 #: Face backbones defined here (they output the embedding themselves; no neck is added).
-FACE_BACKBONES: tuple[str, ...] = tuple(_iresnet.default_cfgs) + tuple(_mobilefacenet.default_cfgs)
+FACE_BACKBONES: tuple[str, ...] = (
+    tuple(_iresnet.default_cfgs) + tuple(_mobilefacenet.default_cfgs) + tuple(_adaface.default_cfgs)
+    + tuple(_face_vit.default_cfgs)
+)
 
 
 class TimmEmbedder(nn.Module):
@@ -54,6 +66,7 @@ def build_embedder(
     embedding_size: int = 512,
     input_size: int = 112,
     dropout: float = 0.0,
+    pretrained_file: str | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Build a model mapping images ``[B, 3, input_size, input_size]`` to ``[B, embedding_size]``.
@@ -63,6 +76,12 @@ def build_embedder(
     num_classes=0`` (``img_size=input_size`` where the model has a fixed input size, e.g. ViTs) and
     followed by an ``EmbeddingNeck``. A ``kwargs`` mapping (the Hydra config's field) is merged into
     ``timm_kwargs``. The returned module has ``.embedding_size`` and ``.input_size``.
+
+    ``pretrained_file``: a local weights file to start from (never a download). A face backbone
+    takes any file :mod:`facemargin.published` reads (insightface ``backbone.pth``, AdaFace
+    ``.ckpt``, CVLface, a facemargin checkpoint) and must fit it exactly; another timm model takes
+    that model's timm weights (``.pth`` / ``.safetensors``), adapted by timm's own filter (e.g. a
+    ViT's position embeddings resized to ``input_size``), its classifier dropped.
     """
     kw: dict[str, Any] = to_plain(timm_kwargs)
     nested = kw.pop("kwargs", None)
@@ -77,6 +96,10 @@ def build_embedder(
             name, pretrained=pretrained, num_classes=0, embedding_size=embedding_size, dropout=dropout, **kw
         )
         model.input_size = input_size
+        if pretrained_file:
+            from ..published import load_weights_into
+
+            load_weights_into(model, pretrained_file, name)
         return model
     if not timm.is_model(name):
         raise ValueError(
@@ -85,5 +108,10 @@ def build_embedder(
         )
     if timm.get_pretrained_cfg_value(name, "fixed_input_size"):
         kw.setdefault("img_size", input_size)
-    backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kw)
+    if not pretrained_file:
+        backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kw)
+    else:
+        from ..published import load_timm_weights
+
+        backbone = load_timm_weights(name, pretrained_file, **kw)
     return TimmEmbedder(backbone, embedding_size, dropout, input_size)

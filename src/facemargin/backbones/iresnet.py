@@ -93,21 +93,10 @@ class IResNet(FaceEmbedderTimmAPI, nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        kwargs.pop("global_pool", None)  # timm passes it for some wrappers; IResNet has no pooling
-        if kwargs:
-            raise TypeError(f"IResNet got unexpected arguments: {sorted(kwargs)}")
         if len(layers) != len(widths) or not layers:
             raise ValueError("IResNet needs one width per stage (layers and widths of equal length)")
         reduction = stem_stride * 2 ** len(layers)
-        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if h % reduction or w % reduction:
-            raise ValueError(f"IResNet input size must be a multiple of {reduction}, got {h}x{w}")
-        self.img_size = (h, w)
-        self.in_chans = in_chans
-        self.embedding_size = embedding_size
-        self.num_features = self.head_hidden_size = embedding_size
-        self.num_classes = num_classes
-        self.drop_rate = dropout
+        h, w = self._setup_embedder(kwargs, img_size, reduction, in_chans, embedding_size, num_classes, dropout)
         self.grad_checkpointing = False
 
         self.conv1 = _conv3x3(in_chans, stem_width, stem_stride)

@@ -83,18 +83,7 @@ class MobileFaceNet(FaceEmbedderTimmAPI, nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        kwargs.pop("global_pool", None)
-        if kwargs:
-            raise TypeError(f"MobileFaceNet got unexpected arguments: {sorted(kwargs)}")
-        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if h % 16 or w % 16:
-            raise ValueError(f"MobileFaceNet input size must be a multiple of 16, got {h}x{w}")
-        self.img_size = (h, w)
-        self.in_chans = in_chans
-        self.embedding_size = embedding_size
-        self.num_features = self.head_hidden_size = embedding_size
-        self.num_classes = num_classes
-        self.drop_rate = dropout
+        h, w = self._setup_embedder(kwargs, img_size, 16, in_chans, embedding_size, num_classes, dropout)
         c1, c2 = 64 * scale, 128 * scale
 
         self.stem = ConvBNAct(in_chans, c1, 3, stride=2)  # 56x56

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,27 @@ class FaceEmbedderTimmAPI:
     embedding_size: int
     num_classes: int
     head: nn.Module
+
+    def _setup_embedder(
+        self, kwargs: dict[str, Any], img_size: int | Sequence[int], reduction: int, in_chans: int,
+        embedding_size: int, num_classes: int, dropout: float,
+    ) -> tuple[int, int]:
+        """The attributes every face model here sets; checks ``kwargs`` is empty (timm's ``global_pool``
+        aside) and that the input side is a multiple of ``reduction``. Returns ``(height, width)``."""
+        name = type(self).__name__
+        kwargs.pop("global_pool", None)  # timm passes it for some wrappers; these models do not pool
+        if kwargs:
+            raise TypeError(f"{name} got unexpected arguments: {sorted(kwargs)}")
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if h % reduction or w % reduction:
+            raise ValueError(f"{name} input size must be a multiple of {reduction}, got {h}x{w}")
+        self.img_size = (h, w)
+        self.in_chans = in_chans
+        self.embedding_size = embedding_size
+        self.num_features = self.head_hidden_size = embedding_size
+        self.num_classes = num_classes
+        self.drop_rate = dropout
+        return h, w
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

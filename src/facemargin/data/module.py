@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import to_plain
+from ..input_spec import DEFAULT, InputSpec
 from .formats.setfiles import SetFiles
 from .loading.device_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
 from .loading.loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
-from .loading.normalize import normalize_uint8
 from .loading.plan import PlanSpec
 from .sources.base import FaceSource
 from .sources.folder import FolderSource
@@ -88,8 +88,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
             ``$FACEMARGIN_CACHE`` or ``~/.cache/facemargin``); ``demo_options`` overrides its
             generation parameters (``num_identities``, ``images_per_identity``, ...).
 
-    Loaders yield uint8 images; :meth:`on_after_batch_transfer` augments (training) and normalises
-    them to float32 on the device, so the model always receives ``(x / 255 - 0.5) / 0.5``.
+    Loaders yield uint8 RGB images; :meth:`on_after_batch_transfer` augments (training) and
+    normalises them to float32 on the device with the module's ``input_spec`` (facemargin's
+    ``(x / 255 - 0.5) / 0.5`` RGB; an AdaFace IR net's the same in BGR).
     ``num_classes`` and ``image_size`` are known right after construction. The train loader is
     resumable: its position is saved in every checkpoint and restored exactly.
     """
@@ -273,10 +274,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
 
     # ---- device-side augmentation and normalisation
     @staticmethod
-    def normalize_batch(batch: Any) -> Any:
-        """``(uint8 images, ...)`` -> ``(float32 normalised images, ...)``; float batches pass through."""
+    def normalize_batch(batch: Any, spec: InputSpec = DEFAULT) -> Any:
+        """``(uint8 RGB images, ...)`` -> ``(the network's float input, ...)`` by ``spec``; float batches pass through."""
         if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]) and batch[0].dtype == torch.uint8:
-            images = normalize_uint8(batch[0])
+            images = spec.normalize(batch[0])
             return [images, *batch[1:]] if isinstance(batch, list) else (images, *batch[1:])
         return batch
 
@@ -300,7 +301,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if self.augment is not None and trainer is not None and trainer.training and len(batch) == 3:
             images, labels, index = batch
             batch = (self.augment(images, index, int(trainer.current_epoch)), labels, index)
-        return self.normalize_batch(batch)
+        # the module's backbone says what it takes (an AdaFace IR net: BGR)
+        spec = getattr(trainer.lightning_module, "input_spec", DEFAULT) if trainer is not None else DEFAULT
+        return self.normalize_batch(batch, spec if isinstance(spec, InputSpec) else DEFAULT)
 
     # ---- resume: Lightning restores this before it asks for the train loader (and its length)
     def state_dict(self) -> dict[str, Any]:

@@ -4,8 +4,11 @@
 with the input pipeline recorded next to it (``metadata``: ``input_size``, ``channel_order``,
 ``mean``/``std`` of ``(x / 255 - mean) / std``, ``embedding_size``, ``flip_fused``, the
 ``verification`` thresholds validation chose, the training ``config``). It takes uint8 images,
-so every caller feeds it exactly as training did. :func:`load_embedder` opens any of the files
-``facemargin.train`` and ``facemargin.export`` write.
+so every caller feeds it exactly as training did (:attr:`Embedder.spec`, an
+:class:`~facemargin.input_spec.InputSpec`). :func:`load_embedder` opens any of the files
+``facemargin.train`` and ``facemargin.export`` write, and the published models
+:mod:`facemargin.published` reads (insightface, AdaFace, CVLface, foreign ONNX); the file's kind
+is recognised from its bytes and keys, never its name.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data.loading.normalize import CHANNEL_ORDER, MEAN, STD
+from ..input_spec import InputSpec, input_spec_of
+from ..published.files import ModelFileError
 from .base import file_key
 
 __all__ = ["METADATA_KEY", "Embedder", "load_embedder"]
@@ -42,7 +46,9 @@ class Embedder:
     """Images in (uint8), embeddings out; flip test and normalisation as the metadata says.
 
     ``net``: a callable on normalised float images on ``device``; ``key``: identifies the weights
-    for the embedding cache (``None``: never cached); ``source``: named in messages.
+    for the embedding cache (``None``: never cached); ``source``: named in messages; ``format``:
+    what was loaded (``"facemargin"``, ``"insightface"``, ``"adaface"``, ``"cvlface"``, ``"onnx"``).
+    ``spec`` (:class:`~facemargin.input_spec.InputSpec`) is read from ``metadata``.
     """
 
     def __init__(
@@ -52,29 +58,27 @@ class Embedder:
         key: str | None = None,
         source: str = "model",
         device: str | torch.device = "cpu",
+        format: str = "facemargin",
     ) -> None:
         self.net = net
         self.metadata = {**default_metadata(), **(metadata or {})}
         self.key = key
         self.source = source
         self.device = torch.device(device)
-        if self.metadata["channel_order"] not in ("RGB", "BGR"):
-            raise ValueError(f"{source}: channel_order must be RGB or BGR, got {self.metadata['channel_order']!r}")
-        self._mean = torch.tensor(self.metadata["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(self.metadata["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.format = format
+        self.spec = InputSpec.from_dict(self.metadata, source)
 
     @classmethod
     def from_module(cls, module: nn.Module, metadata: dict[str, Any] | None = None, key: str | None = None,
-                    source: str = "model", device: str | torch.device = "cpu") -> "Embedder":
-        """Wrap an ``nn.Module`` (put in eval mode on ``device``)."""
+                    source: str = "model", device: str | torch.device = "cpu", format: str = "facemargin") -> "Embedder":
+        """Wrap an ``nn.Module`` (put in eval mode on ``device``); its ``input_spec`` unless ``metadata`` says otherwise."""
         module = module.to(device).eval()
-        size = getattr(module, "input_size", None)
-        meta = {"embedding_size": getattr(module, "embedding_size", None), **({"input_size": size} if size else {})}
-        return cls(module, {**meta, **(metadata or {})}, key, source, device)
+        meta = {**input_spec_of(module).to_dict(), "embedding_size": getattr(module, "embedding_size", None)}
+        return cls(module, {**meta, **(metadata or {})}, key, source, device, format)
 
     @property
     def input_size(self) -> int:
-        return int(self.metadata["input_size"])
+        return int(self.spec.size)
 
     @property
     def flip_fused(self) -> bool:
@@ -82,11 +86,8 @@ class Embedder:
         return bool(self.metadata.get("flip_fused", False))
 
     def normalize(self, images: Tensor) -> Tensor:
-        """uint8 ``[B, 3, H, W]`` RGB -> the network's float input on its device."""
-        x = images.to(self.device, non_blocking=True)
-        if self.metadata["channel_order"] == "BGR":
-            x = x.flip(1)
-        return x.float().div_(255.0).sub_(self._mean).div_(self._std)  # one float copy, then in place
+        """uint8 ``[B, 3, H, W]`` RGB -> the network's float input on its device (:meth:`InputSpec.normalize`)."""
+        return self.spec.normalize(images.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def embed_views(self, images: Tensor, flip: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -121,35 +122,43 @@ class Embedder:
         return cos, name
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in zf.namelist())
-
-
 def _pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
-def _load_onnx(path: Path, device: str) -> Embedder:
+def _load_onnx(path: Path, device: str, given: dict[str, Any]) -> Embedder:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ImportError(f"{path}: running ONNX models needs onnxruntime: pip install 'facemargin[onnx]'") from None
+        raise ModelFileError(f"{path}: running ONNX models needs onnxruntime: pip install 'facemargin[onnx]'") from None
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), providers=[p for p in providers if p in ort.get_available_providers()])
+    try:
+        session = ort.InferenceSession(str(path), providers=[p for p in providers if p in ort.get_available_providers()])
+    except Exception as err:  # noqa: BLE001 -- onnxruntime's own error types
+        raise ModelFileError(f"{path}: not a readable ONNX model ({str(err).splitlines()[0]})") from None
     props = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in props:
-        raise ValueError(f"{path}: not a facemargin export (no '{METADATA_KEY}' metadata); export with python -m facemargin.export")
     input_name = session.get_inputs()[0].name
+    batch = None
+    if METADATA_KEY in props:
+        if given:
+            raise ModelFileError(f"{path}: a facemargin export carries its input convention; input.* options are for foreign ONNX models")
+        meta, fmt, key = json.loads(props[METADATA_KEY]), "facemargin", file_key(path)
+    else:
+        from ..published.onnx_spec import foreign_onnx_spec
+
+        spec, batch, dim = foreign_onnx_spec(session.get_inputs(), session.get_outputs(), path, given)
+        meta, fmt = {**spec.to_dict(), "embedding_size": dim, "format": "onnx"}, "onnx"
+        key = f"{file_key(path)}|{json.dumps(spec.to_dict(), sort_keys=True)}"
 
     def run(x: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(None, {input_name: x.detach().cpu().numpy()})[0])
+        arr = x.detach().cpu().numpy()
+        step = batch or len(arr)  # a graph with a fixed batch size runs chunk by chunk
+        outs = [session.run(None, {input_name: arr[i:i + step]})[0] for i in range(0, len(arr), step)]
+        return torch.from_numpy(np.concatenate(outs))
 
-    return Embedder(run, json.loads(props[METADATA_KEY]), file_key(path), str(path), "cpu")
+    return Embedder(run, meta, key, str(path), "cpu", fmt)
 
 
 def _load_torchscript(path: Path, device: str) -> Embedder:
@@ -158,25 +167,55 @@ def _load_torchscript(path: Path, device: str) -> Embedder:
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     if not extra[f"{METADATA_KEY}.json"]:
-        raise ValueError(f"{path}: TorchScript file without facemargin metadata; export with python -m facemargin.export")
+        raise ModelFileError(f"{path}: TorchScript file without facemargin metadata; export with python -m facemargin.export")
     return Embedder(module.eval(), json.loads(extra[f"{METADATA_KEY}.json"]), file_key(path), str(path), device)
 
 
-def _load_checkpoint(path: Path, device: str) -> Embedder:
+def _load_checkpoint(path: Path, device: str, checkpoint: dict[str, Any] | None = None) -> Embedder:
     from ..checkpoint import load_module
 
-    module = load_module(path, map_location="cpu")
+    module = load_module(path, map_location="cpu", checkpoint=checkpoint)
     return Embedder.from_module(module.backbone, module.record(), file_key(path), str(path), device)
 
 
-def load_embedder(path: str | os.PathLike, device: str = "cpu") -> Embedder:
-    """An :class:`Embedder` from a training checkpoint (``.ckpt``), an ONNX file or a TorchScript file."""
+def _load_weights(path: Path, device: str, backbone: str | None) -> Embedder:
+    """A published weights file (insightface, AdaFace, CVLface ...) in the facemargin backbone of its layout."""
+    from ..published import open_backbone, read_weights
+
+    w = read_weights(path)
+    if w.format == "facemargin":
+        if backbone and backbone != w.named:
+            raise ModelFileError(f"{path}: a facemargin checkpoint of backbone {w.named}; backbone={backbone} is for files "
+                            "that do not name theirs")
+        return _load_checkpoint(path, device, w.raw)  # read once
+    model, w, name = open_backbone(path, backbone, w)
+    meta = {**input_spec_of(model).to_dict(), "embedding_size": model.embedding_size, "format": w.format,
+            "backbone": name, "source": path.name}
+    return Embedder.from_module(model, meta, f"{file_key(path)}|{name}", str(path), device, w.format)
+
+
+def load_embedder(
+    path: str | os.PathLike, device: str = "cpu", backbone: str | None = None, input: Any = None
+) -> Embedder:
+    """An :class:`Embedder` from any model file a command takes (see :mod:`facemargin.published`).
+
+    facemargin checkpoints and exports; insightface / AdaFace / CVLface weights (``backbone``
+    names the architecture where the file does not); foreign ONNX models (``input``: ``size``,
+    ``channel_order``, ``mean``, ``std`` complete their input convention).
+    """
+    from ..published import input_overrides, sniff
+
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise FileNotFoundError(2, "model file not found", str(path))
     device = _pick_device(device)
-    if path.suffix.lower() == ".onnx":
-        return _load_onnx(path, device)
-    if _is_torchscript(path):
+    given = input_overrides(input)
+    kind = sniff(path)
+    if kind == "onnx":
+        return _load_onnx(path, device, given)
+    if given:
+        raise ModelFileError(f"{path}: input.* options complete a foreign ONNX model's input convention; this {kind} file's "
+                        "convention is known (facemargin record, or the published format's)")
+    if kind == "torchscript":
         return _load_torchscript(path, device)
-    return _load_checkpoint(path, device)
+    return _load_weights(path, device, backbone)
