@@ -332,15 +332,16 @@ def main() -> int:
             p.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    med = {m: {key: statistics.median(run[key] / run["images"] for run in v) for key in ("cpu", "wall", "minflt")}
-           for m, v in runs.items()}
+    med = {m: {key: statistics.median(run.get(key, 0) / run["images"] for run in v)
+               for key in ("cpu", "wall", "minflt", "children")} for m, v in runs.items()}
     print(f"\nload average during the rounds: {min(loads):.1f}-{max(loads):.1f} ({os.cpu_count()} CPUs)")
     for note in notes:
         print(note)
-    print("\n| row | images / CPU-s | images / wall-s | µs CPU / image | minor faults / batch |")
+    print("\n| row | images / CPU-s | images / wall-s | µs CPU / image (of it: worker processes) | minor faults / batch |")
     print("|---|---|---|---|---|")
     for m, v in med.items():
-        print(f"| {m} | {1 / v['cpu']:,.0f} | {1 / v['wall']:,.0f} | {1e6 * v['cpu']:.0f} | {v['minflt'] * BATCH:,.0f} |")
+        workers = f" ({1e6 * v['children']:.0f})" if v["children"] else ""
+        print(f"| {m} | {1 / v['cpu']:,.0f} | {1 / v['wall']:,.0f} | {1e6 * v['cpu']:.0f}{workers} | {v['minflt'] * BATCH:,.0f} |")
     pairs = [
         ("fm-map / mx-python-uint8", "fm-map", "mx-python-uint8", "1 process each; uint8 batch"),
         ("fm-map-float / mx-python-float (the insightface path)", "fm-map-float", "mx-python-float",

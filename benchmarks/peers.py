@@ -106,8 +106,9 @@ class Clock(NamedTuple):
         return Clock(s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime, s.ru_minflt + c.ru_minflt, time.perf_counter())
 
     def since(self, start: "Clock") -> dict[str, float]:
-        """``cpu`` (this process + children that ended meanwhile), ``wall``, ``minflt``."""
-        return {"cpu": self.self_cpu - start.self_cpu + self.child_cpu - start.child_cpu,
+        """``cpu`` (this process + children that ended meanwhile; ``children`` alone), ``wall``, ``minflt``."""
+        children = self.child_cpu - start.child_cpu
+        return {"cpu": self.self_cpu - start.self_cpu + children, "children": children,
                 "wall": self.wall - start.wall, "minflt": self.minflt - start.minflt}
 
 
