@@ -355,13 +355,7 @@ def main() -> int:
         ("fm-stream / fm-memory", "fm-stream", "fm-memory", ""),
         ("fm-folder / fm-memory", "fm-folder", "fm-memory", ""),
     ]
-    print("\n| ratio (goal >= 1.0 against the peer) | per CPU-s | per wall-s | pairing |")
-    print("|---|---|---|---|")
-    ratios = {}
-    for title, a, b, pairing in pairs:
-        if a in med and b in med:
-            ratios[title] = {"cpu": med[b]["cpu"] / med[a]["cpu"], "wall": med[b]["wall"] / med[a]["wall"]}
-            print(f"| {title} | {ratios[title]['cpu']:.2f} | {ratios[title]['wall']:.2f} | {pairing} |")
+    ratios = peers.print_ratios(med, pairs, "ratio (goal >= 1.0 against the peer)")
     if args.json:
         Path(args.json).write_text(json.dumps({"notes": notes, "loads": loads, "runs": runs, "median_per_image": med,
                                                "ratios": ratios, "missing": missing}, indent=1))

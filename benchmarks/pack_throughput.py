@@ -251,18 +251,15 @@ def main() -> int:
         q = f"{quality[m]:.1f}" if m in quality else ""
         print(f"| {m} | {1 / v['cpu']:,.0f} | {1 / v['wall']:,.0f} | {q} |")
     n = args.workers
-    pairs = [("pass-through, 1 process", "fm pack", "im2rec --pass-through"),
-             ("resize 250 -> 112, 1 process", "fm pack --resize 112", "im2rec --resize 112"),
-             ("crop 0.5 + resize vs im2rec resize (not the same work)", "fm pack --crop 0.5 --resize 112", "im2rec --resize 112"),
-             (f"pass-through, {n} workers", f"fm pack --workers {n}", f"im2rec --pass-through --num-thread {n}"),
-             (f"resize, {n} workers", f"fm pack --resize 112 --workers {n}", f"im2rec --resize 112 --num-thread {n}")]
-    print("\n| facemargin / im2rec (goal >= 1.0) | per CPU-s | per wall-s |")
-    print("|---|---|---|")
-    ratios = {}
-    for title, a, b in pairs:
-        if a in med and b in med:
-            ratios[title] = {"cpu": med[b]["cpu"] / med[a]["cpu"], "wall": med[b]["wall"] / med[a]["wall"]}
-            print(f"| {title} | {ratios[title]['cpu']:.2f} | {ratios[title]['wall']:.2f} |")
+    pairs = [("pass-through", "fm pack", "im2rec --pass-through", "1 process each"),
+             ("resize 250 -> 112", "fm pack --resize 112", "im2rec --resize 112", "1 process each"),
+             ("crop 0.5 + resize vs im2rec's resize", "fm pack --crop 0.5 --resize 112", "im2rec --resize 112",
+              "not the same work: pack resizes a crop"),
+             (f"pass-through, {n} workers", f"fm pack --workers {n}", f"im2rec --pass-through --num-thread {n}",
+              f"{n} worker processes each"),
+             (f"resize, {n} workers", f"fm pack --resize 112 --workers {n}", f"im2rec --resize 112 --num-thread {n}",
+              f"{n} worker processes each")]
+    ratios = peers.print_ratios(med, pairs, "facemargin / im2rec (goal >= 1.0)")
     if args.json:
         Path(args.json).write_text(json.dumps({"loads": loads, "runs": runs, "median_per_image": med, "ratios": ratios,
                                                "psnr": quality, "missing": missing}, indent=1))

@@ -112,6 +112,18 @@ class Clock(NamedTuple):
                 "wall": self.wall - start.wall, "minflt": self.minflt - start.minflt}
 
 
+def print_ratios(med: dict[str, dict[str, float]], pairs: list[tuple[str, str, str, str]], title: str) -> dict:
+    """A table of ``per image`` medians' ratios ``b / a`` (``a`` faster: above 1) per CPU- and wall-second."""
+    print(f"\n| {title} | per CPU-s | per wall-s | pairing |")
+    print("|---|---|---|---|")
+    ratios = {}
+    for name, a, b, pairing in pairs:
+        if a in med and b in med:
+            ratios[name] = {"cpu": med[b]["cpu"] / med[a]["cpu"], "wall": med[b]["wall"] / med[a]["wall"]}
+            print(f"| {name} | {ratios[name]['cpu']:.2f} | {ratios[name]['wall']:.2f} | {pairing} |")
+    return ratios
+
+
 def machine_line() -> str:
     """CPUs and load, for the record (the shared machine is noisy)."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
