@@ -12,7 +12,10 @@ reference is the original decoded at full size, centred square, Lanczos to 112 i
   1/4 or 1/8 scale in the DCT domain (never below the target), then the same resize;
 * ``simplejpeg min size + bicubic``: ``simplejpeg.decode_jpeg(min_height=, min_width=)`` (the
   same DCT scaling through libjpeg-turbo), then Pillow's resize;
-* ``pillow reducing_gap=2``: full decode, ``resize(BICUBIC, reducing_gap=2.0)`` (box reduce first).
+* ``pillow reducing_gap=2``: full decode, ``resize(BICUBIC, reducing_gap=2.0)`` (box reduce first);
+* ``simplejpeg + torch bicubic AA``: simplejpeg full decode, ``torch.nn.functional.interpolate(
+  uint8, mode="bicubic", antialias=True)`` (torch's uint8 kernel: the same filter as Pillow's);
+* ``simplejpeg min size + torch bicubic AA``: the DCT-scaled decode, then the same.
 
 Data: ``--photos DIR`` (any JPEG photos), else LFW-like 250x250 photos made from procedural faces
 (as ``pack_throughput.py`` makes them). One process, ``getrusage`` CPU time, median of ``--repeats``.
@@ -73,11 +76,35 @@ def pillow_reducing_gap(data: bytes) -> bytes:
         return _encode(_square(im.convert("RGB")).resize((SIZE, SIZE), Image.BICUBIC, reducing_gap=2.0))
 
 
+def _torch_resize(rgb: np.ndarray) -> bytes:
+    import torch
+    import torch.nn.functional as F
+
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = torch.from_numpy(rgb[top:top + s, left:left + s]).permute(2, 0, 1)[None]
+    y = F.interpolate(x, size=(SIZE, SIZE), mode="bicubic", antialias=True)[0].permute(1, 2, 0)
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(y.numpy()), quality=95, colorspace="RGB")
+
+
+def torch_full(data: bytes) -> bytes:
+    return _torch_resize(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+
+
+def torch_scaled(data: bytes) -> bytes:
+    h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    s = min(h, w)
+    return _torch_resize(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=h * SIZE // s, min_width=w * SIZE // s))
+
+
 VARIANTS: dict[str, Callable[[bytes], bytes]] = {
     "pillow bicubic (pack today)": pillow_bicubic,
     "pillow draft + bicubic": pillow_draft,
     "simplejpeg min size + bicubic": simplejpeg_scaled,
     "pillow reducing_gap=2": pillow_reducing_gap,
+    "simplejpeg + torch bicubic AA": torch_full,
+    "simplejpeg min size + torch bicubic AA": torch_scaled,
 }
 
 
@@ -87,6 +114,9 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
     if args.photos:
         photos, labels, _ = peers.load_faces(args.photos, same_size=False)
         photos = peers.cycle_faces(photos, labels, args.count)[0]
