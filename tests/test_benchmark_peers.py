@@ -84,3 +84,12 @@ def test_pack_throughput_names_a_missing_peer_and_fails(faces):
         assert f"  {row}: no MXNet peer given" in res.stderr
     assert "| fm pack |" in res.stdout and "| fm pack --resize 112 |" in res.stdout
     assert bench("pack_throughput.py", *args, "--allow-missing-peers").returncode == 0
+
+
+def test_setup_mxnet_peer_script_needs_a_directory():
+    """The installer takes its target from the caller (no default path) and says how to use it."""
+    script = BENCH / "setup_mxnet_peer.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "setup_mxnet_peer.sh DIR" in res.stdout and "FACEMARGIN_MXNET_PYTHON" in res.stdout
