@@ -33,30 +33,31 @@ import time
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 
-from facemargin.data.module import FaceRecordDataModule
-from facemargin.data.sources.recordio import FaceRecordSet
-from facemargin.data.storage.source import open_source
-from facemargin.data.tools.pack import write_faceset
-from facemargin.data.tools.synthetic import render_identity
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 
+from facemargin.data.module import FaceRecordDataModule  # noqa: E402
+from facemargin.data.sources.recordio import FaceRecordSet  # noqa: E402
+from facemargin.data.storage.source import open_source  # noqa: E402
+from facemargin.data.tools.pack import write_faceset  # noqa: E402
+
+# the test suite's server, found next to this script in the repository (no machine path)
 SERVER = Path(__file__).resolve().parents[1] / "tests" / "range_http.py"
 
 
+def server_url(proc: subprocess.Popen) -> str:
+    """The URL a started server prints; a server that died says so, with its exit status."""
+    line = proc.stdout.readline().strip()  # type: ignore[union-attr]
+    if not line.startswith("http://"):
+        proc.wait(timeout=10)
+        raise SystemExit(f"the HTTP server {SERVER} did not start (exit {proc.returncode}; printed {line!r})")
+    return line
+
+
 def make_set(out: Path, images: int, per_identity: int = 32) -> Path:
-    rng = np.random.default_rng(0)
-    ids = (images + per_identity - 1) // per_identity
-    labels = np.repeat(np.arange(ids), per_identity)[:images]
-
-    def jpegs():
-        for ident in range(ids):
-            faces = render_identity(ident, 8, 112, 0)
-            for j in range(int((labels == ident).sum())):
-                img = np.clip(faces[j % 8].astype(np.int16) + rng.integers(-8, 9), 0, 255).astype(np.uint8)
-                yield simplejpeg.encode_jpeg(img, quality=90, colorspace="RGB")
-
-    return write_faceset(out, labels, jpegs(), ids, (112, 112))
+    jpegs, labels = peers.procedural_faces(images, -(-images // per_identity))
+    return write_faceset(out, labels, iter(jpegs), int(labels.max()) + 1, (112, 112))
 
 
 def read_all(root: str, block: int = 4 << 20) -> float:
@@ -92,6 +93,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency", type=float, nargs="+", default=[0.0, 0.01], help="server delays per request (s)")
     args = parser.parse_args()
+    if not SERVER.is_file():
+        raise SystemExit(f"{SERVER} not found: run this script from a facemargin checkout (it uses the tests' server)")
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FACEMARGIN_CACHE"] = os.path.join(tmp, "cache")
         local = str(make_set(Path(tmp) / "www" / "set", args.images))
@@ -99,7 +103,7 @@ def main() -> None:
         servers = {lat: subprocess.Popen([sys.executable, str(SERVER), os.path.join(tmp, "www"), "3600", str(lat)],
                                          stdout=subprocess.PIPE, text=True) for lat in args.latency}
         try:
-            where = {"local": local, **{f"http +{1000 * lat:g} ms": p.stdout.readline().strip() + "set"
+            where = {"local": local, **{f"http +{1000 * lat:g} ms": server_url(p) + "set"
                                         for lat, p in servers.items()}}
             rows = {
                 "bytes, iter_range 4 MiB (MB/s)": lambda r, k: read_all(r) / 1e6,
@@ -119,8 +123,8 @@ def main() -> None:
             for p in servers.values():
                 p.terminate()
                 p.wait()
-    print(f"{args.images} JPEGs 112x112 ({os.cpu_count()} CPUs, {args.workers} workers, batch 128), "
-          f"median of {args.repeats}; http = a 127.0.0.1 server; (ratio to local)")
+    print(f"{args.images} JPEGs 112x112 ({os.cpu_count()} CPUs, load average {load:.1f} -> {os.getloadavg()[0]:.1f}, "
+          f"{args.workers} workers, batch 128), median of {args.repeats}; http = a 127.0.0.1 server; (ratio to local)")
     print(f"{'':38s}" + "".join(f"{w:>22s}" for w in where))
     for name in rows:
         lo = statistics.median(rates[(name, "local")])
