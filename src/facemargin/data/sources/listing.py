@@ -6,13 +6,14 @@ entries, other extensions and empty folders are left out; symbolic links that le
 
 A list file (:func:`read_list`): one ``path label`` per line, UTF-8 (a byte-order mark is
 accepted and ignored), blank lines and ``#`` comments ignored, relative paths taken from the list's
-folder. Fields are separated by whitespace, or by one tab when the path holds spaces. Every line is
-checked before training starts, and every problem is reported with its line number
-(:class:`ListFileError`): not exactly two fields, a label that is not a non-negative integer, a
-label beyond the set (``num_classes`` when given, else the number of listed images: a set of N
-images has at most N identities, so label 999999999 in a 4-line list is a typo, not 10^9 classes),
-a file listed twice (the same line repeated, or one file under two labels), and a listed path that
-is missing, a directory, a dangling symbolic link or a link loop.
+folder. The label is the last field, so a path may hold spaces (or separate the two with a tab).
+Every line is checked before training starts, and every problem is reported with its line number
+(:class:`ListFileError`): a third field (``a.jpg 3 5`` where no file ``a.jpg 3`` exists, an
+im2rec ``.lst`` line), a label that is not a non-negative integer, a label beyond the set
+(``num_classes`` when given, else the number of listed images: a set of N images has at most N
+identities, so label 999999999 in a 4-line list is a typo, not 10^9 classes), a file listed twice
+(the same line repeated, or one file under two labels), and a listed path that is missing, a
+directory, a dangling symbolic link or a link loop.
 """
 
 from __future__ import annotations
@@ -89,9 +90,18 @@ def list_image_tree(root: str | os.PathLike) -> tuple[list[str], list[tuple[str,
 
 
 def _fields(text: str) -> list[str]:
+    """``[path, label]`` (the path may hold spaces: the label is the last field), or the fields found."""
     if "\t" in text:
         return [f.strip() for f in text.split("\t") if f.strip()]
-    return text.split()
+    parts = text.split()
+    return [text.rsplit(None, 1)[0], parts[-1]] if len(parts) > 2 and parts[-1].isdigit() else parts
+
+
+def _too_many(text: str) -> str:
+    parts = text.split("\t") if "\t" in text else text.split()
+    hint = " (an im2rec .lst line 'index label path'? write 'path label')" if (
+        len(parts) == 3 and parts[0].strip().isdigit() and parts[1].strip().replace(".", "", 1).isdigit()) else ""
+    return f"has {len(parts)} fields, expected 'path label'{hint}: {text[:80]!r}"
 
 
 def _not_an_image_file(path: str) -> str | None:
@@ -132,10 +142,8 @@ def read_list(path: str | os.PathLike, num_classes: int | None = None) -> tuple[
             continue
         parts = _fields(text)
         if len(parts) != 2:
-            hint = " (an im2rec .lst line 'index label path'? write 'path label')" if (
-                len(parts) == 3 and parts[0].isdigit() and parts[1].replace(".", "", 1).isdigit()) else \
-                " (a path with spaces: separate the label with a tab)" if len(parts) > 2 else ""
-            problems.append(f"line {lineno} has {len(parts)} field(s), expected 'path label'{hint}: {text[:80]!r}")
+            problems.append(f"line {lineno} {_too_many(text)}" if len(parts) > 2 else
+                            f"line {lineno} has {len(parts)} field, expected 'path label': {text[:80]!r}")
             continue
         name, label = parts
         if not (label.isascii() and label.isdigit()) or len(label) > 9:
@@ -152,7 +160,8 @@ def read_list(path: str | os.PathLike, num_classes: int | None = None) -> tuple[
             continue
         why = _not_an_image_file(file)
         if why is not None:
-            problems.append(f"line {lineno}: {why}")
+            spaced = "\t" not in text and len(name.split()) > 1  # "a.jpg 3 5": three fields, not a path with spaces
+            problems.append(f"line {lineno} {_too_many(text)} ({why})" if spaced else f"line {lineno}: {why}")
             continue
         seen[file] = len(paths)
         paths.append(file)
