@@ -72,7 +72,13 @@ class FsspecSource(RemoteSource):
         self._check_version(_validators(info), offset)
 
     def _fetch(self, start: int, end: int) -> bytes:
-        data = self._call(lambda: self._fs.cat_file(self._path, start=start, end=end))
+        try:
+            data = self._call(lambda: self._fs.cat_file(self._path, start=start, end=end))
+        except TransientError:
+            raise
+        except Exception:  # a back-end's own error (e.g. HTTP 416: the file got shorter): name a change first
+            self._confirm(start)
+            raise
         if len(data) != end - start:
             raise TransientError(f"short read: {len(data)} of {end - start} bytes at offset {start}")
         return bytes(data)
