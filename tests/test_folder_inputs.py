@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from facemargin.data.loading.loader import BatchReader, BatchRequest, PlanSampler, TrainLoader
+from facemargin.data.loading.loader import BatchReader, PlanSampler, TrainLoader
 from facemargin.data.loading.plan import PlanSpec
 from facemargin.data.sources.base import UnreadableSampleError
 from facemargin.data.sources.folder import FolderSource

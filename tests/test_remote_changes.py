@@ -51,16 +51,6 @@ def _replace(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-@pytest.fixture()
-def served(tmp_path: Path):
-    root = tmp_path / "www"
-    root.mkdir()
-    data = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
-    (root / "data.bin").write_bytes(data)
-    with RangeServer(root) as server:
-        yield server, data
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_a_replaced_file_is_refused_by_every_kind_of_read(served, mode: str) -> None:
     server, data = served

@@ -1,16 +1,13 @@
-"""Remote byte sources against a real HTTP server on 127.0.0.1 (tests/range_http.py): no mocks."""
+"""Remote byte sources against a real HTTP server on 127.0.0.1 (tests/range_http.py, the `served` fixture): no mocks."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from range_http import RangeServer
 
 from facemargin.data.storage.cache import cached_copy
 from facemargin.data.storage.fsspec_source import FsspecSource
@@ -20,17 +17,6 @@ from facemargin.data.storage.remote import RemoteReadError, RetryPolicy
 from facemargin.data.storage.source import is_remote, open_source
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
-
-
-@pytest.fixture()
-def served(tmp_path: Path):
-    """A 300 000-byte random file ``data.bin`` behind a running server; yields (server, bytes)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    data = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
-    (root / "data.bin").write_bytes(data)
-    with RangeServer(root) as server:
-        yield server, data
 
 
 def test_is_remote_and_open_source_dispatch(tmp_path):
