@@ -147,7 +147,7 @@ def read_list(path: str | os.PathLike, num_classes: int | None = None) -> tuple[
             continue
         name, label = parts
         if not (label.isascii() and label.isdigit()) or len(label) > 9:
-            problems.append(f"line {lineno}: label {label[:20]!r} is not a non-negative integer")
+            problems.append(f"line {lineno}: label {label[:20]!r} is not a non-negative integer (at most 9 digits)")
             continue
         file = os.path.normpath(os.path.join(base, os.path.expanduser(name)))
         earlier = seen.get(file)
