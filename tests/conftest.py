@@ -273,3 +273,18 @@ def demo_checkpoint(tmp_path_factory) -> Path:
     shutil.copy(dm.root / "demo_val.bin", out / "demo_val.bin")
     return ckpt
 # ----- END eval fixtures ----------------------------------------------------------------------
+
+
+# ----- BEGIN remote fixtures (HTTP byte sources) -----------------------------------------------
+@pytest.fixture()
+def served(tmp_path: Path):
+    """A 300 000-byte random file ``data.bin`` behind a running ``range_http.RangeServer``; yields (server, bytes)."""
+    from range_http import RangeServer
+
+    root = tmp_path / "www"
+    root.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    (root / "data.bin").write_bytes(data)
+    with RangeServer(root) as server:
+        yield server, data
+# ----- END remote fixtures ---------------------------------------------------------------------

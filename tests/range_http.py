@@ -13,6 +13,10 @@ set on the instance while it runs:
 * ``drop_idle = True``: the connection is closed after each reply without saying so, as a
   server does when a keep-alive connection has been idle too long.
 
+Validators, as servers differ: ``etag = "strong"`` (default), ``"weak"`` (``W/"..."``, never
+matches ``If-Match``) or ``None`` (no ETag); ``last_modified = False`` drops Last-Modified;
+``if_match = False`` ignores ``If-Match`` (serves whatever the file is now).
+
 ``latency = seconds`` delays every reply (a network round trip). ``log`` records ``(method, path,
 range header)`` of every request and ``clients`` the client ports seen (one per connection). The server runs in a daemon
 thread and stops by itself after ``lifetime`` seconds, if the test has not stopped it already.
@@ -54,6 +58,9 @@ class RangeServer:
         self.ranges = True
         self.drop_idle = False
         self.latency = 0.0
+        self.etag: str | None = "strong"
+        self.last_modified = True
+        self.if_match = True
         self.clients: set[int] = set()
         self._lock = threading.Lock()
         server = self
@@ -124,10 +131,13 @@ class RangeServer:
         st = path.stat()
         size = st.st_size
         etag = f'"{st.st_mtime_ns:x}-{size:x}"'
-        headers = {"ETag": etag, "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
-                   "Accept-Ranges": "bytes" if self.ranges else "none"}
+        headers = {"Accept-Ranges": "bytes" if self.ranges else "none"}
+        if self.etag:
+            headers["ETag"] = etag if self.etag == "strong" else "W/" + etag
+        if self.last_modified:
+            headers["Last-Modified"] = email.utils.formatdate(st.st_mtime, usegmt=True)
         match = h.headers.get("If-Match")
-        if match is not None and match != etag:
+        if self.if_match and match is not None and match != headers.get("ETag"):  # strong comparison
             return self._reply(h, 412, b"")
         start, end, status = 0, size, 200
         m = _RANGE.match(rng or "") if self.ranges else None

@@ -44,14 +44,16 @@ def test_folder_matches_the_packed_set(tree: Path, tmp_path: Path) -> None:
 def test_list_file(tree: Path, tmp_path: Path) -> None:
     lst = tmp_path / "train.txt"
     lst.write_text(f"# path label\nimgs/zoe/1.jpg 4\n\n{tree / 'adam' / '0.jpg'}\t0\nimgs/mia/2.jpg 2\n")
-    src = FolderSource(lst)
+    src = FolderSource(lst, num_classes=5)  # more classes than images: only when said
     assert len(src) == 3 and src.num_classes == 5 and src.labels().tolist() == [4, 0, 2]
     assert src.parse(0, src.read_raw(0)) == (4, (tree / "zoe" / "1.jpg").read_bytes())
-    lst.write_text("imgs/zoe/1.jpg 4\nimgs/mia/2.jpg two\n")
-    with pytest.raises(SourceError, match=r"train\.txt: line 2 is not 'path label'"):
+    lst.write_text(f"# path label\nimgs/zoe/1.jpg 1\n\n{tree / 'adam' / '0.jpg'}\t0\nimgs/mia/2.jpg 2\n")
+    assert FolderSource(lst).num_classes == 3
+    lst.write_text("imgs/zoe/1.jpg 0\nimgs/mia/2.jpg two\n")
+    with pytest.raises(SourceError, match=r"train\.txt: line 2: label 'two' is not a non-negative integer"):
         FolderSource(lst)
     lst.write_text("imgs/zoe/1.jpg 4\n")
-    with pytest.raises(SourceError, match=r"train\.txt: label 4 is outside \[0, 3\)"):
+    with pytest.raises(SourceError, match=r"train\.txt: line 1: label 4 is outside \[0, 3\)"):
         FolderSource(lst, num_classes=3)
     with pytest.raises(FileNotFoundError, match="image folder or list file not found"):
         FolderSource(tmp_path / "missing")

@@ -131,9 +131,9 @@ def write_cleaned_set(source: FaceSource, keep: np.ndarray, out: Path) -> dict[s
         labels = source.labels()
         for i in np.flatnonzero(keep).tolist():
             path = str(Path(source.path(i)).resolve())
-            if "\n" in path or "\r" in path:
-                raise ValueError(f"{path!r}: a path with a line break cannot go into a list file")
-            lines.append(f"{path} {int(labels[i])}\n")
+            if "\n" in path or "\r" in path or "\t" in path:
+                raise ValueError(f"{path!r}: a path with a line break or a tab cannot go into a list file")
+            lines.append(f"{path}\t{int(labels[i])}\n")  # a tab: paths may hold spaces
         (out / "train.lst").write_text("".join(lines), encoding="utf-8")
         return {"data": "folder", "data.root": str(out / "train.lst"), "data.num_classes": source.num_classes}
     raise ValueError(

@@ -9,9 +9,11 @@
   request into ``(images uint8 [B, 3, H, W] RGB, labels int64 [B], sample_index int64 [B])``:
   reads what it was not given (one read per record), validates, checks each image's declared
   size, decodes, flips with probability ``flip_p`` from ``hash(seed, epoch, index)``.
-  ``on_corrupt="skip"`` replaces a damaged sample by another one chosen from the same hash, with
-  that sample's own label and index (batches keep their size, so every rank keeps stepping
-  together), counts it and logs the file and key; ``"raise"`` stops naming them.
+  ``on_corrupt="skip"`` replaces a damaged sample -- one that cannot be read (a deleted file),
+  parsed or decoded -- by another one chosen from the same hash, with that sample's own label and
+  index (batches keep their size, so every rank keeps stepping together), counts it and logs the
+  file and key; ``"raise"`` stops naming them. A remote file that changed or stays unreachable
+  (``RemoteReadError``) always stops: it is not a damaged sample.
 * :class:`TrainLoader` is the ``DataLoader``: its iterator starts the real one at the first
   ``next()`` (after Lightning's ``set_epoch``, whatever the order of calls), counts the batches it
   delivers, and it implements ``state_dict`` / ``load_state_dict``, so Lightning saves the exact
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from ..formats.image import CorruptImageError, decode_into
 from ..sources.base import FaceSource
+from ..storage.remote import RemoteReadError
 from .plan import EpochPlan, PlanSpec, hash_uniform
 
 __all__ = ["BatchRequest", "PlanSampler", "BatchReader", "TrainLoader", "OnCorrupt"]
@@ -46,7 +49,7 @@ class BatchRequest(NamedTuple):
 
     epoch: int
     indices: np.ndarray
-    raws: list[bytes] | None = None
+    raws: list[bytes | Exception] | None = None  # a sample that could not be read: its error
 
 
 class PlanSampler(DistributedSampler):
@@ -131,7 +134,7 @@ class PlanSampler(DistributedSampler):
         source = self.source
 
         def read() -> dict[int, bytes]:
-            return dict(zip(members.tolist(), source.read_raws(members)))
+            return dict(zip(members.tolist(), source.read_raws_or_errors(members)))
 
         return self._executor.submit(read)
 
@@ -190,14 +193,16 @@ class BatchReader(Dataset):
         and label take its place.
         """
         epoch, indices = int(request.epoch), np.array(request.indices, dtype=np.int64)
-        raws = request.raws if request.raws is not None else self.source.read_raws(indices)
+        raws = request.raws if request.raws is not None else self.source.read_raws_or_errors(indices)
         labels = np.empty(indices.size, dtype=np.int64)
         for j in range(indices.size):
-            i = int(indices[j])
+            i, raw = int(indices[j]), raws[j]
             try:
-                labels[j] = self._decode(i, raws[j], out)
+                if isinstance(raw, Exception):
+                    raise raw
+                labels[j] = self._decode(i, raw, out)
             except (ValueError, OSError) as exc:
-                if self.on_corrupt == "raise":
+                if self.on_corrupt == "raise" or isinstance(exc, RemoteReadError):
                     raise
                 indices[j], labels[j] = self._substitute(epoch, i, out, exc)
             keep(j, int(indices[j]))
@@ -229,6 +234,8 @@ class BatchReader(Dataset):
             try:
                 return s, self._decode(s, self.source.read_raw(s), out)
             except (ValueError, OSError) as again:
+                if isinstance(again, RemoteReadError):
+                    raise
                 exc = again
         raise CorruptImageError(
             f"{self.source.name}: {_MAX_SUBSTITUTES} substitutes for sample {i} are damaged as well "

@@ -12,19 +12,38 @@ handling, decoding and normalisation are shared (:mod:`facemargin.data.loading.p
 A third source is one small subclass of :class:`FaceSource`: ``__len__``, ``read_raw`` (the stored
 bytes of a sample, in one read), ``parse`` (raw bytes -> validated ``(label, encoded image)``),
 ``where`` (how errors name a sample) and ``labels``.
+
+A sample that cannot be read (a file deleted after the set was opened, a damaged record) is the
+loader's to handle like a damaged image (``data.on_corrupt``): :meth:`FaceSource.read_raws_or_errors`
+hands it over as its error. A storage failure (a remote file that changed or stays unreachable:
+:class:`~facemargin.data.storage.remote.RemoteReadError`) is never a damaged sample; it stops.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 
 import numpy as np
 
-__all__ = ["FaceSource", "SourceError"]
+from ...errors import UserError
+from ..formats.image import common_size, declared_size
+from ..storage.remote import RemoteReadError
+
+__all__ = ["FaceSource", "SourceError", "UnreadableSampleError", "SIZE_SAMPLES"]
+
+log = logging.getLogger(__name__)
+
+#: Images whose headers decide a set's image size when nothing else gives it (:meth:`FaceSource.sampled_image_size`).
+SIZE_SAMPLES = 64
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A training source that cannot be used as given; the message names the file and line or key."""
+
+
+class UnreadableSampleError(UserError, OSError):
+    """A sample whose stored bytes cannot be read (e.g. its file was deleted); the message names it."""
 
 
 class FaceSource(ABC):
@@ -64,3 +83,51 @@ class FaceSource(ABC):
     @abstractmethod
     def labels(self) -> np.ndarray:
         """Identity of every sample (int64 ``[N]``)."""
+
+    def read_raws_or_errors(self, indices: np.ndarray) -> list[bytes | Exception]:
+        """:meth:`read_raws`, and where that fails, each sample alone: one that cannot be read comes back
+        as an :class:`UnreadableSampleError` naming it (the loader raises or skips it). A
+        :class:`~facemargin.data.storage.remote.RemoteReadError` (storage down, file changed) propagates."""
+        try:
+            return list(self.read_raws(indices))
+        except RemoteReadError:
+            raise
+        except (OSError, ValueError):
+            pass
+        out: list[bytes | Exception] = []
+        for i in np.asarray(indices, dtype=np.int64).tolist():
+            try:
+                out.append(self.read_raw(i))
+            except RemoteReadError:
+                raise
+            except (OSError, ValueError) as exc:
+                out.append(UnreadableSampleError(f"{self.where(i)}: cannot be read: {exc}"))
+        return out
+
+    def sampled_image_size(self, n: int = SIZE_SAMPLES) -> tuple[int, int] | None:
+        """The set's image size from the headers of up to ``n`` images spread over it (``None`` when empty).
+
+        The most common declared size, held by most of them and within
+        :data:`~facemargin.data.formats.image.MAX_PIXELS` (:func:`~facemargin.data.formats.image.common_size`);
+        sampled images of another size are logged here and fail (or are skipped) when read.
+        """
+        count = len(self)
+        if count == 0:
+            return None
+        picks = np.unique(np.linspace(0, count - 1, min(n, count)).round().astype(np.int64))
+        sizes: list[tuple[str, tuple[int, int] | str]] = []
+        for i, raw in zip(picks.tolist(), self.read_raws_or_errors(picks)):
+            name = self.where(i)
+            try:
+                if isinstance(raw, Exception):
+                    raise raw
+                sizes.append((name, declared_size(self.parse(i, raw)[1])))
+            except RemoteReadError:
+                raise
+            except (OSError, ValueError) as exc:
+                sizes.append((name, str(exc).replace(f"{name}: ", "", 1)))
+        size, outliers = common_size(sizes, f"{self.name}: the image size")
+        if outliers:
+            log.warning("%s: images are %dx%d (the most common size of %d sampled); %d sampled differ: %s",
+                        self.name, size[1], size[0], len(sizes), len(outliers), "; ".join(outliers[:5]))
+        return size

@@ -23,7 +23,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..formats.faceset import INSIGHTFACE, LAYOUT_ARRAYS, LAYOUT_NAMES, MAX_CLASSES, read_layout, read_runs
-from ..formats.image import declared_size
 from ..formats.index import RecordIndex, load_stamped, parse_idx, save_stamped
 from ..formats.recordio import MAGIC, RecordIOError, RecordIOReader, unframe
 from ..formats.setfiles import SetFiles
@@ -53,7 +52,7 @@ class FaceRecordSet(FaceSource):
             :class:`~facemargin.data.formats.setfiles.SetFiles` already resolved from it.
         num_classes: override (or replace a missing) ``property`` class count.
         image_size: ``(h, w)`` override; needed only when ``property`` is missing
-            (otherwise it is read from the first image's header).
+            (otherwise the most common size of 64 image headers spread over the set).
         name: base name of the record files (``train``).
         remote: options of remote reads (:func:`~facemargin.data.storage.source.remote_options`).
 
@@ -86,7 +85,7 @@ class FaceRecordSet(FaceSource):
         self._stamp = files.stamp(source, self._idx_local)
         self._open_index(source)
         if self.image_size is None:
-            self.image_size = declared_size(self.read(int(self.image_keys[0]))[1]) if len(self) else None
+            self.image_size = self.sampled_image_size()  # the most common of 64 headers, bounded
         self._labels: np.ndarray | None = None
 
     @staticmethod

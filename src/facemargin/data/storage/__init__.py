@@ -20,6 +20,9 @@ dependency); any other ``scheme://`` (``s3://``, ``gs://``, ...) ->
 :class:`~facemargin.data.storage.fsspec_source.FsspecSource` (install ``facemargin[s3]`` / ``facemargin[gcs]``).
 Remote reads retry transient failures (dropped connections, 5xx, short reads) with exponential
 back-off and end in :class:`~facemargin.data.storage.remote.RemoteReadError` naming the URL and offset.
+Every answer is checked against the version seen at open (size, ETag, Last-Modified, ...): a file
+replaced while it is read raises :class:`~facemargin.data.storage.remote.RemoteFileChangedError`
+instead of mixing two versions.
 
 Small files (``.idx``, ``property``, ``.bin``) are used through
 :func:`~facemargin.data.storage.cache.cached_copy`, which returns a

@@ -30,8 +30,13 @@ class HTTPSource(RemoteSource):
     """A file behind an ``http(s)://`` URL, read with ``Range`` requests (one connection per thread and process).
 
     Honours ``http_proxy`` / ``https_proxy`` / ``no_proxy``, user:password in the URL (basic auth)
-    and redirects. A strong ETag is sent as ``If-Match``, so a file replaced while being read fails
-    clearly instead of mixing two versions.
+    and redirects. Every response's ETag, Last-Modified and size (Content-Range total, or the
+    Content-Length of a whole-file answer) must equal those seen at open, so a file replaced while
+    being read fails clearly (:class:`~facemargin.data.storage.remote.RemoteFileChangedError`)
+    instead of mixing two versions, whatever validators the server sends; a strong ETag is also
+    sent as ``If-Match``. A server without range requests (``python -m http.server``) serves
+    :meth:`iter_range` and :func:`~facemargin.data.storage.cache.cached_copy` with one sequential
+    GET; random reads there are refused, saying why (``ranges`` is ``False`` after the first request).
     """
 
     def __init__(self, url: str, retry: RetryPolicy | None = None, readahead: int = 4, concurrency: int = 8,
@@ -46,6 +51,7 @@ class HTTPSource(RemoteSource):
             cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
             self._headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
         self._local = threading.local()
+        self.ranges: bool | None = None  # whether the server honours Range (known after the first request)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_local": None}
@@ -97,10 +103,10 @@ class HTTPSource(RemoteSource):
 
     # ---- requests
     def _get(self, start: int, end: int, pooled: bool) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
-        """Send ``GET`` for ``[start, end)`` following redirects; returns a 200/206/416 response."""
+        """Send ``GET`` for ``[start, end)`` following redirects; returns a 200/206/416 response of the opened version."""
         headers = {**self._headers, "Range": f"bytes={start}-{end - 1}"}
-        etag = self._stat[1].split("|", 1)[0] if self._stat else ""
-        if etag.startswith('"'):
+        etag = self._stat[1].get("ETag", "") if self._stat else ""
+        if etag.startswith('"'):  # a strong ETag: the server may refuse a changed file itself (412)
             headers["If-Match"] = etag
         url = self.name
         for _ in range(6):
@@ -122,39 +128,50 @@ class HTTPSource(RemoteSource):
                 conn.close()
                 raise TransientError(f"{type(exc).__name__}: {exc}") from None
             if resp.status in _REDIRECTS and resp.getheader("Location"):
-                resp.read()
+                self._drain(resp, conn, start)
                 url = urllib.parse.urljoin(url, resp.getheader("Location"))
                 continue
             if resp.status in (200, 206, 416):
+                try:
+                    self._check_version(_validators(resp), start)
+                except RemoteReadError:
+                    conn.close()
+                    raise
                 return resp, conn
-            resp.read()
+            self._drain(resp, conn, start)
             if resp.status in _RETRY_STATUS:
                 raise TransientError(f"HTTP {resp.status} {resp.reason}")
-            why = {412: " (the file changed since it was opened)"}.get(resp.status, "")
-            raise RemoteReadError(f"{self.name}: HTTP {resp.status} {resp.reason}{why} at offset {start}")
+            if resp.status == 412:
+                raise self._changed(f"its ETag is no longer {etag}: HTTP 412 Precondition Failed", start)
+            raise RemoteReadError(f"{self.name}: HTTP {resp.status} {resp.reason} at offset {start}")
         raise RemoteReadError(f"{self.name}: too many redirects at offset {start}")
 
-    def _fetch_stat(self) -> tuple[int, str]:
+    @staticmethod
+    def _drain(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, offset: int) -> None:
+        """Read the rest of a small body (keeps the connection reusable); a short one is a dropped connection."""
+        try:
+            resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise TransientError(f"{type(exc).__name__}: {exc!r} at offset {offset}") from None
+
+    def _fetch_stat(self) -> tuple[int, dict[str, str]]:
         resp, conn = self._get(0, 1, pooled=True)
-        if resp.status == 206:
-            total = (resp.getheader("Content-Range") or "").rpartition("/")[2]
-            resp.read()
-        elif resp.status == 416:  # an empty file
-            total = (resp.getheader("Content-Range") or "*/0").rpartition("/")[2]
-            resp.read()
-        else:  # 200: the server ignores Range; do not download the body to learn the size
-            total = resp.getheader("Content-Length") or ""
+        self.ranges = resp.status != 200
+        if resp.status == 200:  # the server ignores Range; do not download the body to learn the size
             self._reset()
-        if not total.isdigit():
+        else:
+            self._drain(resp, conn, 0)
+        found = _validators(resp)
+        if "size" not in found:
             raise RemoteReadError(f"{self.name}: the server does not report the file size")
-        tag = resp.getheader("ETag") or resp.getheader("Last-Modified") or ""
-        return int(total), f"{tag}|{total}"
+        return int(found["size"]), found
 
     def _read_body(self, resp: http.client.HTTPResponse, n: int, offset: int) -> bytes:
         try:
             first = resp.read(n)
         except (OSError, http.client.HTTPException) as exc:
-            raise TransientError(f"{type(exc).__name__} after 0 of {n} bytes at offset {offset}") from None
+            raise TransientError(f"{type(exc).__name__} after 0 of {n} bytes, at offset {offset}") from None
         if len(first) == n:
             return first  # the usual case: no copy
         buf = bytearray(first)
@@ -162,40 +179,50 @@ class HTTPSource(RemoteSource):
             try:
                 chunk = resp.read(n - len(buf))
             except (OSError, http.client.HTTPException) as exc:
-                raise TransientError(f"{type(exc).__name__} after {len(buf)} of {n} bytes at offset {offset}") from None
+                raise TransientError(f"{type(exc).__name__} after {len(buf)} of {n} bytes, at offset {offset + len(buf)}") from None
             if not chunk:
-                raise TransientError(f"short read: {len(buf)} of {n} bytes at offset {offset}")
+                raise TransientError(f"short body: it ended after {len(buf)} of {n} bytes, at offset {offset + len(buf)}")
             buf += chunk
         return bytes(buf)
 
-    def _check_range(self, resp: http.client.HTTPResponse, start: int) -> None:
+    def _check_range(self, resp: http.client.HTTPResponse, start: int, end: int) -> None:
         if resp.status == 200 and start == 0:
             return
         if resp.status == 200:
             raise RemoteReadError(
-                f"{self.name}: the server ignored the Range header (HTTP 200) at offset {start}; "
-                "random access and streaming need a server with range requests"
+                f"{self.name}: the server does not support range requests (it answered HTTP 200 with the "
+                f"whole file to a request for bytes {start}-{end - 1}), at offset {start}; random access -- "
+                "a training set's records, map-style or streaming -- needs them. Sequential reads work (one "
+                "GET): download the file once, or serve it with a server that supports range requests"
             )
-        got = (resp.getheader("Content-Range") or "").partition(" ")[2].partition("-")[0]
-        if resp.status != 206 or got != str(start):
+        got = (resp.getheader("Content-Range") or "").partition(" ")[2].partition("/")[0]
+        if resp.status != 206 or got != f"{start}-{end - 1}":
             raise RemoteReadError(f"{self.name}: HTTP {resp.status} with Content-Range "
-                                  f"{resp.getheader('Content-Range')!r} for a read at offset {start}")
+                                  f"{resp.getheader('Content-Range')!r} for a read of bytes {start}-{end - 1}")
 
     def _fetch(self, start: int, end: int) -> bytes:
         resp, conn = self._get(start, end, pooled=True)
-        self._check_range(resp, start)
+        self._check_range(resp, start, end)
         data = self._read_body(resp, end - start, start)
         if resp.status == 200:  # a whole-file answer: do not read the rest over this connection
             self._reset()
         else:
-            resp.read()  # nothing left; keeps the connection reusable
+            self._drain(resp, conn, end)  # nothing left; keeps the connection reusable
         return data
 
     def _stream(self, start: int, end: int, block_bytes: int) -> Iterator[bytes]:
-        """One request for the whole range, read block by block (no per-block round trip)."""
+        """One request for the whole range, read block by block (no per-block round trip).
+
+        A server without range requests answers with the whole file: the bytes before ``start``
+        are read and dropped (one sequential GET, resumed the same way after a drop)."""
         resp, conn = self._get(start, end, pooled=False)
         try:
-            self._check_range(resp, start)
+            if resp.status == 200:
+                pos = 0
+                while pos < start:
+                    pos += len(self._read_body(resp, min(block_bytes, start - pos, 1 << 20), pos))
+            else:
+                self._check_range(resp, start, end)
             pos = start
             while pos < end:
                 n = min(block_bytes, end - pos)
@@ -203,3 +230,19 @@ class HTTPSource(RemoteSource):
                 pos += n
         finally:
             conn.close()
+
+
+def _validators(resp: http.client.HTTPResponse) -> dict[str, str]:
+    """ETag, Last-Modified and the file's size (Content-Range total, or Content-Length of a 200) of a response."""
+    found = {}
+    for key in ("ETag", "Last-Modified"):
+        value = resp.getheader(key)
+        if value:
+            found[key] = value
+    if resp.status == 200:
+        size = resp.getheader("Content-Length") or ""
+    else:
+        size = (resp.getheader("Content-Range") or "").rpartition("/")[2]
+    if size.isdigit():
+        found["size"] = size
+    return found

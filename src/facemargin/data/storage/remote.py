@@ -5,9 +5,16 @@ Every remote source reads the same way (see :mod:`facemargin.data.storage`): ``p
 a background thread that stays ``readahead`` blocks ahead of the caller. Failures that may pass -- refused or dropped connections, time-outs, HTTP 5xx /
 408 / 429, a body shorter than announced -- are retried with exponential back-off
 (:class:`RetryPolicy`); a stream that fails mid-range resumes at the first byte it has not yet
-delivered. A source that stays down, or a permanent error (404, 403, a server that ignores
-``Range``, a file that changed while being read), ends in :class:`RemoteReadError` naming the URL
-and the offset.
+delivered. A source that stays down, or a permanent error (404, 403, random access on a server
+without range requests), ends in :class:`RemoteReadError` naming the URL and the offset.
+
+One version of a file, never two: the validators seen when the file is first asked about (its
+size, and its ETag / Last-Modified / generation where the store has them) are compared with those
+of every later answer -- each HTTP response's headers, or a fresh ``info`` after each read of an
+fsspec back-end -- and any difference, weak ETags included, ends in :class:`RemoteFileChangedError`
+naming the URL and what changed, before a byte of the new version is handed over. (A file
+replaced by one of the same size on a server that sends neither ETag nor Last-Modified cannot
+be told apart; nothing can.)
 
 The sources: :class:`~facemargin.data.storage.http_source.HTTPSource` (standard library) and
 :class:`~facemargin.data.storage.fsspec_source.FsspecSource` (``s3://``, ``gs://``, every fsspec protocol).
@@ -25,16 +32,31 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
-__all__ = ["RetryPolicy", "RemoteReadError", "RemoteSource"]
+from ...errors import UserError
+
+__all__ = ["RetryPolicy", "RemoteReadError", "RemoteFileChangedError", "RemoteSource", "changed_validators"]
 
 T = TypeVar("T")
 _END = object()
 
 
-class RemoteReadError(OSError):
+class RemoteReadError(UserError, OSError):
     """A remote read that failed for good; the message names the URL and the byte offset."""
+
+
+class RemoteFileChangedError(RemoteReadError):
+    """The remote file is not the version that was opened; the message names the URL and what changed."""
+
+
+def changed_validators(opened: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
+    """What differs between the validators seen at open and ``now`` (``["ETag 'a' -> 'b'", ...]``).
+
+    Every validator the file had at open must be there, unchanged; one the store adds later is ignored.
+    """
+    return [f"{key} {value!r} -> {now[key]!r}" if key in now else f"{key} {value!r} -> none"
+            for key, value in opened.items() if now.get(key) != value]
 
 
 class TransientError(Exception):
@@ -72,12 +94,17 @@ class RemoteSource:
         self.concurrency = int(concurrency)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid: int | None = None
-        self._stat: tuple[int, str] | None = None
+        self._stat: tuple[int, dict[str, str]] | None = None
         self._jitter = random.Random()
 
     # ---- implemented by subclasses
-    def _fetch_stat(self) -> tuple[int, str]:
+    def _fetch_stat(self) -> tuple[int, dict[str, str]]:
+        """``(size, validators)``: the validators always hold ``"size"``, and ETag & co. where known."""
         raise NotImplementedError
+
+    def _confirm(self, offset: int) -> None:
+        """Raise :class:`RemoteFileChangedError` if the file is no longer the opened version (sources
+        whose answers carry no validators check here, after each read; HTTP checks every response)."""
 
     def _fetch(self, start: int, end: int) -> bytes:
         raise NotImplementedError
@@ -112,10 +139,24 @@ class RemoteSource:
     def _reset(self) -> None:
         """Drop cached connections after a failure (subclasses)."""
 
-    def _stat_once(self) -> tuple[int, str]:
+    def _stat_once(self) -> tuple[int, dict[str, str]]:
         if self._stat is None:
             self._stat = self._retrying("asking the size", 0, self._fetch_stat)
         return self._stat
+
+    def _check_version(self, now: Mapping[str, str], offset: int) -> None:
+        """Refuse an answer whose validators differ from those seen at open."""
+        if self._stat is None:
+            return
+        changes = changed_validators(self._stat[1], now)
+        if changes:
+            raise self._changed(f"{'; '.join(changes)}", offset)
+
+    def _changed(self, what: str, offset: int) -> RemoteFileChangedError:
+        return RemoteFileChangedError(
+            f"{self.name}: the file changed since it was opened ({what}) at offset {offset}; "
+            "nothing of the new version was used. Restart to read the new version from the start",
+            hint="the file was replaced while a run read it: wait until it is complete, then restart")
 
     @property
     def size(self) -> int:
@@ -123,12 +164,16 @@ class RemoteSource:
         return self._stat_once()[0]
 
     @property
-    def version(self) -> str:
-        """What identifies this version of the file: ETag / Last-Modified / mtime, and the size."""
-        return self._stat_once()[1]
+    def validators(self) -> dict[str, str]:
+        """What identifies the opened version of the file: ``size``, and ETag / Last-Modified / ... where known."""
+        return dict(self._stat_once()[1])
 
-    def pread(self, n: int, offset: int) -> bytes:
-        """Up to ``n`` bytes at ``offset`` in one request (fewer only at the end of the file)."""
+    @property
+    def version(self) -> str:
+        """:attr:`validators` as one string (keys the local copies of :func:`~facemargin.data.storage.cache.cached_copy`)."""
+        return "|".join(f"{k}={v}" for k, v in sorted(self._stat_once()[1].items()))
+
+    def _read(self, n: int, offset: int) -> bytes:
         if n < 0 or offset < 0:
             raise ValueError(f"{self.name}: bad read of {n} bytes at offset {offset}")
         end = min(offset + n, self.size)
@@ -136,14 +181,25 @@ class RemoteSource:
             return b""
         return self._retrying(f"reading {end - offset} bytes", offset, lambda: self._fetch(offset, end))
 
+    def pread(self, n: int, offset: int) -> bytes:
+        """Up to ``n`` bytes at ``offset`` in one request (fewer only at the end of the file)."""
+        data = self._read(n, offset)
+        self._confirm(offset)
+        return data
+
     def pread_many(self, reads: Sequence[tuple[int, int]]) -> list[bytes]:
         """``[pread(n, offset) ...]`` in order, up to ``concurrency`` requests in flight (one connection each)."""
-        if len(reads) <= 1 or self.concurrency == 1:
-            return [self.pread(n, offset) for n, offset in reads]
-        if self._executor is None or self._executor_pid != os.getpid():
-            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="facemargin-pread")
-            self._executor_pid = os.getpid()
-        return list(self._executor.map(lambda r: self.pread(*r), reads))
+        if not reads:
+            return []
+        if len(reads) == 1 or self.concurrency == 1:
+            out = [self._read(n, offset) for n, offset in reads]
+        else:
+            if self._executor is None or self._executor_pid != os.getpid():
+                self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="facemargin-pread")
+                self._executor_pid = os.getpid()
+            out = list(self._executor.map(lambda r: self._read(*r), reads))
+        self._confirm(reads[0][1])
+        return out
 
     def iter_range(self, start: int, end: int, block_bytes: int) -> Iterator[bytes]:
         """``[start, end)`` in blocks of ``block_bytes`` (the last may be shorter), read ahead in a thread."""
@@ -190,6 +246,7 @@ class RemoteSource:
         while pos < end and not stop.is_set():
             try:
                 for block in self._stream(pos, end, block_bytes):
+                    self._confirm(pos)
                     pos += len(block)
                     failures, began = 0, time.monotonic()
                     yield block
