@@ -20,10 +20,13 @@ Each measurement is a fresh process (a rank; every rank of a job does the same w
 
 * ``set``: ``FaceRecordSet(SetFiles.at(root))`` (numpy only), then the first batch's 128 records
   read (``read_raws``), parsed and decoded. CPU seconds (``process_time``: user + system) and wall
-  seconds of the open and of the batch, RSS after the imports, peak RSS (``ru_maxrss``) and
-  private memory at the end. ``first``: no cache; ``cached``: the cache exists; ``2nd rank``: a
-  second process started when the first begins to open, without a cache (it waits for the
-  first one's cache, or parses too).
+  seconds of the open and of the batch, RSS after the imports, the process's peak RSS (``VmHWM``)
+  after the open and after the batch, and its anonymous memory (``RssAnon``: what the process holds
+  on its own) at the end. RSS also counts the page-cache pages of the mapped cache a process has
+  touched (shared by every rank; the kernel maps whole large folios, ~1 MB a random access).
+  ``first``: no cache; ``cached``: the cache exists; ``rank 0 (builds)`` / ``rank 1 (meanwhile)``:
+  a second process started as the first begins to open, without a cache (it waits for the first
+  one's cache, or parses too).
 * ``datamodule``: ``FaceRecordDataModule`` (imports torch + Lightning), ``prepare_data`` +
   ``setup`` and the first batch of the training loader (``num_workers=0``, world 1: it includes
   the epoch plan's permutation of every sample).
@@ -50,11 +53,14 @@ HERE = Path(__file__).resolve().parents[1] / "src"
 STRIDE = 7168  # bytes per image record slot: MS1MV3 averages ~7 KB per 112x112 JPEG record
 MAGIC = 0xCED7230A
 
-_SET_PROBE = r'''
-import json, os, resource, sys, time
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+_MEMORY = r'''
+def rss(field="VmRSS"):  # MB; VmHWM: the peak of this process (ru_maxrss would count the parent's at fork)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+'''
+
+_SET_PROBE = _MEMORY + r'''
+import json, os, sys, time
 c0, w0 = time.process_time(), time.perf_counter()
 import numpy as np
 from facemargin.data.formats.image import decode_face
@@ -63,7 +69,7 @@ from facemargin.data.sources.recordio import FaceRecordSet
 c1, w1, r1 = time.process_time(), time.perf_counter(), rss()
 print("opening", file=sys.stderr, flush=True)
 fs = FaceRecordSet(SetFiles.at({root!r}))
-c2, w2 = time.process_time(), time.perf_counter()
+c2, w2, h2 = time.process_time(), time.perf_counter(), rss("VmHWM")
 idx = np.load({batch!r})
 images = [decode_face(fs.parse(int(i), raw)[1], fs.image_size) for i, raw in zip(idx, fs.read_raws(idx))]
 c3, w3 = time.process_time(), time.perf_counter()
@@ -73,25 +79,24 @@ with open("/proc/self/smaps_rollup") as f:
         if line.startswith(("Private_Clean", "Private_Dirty")):
             private += int(line.split()[1])
 print(json.dumps({{"import_cpu": c1 - c0, "open_cpu": c2 - c1, "open_wall": w2 - w1, "batch_cpu": c3 - c2,
-                  "batch_wall": w3 - w2, "rss_before_open_mb": r1,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "private_mb": private / 1024, "images": len(images), "samples": len(fs)}}))
+                  "batch_wall": w3 - w2, "rss_before_open_mb": r1, "peak_open_mb": h2, "peak_rss_mb": rss("VmHWM"),
+                  "anon_mb": rss("RssAnon"), "private_mb": private / 1024, "images": len(images), "samples": len(fs)}}))
 '''
 
-_DM_PROBE = r'''
-import json, os, resource, sys, time
+_DM_PROBE = _MEMORY + r'''
+import json, os, sys, time
 c0, w0 = time.process_time(), time.perf_counter()
 from facemargin.data.module import FaceRecordDataModule
-c1, w1 = time.process_time(), time.perf_counter()
+c1, w1, r1 = time.process_time(), time.perf_counter(), rss()
 dm = FaceRecordDataModule({root!r}, batch_size=128, num_workers=0, val_sets=[])
 dm.prepare_data()
 dm.setup("fit")
-c2, w2 = time.process_time(), time.perf_counter()
+c2, w2, h2 = time.process_time(), time.perf_counter(), rss("VmHWM")
 batch = next(iter(dm.train_dataloader()))
 c3, w3 = time.process_time(), time.perf_counter()
 print(json.dumps({{"import_cpu": c1 - c0, "open_cpu": c2 - c1, "open_wall": w2 - w1, "batch_cpu": c3 - c2,
-                  "batch_wall": w3 - w2, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "batch": list(batch[0].shape)}}))
+                  "batch_wall": w3 - w2, "rss_before_open_mb": r1, "peak_open_mb": h2, "peak_rss_mb": rss("VmHWM"),
+                  "anon_mb": rss("RssAnon"), "batch": list(batch[0].shape)}}))
 '''
 
 
@@ -162,19 +167,20 @@ def build(root: Path, images: int, classes: int) -> None:
     assert np.array_equal(ident[:, 8:].view(np.float32).astype(np.int64), np.c_[bounds[:-1], bounds[1:]])
     batch = first_batch(images)
     jpeg = padded_jpeg(STRIDE - 32)
+    ident_at = 40 + (a - 1) * STRIDE  # meta record (40 bytes), the image slots, the identity records
     with open(root / "train.rec", "wb") as f:
-        f.truncate(a * STRIDE + 40 * classes)  # holes for the images
+        f.truncate(ident_at + 40 * classes)  # holes for the images
         f.write(head.tobytes())
-        f.seek(a * STRIDE)
+        f.seek(ident_at)
         f.write(ident.tobytes())
         for i in batch.tolist():
             key = i + 1
             label = int(np.searchsorted(bounds, key, side="right")) - 1
             rec = np.asarray([MAGIC, STRIDE - 8, 0], np.uint32).tobytes() + np.float32(label).tobytes()
-            f.seek(key * STRIDE)
+            f.seek(40 + (key - 1) * STRIDE)
             f.write(rec + np.asarray([key, 0], np.uint64).tobytes() + jpeg)
     keys = np.arange(b, dtype=np.int64)
-    offsets = np.where(keys < a, keys * STRIDE, a * STRIDE + (keys - a) * 40)
+    offsets = np.where(keys < a, np.maximum(40 + (keys - 1) * STRIDE, 0), ident_at + (keys - a) * 40)
     with open(root / "train.idx", "wb") as f:
         for block in idx_text(keys, offsets):
             f.write(block)
@@ -214,8 +220,8 @@ def two_ranks(src: Path, root: Path) -> tuple[dict, dict]:
 
 
 def import_cost(src: Path, module: str) -> tuple[float, float]:
-    code = (f"import resource, time; t = time.process_time(); import {module}; "
-            "print(time.process_time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = _MEMORY + (f"import time; t = time.process_time(); import {module}; "
+                      "print(time.process_time() - t, rss('VmHWM'))")
     out = subprocess.run([sys.executable, "-c", code], env=_env(src), capture_output=True, text=True, check=True)
     seconds, rss = out.stdout.split()
     return float(seconds), float(rss)
@@ -281,12 +287,12 @@ def main() -> None:
         print(f"\nopen + first batch per rank, {args.records} images / {args.classes} identities "
               f"(median of {args.repeats} fresh processes; CPU = user + system seconds)")
         print("| code | what | cache | open CPU s | open wall s | first batch CPU s | RSS before open MB "
-              "| peak RSS MB |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| peak RSS, open MB | peak RSS, + batch MB | anonymous MB at end |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, what, state, runs in rows:
             print(f"| {name} | {what} | {state} | {median(runs, 'open_cpu'):.2f} | {median(runs, 'open_wall'):.2f} "
                   f"| {median(runs, 'batch_cpu'):.2f} | {median(runs, 'rss_before_open_mb'):.0f} "
-                  f"| {median(runs, 'peak_rss_mb'):.0f} |")
+                  f"| {median(runs, 'peak_open_mb'):.0f} | {median(runs, 'peak_rss_mb'):.0f} | {median(runs, 'anon_mb'):.0f} |")
         if "imports" not in skip:
             print(f"\nimport cost (median of {args.repeats} fresh processes)")
             print("| code | module | CPU s | peak RSS MB |")

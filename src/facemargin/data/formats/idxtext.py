@@ -96,15 +96,22 @@ def _words(first: int, width: int) -> list[tuple[int, int]]:
 
 
 class _Runs:
-    """The SWAR conversion of runs of ``key<TAB>offset\\n`` lines of one length, with reused buffers."""
+    """The SWAR conversion of runs of ``key<TAB>offset\n`` lines of one length, into reused buffers."""
 
     def __init__(self) -> None:
         self.words = np.empty((6, _BLOCK), np.uint64)
         self.temp = np.empty((6, _BLOCK), np.uint64)
+        self.keys = np.empty(0, np.int64)
+        self.offsets = np.empty(0, np.int64)
+        self._plans: dict[tuple[int, int], tuple[list[tuple[int, int]], int]] = {}
+
+    def reserve(self, rows: int) -> None:
+        if self.keys.size < rows:
+            self.keys, self.offsets = np.empty(rows, np.int64), np.empty(rows, np.int64)
 
     @staticmethod
     def line_at(buf: bytearray, p: int, hi: int) -> tuple[int, int] | None:
-        """``(length, tab column)`` when the line at ``p`` is ``digits<TAB>digits\\n`` (1..18 digits each)."""
+        """``(length, tab column)`` when the line at ``p`` is ``digits<TAB>digits\n`` (1..18 digits each)."""
         end = buf.find(b"\n", p, min(hi, p + 2 * _MAX_DIGITS + 3))
         tab = buf.find(b"\t", p, end) if end > 0 else -1
         if tab <= p or tab - p > _MAX_DIGITS or not 0 < end - tab - 1 <= _MAX_DIGITS:
@@ -113,10 +120,12 @@ class _Runs:
             return None
         return end + 1 - p, tab - p
 
-    def convert(self, buf: bytearray, base: int, length: int, tab: int, m: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Keys and offsets of the ``m`` rows at ``buf[base:]``, or ``None`` if a byte is not a digit."""
-        plan = _words(0, tab) + _words(tab + 1, length - tab - 2)
-        nk = len(_words(0, tab))
+    def convert(self, buf: bytearray, base: int, length: int, tab: int, m: int, at: int) -> bool:
+        """Keys and offsets of the ``m`` rows at ``buf[base:]`` into ``keys[at:]``, ``offsets[at:]``;
+        ``False`` (nothing usable written) if a byte is not a digit."""
+        if (length, tab) not in self._plans:
+            self._plans[length, tab] = (_words(0, tab) + _words(tab + 1, length - tab - 2), len(_words(0, tab)))
+        plan, nk = self._plans[length, tab]
         w, t = self.words[: len(plan), :m], self.temp[: len(plan), :m]
         for j, (col, digits) in enumerate(plan):  # each word as uint64, the bytes of other fields zeroed
             src = np.ndarray((m,), dtype="<u8", buffer=buf, offset=base + col, strides=(length,))
@@ -130,7 +139,7 @@ class _Runs:
         np.add(w, _TOO_BIG, out=t)
         np.bitwise_or(t, w, out=t)
         if int(np.bitwise_or.reduce(t, axis=None)) & int(_HIGH):
-            return None
+            return False
         # 8 digits -> one number: pairs, then the four pairs at once (Lemire's multiplications)
         np.right_shift(w, _U(8), out=t)
         np.multiply(w, _U(10), out=w)
@@ -142,21 +151,29 @@ class _Runs:
         np.multiply(w, _MUL_02, out=w)
         np.add(w, t, out=w)
         np.right_shift(w, _U(32), out=w)
-        return self._join(w[:nk]), self._join(w[nk:])
+        _join(w[:nk], self.keys[at: at + m].view(np.uint64), t[0])
+        _join(w[nk:], self.offsets[at: at + m].view(np.uint64), t[0])
+        return True
 
-    @staticmethod
-    def _join(w: np.ndarray) -> np.ndarray:
-        value = w[0].copy()
-        for k in range(1, w.shape[0]):
-            value += w[k] * _U(10 ** (8 * k))
-        return value.view(np.int64)
+
+def _join(w: np.ndarray, out: np.ndarray, temp: np.ndarray) -> None:
+    """``out = w[0] + w[1] * 10**8 + ...`` (the words of one field, rightmost first)."""
+    if w.shape[0] == 1:
+        np.copyto(out, w[0])
+        return
+    np.multiply(w[1], _U(10 ** 8), out=out)
+    np.add(out, w[0], out=out)
+    for k in range(2, w.shape[0]):
+        np.multiply(w[k], _U(10 ** (8 * k)), out=temp)
+        np.add(out, temp, out=out)
 
 
 def _lines(buf: bytearray, lo: int, hi: int, line_base: int, name: str, runs: _Runs) -> tuple[np.ndarray, np.ndarray, int]:
-    """Keys, offsets and the number of lines of the whole lines in ``buf[lo:hi]`` (``lo >= _SLACK``)."""
+    """Keys, offsets (views of ``runs``' buffers) and the number of lines of the whole lines in
+    ``buf[lo:hi]`` (``lo >= _SLACK``)."""
+    runs.reserve((hi - lo) // 4 + 1)  # the shortest line is "0\t0\n"
     raw = np.frombuffer(buf, dtype=np.uint8)
-    keys, offsets = [], []
-    p, lines = lo, 0
+    p, n = lo, 0
     while p < hi:  # fast path, a block of rows of one length at a time
         line = runs.line_at(buf, p, hi)
         if line is None:
@@ -165,24 +182,22 @@ def _lines(buf: bytearray, lo: int, hi: int, line_base: int, name: str, runs: _R
         b = min(_BLOCK, (hi - p) // length)
         rows = raw[p: p + b * length].reshape(b, length)
         sep = (rows[:, tab] == _TAB) & (rows[:, length - 1] == _LF)
+        del rows
         if not sep.all():
             b = int(np.argmin(sep))  # >= 1: line_at checked the first row; the line length changes here
-        got = runs.convert(buf, p, length, tab, b)
-        if got is None:  # a byte that is not a digit: the general path names the line
+        if not runs.convert(buf, p, length, tab, b, n):  # a byte that is not a digit: the general path names the line
             break
-        keys.append(got[0])
-        offsets.append(got[1])
         p += b * length
-        lines += b
-    del raw
+        n += b
+    del raw  # no export of buf may outlive the call: the caller may grow it
+    lines = n
     if p < hi:
         k, o = _general(buf, p, hi, line_base + lines, name)
-        keys.append(k)
-        offsets.append(o)
+        runs.keys[n: n + k.size] = k
+        runs.offsets[n: n + o.size] = o
+        n += k.size
         lines += buf.count(b"\n", p, hi)
-    if not keys:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), lines
-    return np.concatenate(keys), np.concatenate(offsets), lines
+    return runs.keys[:n], runs.offsets[:n], lines
 
 
 def _chunks(readinto: Callable[[memoryview], int], name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -201,6 +216,7 @@ def _chunks(readinto: Callable[[memoryview], int], name: str) -> Iterator[tuple[
             seen += keys.size
             if keys.size:
                 yield keys, offsets
+            del keys, offsets
         if got == 0:
             break
         filled = max(end - cut, 0) if cut > _SLACK else end - _SLACK
@@ -212,12 +228,13 @@ def _chunks(readinto: Callable[[memoryview], int], name: str) -> Iterator[tuple[
 
 def iter_idx(path: str | os.PathLike, name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(keys, offsets)`` int64 arrays of consecutive blocks of lines of the file ``path``, in line
-    order (``name``: the file as messages show it)."""
+    order (``name``: the file as messages show it). The arrays are buffers the next block reuses:
+    copy what you keep."""
     with open(path, "rb", buffering=0) as f:
         yield from _chunks(f.readinto, name)
 
 
 def parse_idx(text: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(keys, offsets)`` int64 arrays of ``text`` in line order; :class:`RecordIOError` names the bad line."""
-    parts = list(_chunks(io.BytesIO(text).readinto, name))
+    parts = [(k.copy(), o.copy()) for k, o in _chunks(io.BytesIO(text).readinto, name)]
     return np.concatenate([k for k, _ in parts]), np.concatenate([o for _, o in parts])

@@ -47,6 +47,7 @@ class RecordIndex:
         self.first_key = int(first_key)
         self.offsets = offsets
         self.rec_size = int(rec_size)
+        self._made: np.ndarray | None = None  # implicit keys, made on demand
         self._sorted_keys: np.ndarray | None = None
         self._key_pos: np.ndarray | None = None
 
@@ -97,10 +98,12 @@ class RecordIndex:
     @property
     def keys(self) -> np.ndarray:
         """Keys in file order (int64; made on first use when implicit)."""
-        if self._keys is None:
-            self._keys = np.arange(self.first_key, self.first_key + len(self), dtype=np.int64)
-            self._keys.flags.writeable = False
-        return self._keys
+        if self._keys is not None:
+            return self._keys
+        if self._made is None:
+            self._made = np.arange(self.first_key, self.first_key + len(self), dtype=np.int64)
+            self._made.flags.writeable = False
+        return self._made
 
     def key_at(self, pos: int) -> int:
         """Key of the record at file position ``pos``."""
@@ -154,14 +157,16 @@ class RecordIndex:
         return int(self.offsets[pos]), end
 
     def __getstate__(self) -> dict:
-        state = {**self.__dict__, "_sorted_keys": None, "_key_pos": None}
-        if state["_keys"] is not None and self.implicit_keys:  # pragma: no cover - made on demand
-            state["_keys"] = None
-        return state
+        return {**self.__dict__, "_made": None, "_sorted_keys": None, "_key_pos": None}
+
+
+def _increasing(values: np.ndarray) -> bool:
+    return values.size < 2 or bool(np.all(values[1:] > values[:-1]))
 
 
 def _consecutive(keys: np.ndarray) -> bool:
-    return keys.size < 2 or (int(keys[-1]) - int(keys[0]) == keys.size - 1 and bool(np.all(np.diff(keys) == 1)))
+    """``k, k + 1, k + 2, ...``: strictly increasing integers that span exactly their count."""
+    return keys.size < 2 or (int(keys[-1]) - int(keys[0]) == keys.size - 1 and _increasing(keys))
 
 
 def _check_unique_keys(keys: np.ndarray, idx_name: str) -> None:
@@ -185,8 +190,8 @@ def build_index(idx_file: str | os.PathLike, idx_name: str, rec_size: int, rec_n
     chunks = iter_idx(idx_file, idx_name)
     try:
         for keys, offsets in chunks:
-            if (int(offsets[0]) <= last or int(offsets[-1]) >= rec_size or bool(np.any(offsets & 3))
-                    or (offsets.size > 1 and not bool(np.all(offsets[1:] > offsets[:-1])))):
+            if (int(offsets[0]) <= last or int(offsets[-1]) >= rec_size or int(np.bitwise_or.reduce(offsets)) & 3
+                    or not _increasing(offsets)):
                 raise _NotInOrder
             if explicit is None:
                 if first is None:
@@ -196,7 +201,7 @@ def build_index(idx_file: str | os.PathLike, idx_name: str, rec_size: int, rec_n
                 else:
                     explicit = [np.arange(first, expect, dtype=np.int64)]
             if explicit is not None:
-                explicit.append(keys)
+                explicit.append(keys.copy())  # the parser reuses its buffers
             writer.add(offsets)
             last = int(offsets[-1])
     except _NotInOrder:
@@ -216,7 +221,7 @@ def build_index(idx_file: str | os.PathLike, idx_name: str, rec_size: int, rec_n
 
 def _index_in_memory(idx_file: str | os.PathLike, idx_name: str, rec_size: int, rec_name: str,
                      writer: StampedWriter) -> RecordIndex:
-    parts = list(iter_idx(idx_file, idx_name))
+    parts = [(k.copy(), o.copy()) for k, o in iter_idx(idx_file, idx_name)]
     keys = np.concatenate([k for k, _ in parts])
     offsets = np.concatenate([o for _, o in parts])
     del parts
