@@ -219,6 +219,15 @@ def two_ranks(src: Path, root: Path) -> tuple[dict, dict]:
     return _result(first), _result(second)
 
 
+def first_and_cached(src: Path, root: Path, code: str, repeats: int) -> list[tuple[str, list[dict]]]:
+    """Runs of ``code`` without a cache (each run clears it), then with the cache the last one left."""
+    first = []
+    for _ in range(repeats):
+        clear_caches(root)
+        first.append(_result(start(src, code)))
+    return [("first", first), ("cached", [_result(start(src, code)) for _ in range(repeats)])]
+
+
 def import_cost(src: Path, module: str) -> tuple[float, float]:
     code = _MEMORY + (f"import time; t = time.process_time(); import {module}; "
                       "print(time.process_time() - t, rss('VmHWM'))")
@@ -259,31 +268,16 @@ def main() -> None:
     try:
         rows = []
         for name, src in trees:
-            if "set" not in skip:
-                for state in ("first", "cached"):
-                    runs = []
+            for what, code in (("set", set_probe(root)), ("datamodule", _DM_PROBE.format(root=str(root)))):
+                if what not in skip:
+                    rows += [(name, what, state, runs) for state, runs in first_and_cached(src, root, code, args.repeats)]
+                if what == "set" and "ranks" not in skip:
+                    pairs = []
                     for _ in range(args.repeats):
-                        if state == "first":
-                            clear_caches(root)
-                        runs.append(_result(start(src, set_probe(root))))
-                    rows.append((name, "set", state, runs))
-            if "ranks" not in skip:
-                runs0, runs1 = [], []
-                for _ in range(args.repeats):
-                    clear_caches(root)
-                    r0, r1 = two_ranks(src, root)
-                    runs0.append(r0)
-                    runs1.append(r1)
-                rows.append((name, "set", "rank 0 (builds)", runs0))
-                rows.append((name, "set", "rank 1 (meanwhile)", runs1))
-            if "datamodule" not in skip:
-                for state in ("first", "cached"):
-                    runs = []
-                    for _ in range(args.repeats):
-                        if state == "first":
-                            clear_caches(root)
-                        runs.append(_result(start(src, _DM_PROBE.format(root=str(root)))))
-                    rows.append((name, "datamodule", state, runs))
+                        clear_caches(root)
+                        pairs.append(two_ranks(src, root))
+                    rows.append((name, "set", "rank 0 (builds)", [p[0] for p in pairs]))
+                    rows.append((name, "set", "rank 1 (meanwhile)", [p[1] for p in pairs]))
         print(f"\nopen + first batch per rank, {args.records} images / {args.classes} identities "
               f"(median of {args.repeats} fresh processes; CPU = user + system seconds)")
         print("| code | what | cache | open CPU s | open wall s | first batch CPU s | RSS before open MB "

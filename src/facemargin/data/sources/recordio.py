@@ -194,7 +194,8 @@ class FaceRecordSet(FaceSource):
         if len(raw) >= 36:  # fast path: one part, valid label (anything else: the checks below, with messages)
             magic, lrec, flag, value = _HEAD.unpack_from(raw, 0)
             end = 8 + lrec
-            if magic == MAGIC and lrec >> 29 == 0 and (((end + 3) & ~3) == len(raw) or (self.subset and end <= len(raw))):
+            fills = ((end + 3) & ~3) == len(raw) or (self.subset and end <= len(raw))  # no bytes in no .idx line
+            if magic == MAGIC and lrec >> 29 == 0 and fills:
                 start = 32 + 4 * flag
                 if flag:
                     (value,) = _FLOAT.unpack_from(raw, 32)
