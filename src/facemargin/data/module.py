@@ -174,8 +174,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self._source: FaceSource | None = None
         self._num_classes = None if num_classes is None else int(num_classes)
         if source == "recordio":
-            self.num_classes, self.image_size = FaceRecordSet.peek(self.files)
-            self.num_classes = self._num_classes or self.num_classes
+            self.num_classes, self.image_size = FaceRecordSet.peek(self.files, num_classes=self._num_classes)
         else:
             if source == "folder":
                 self._source = FolderSource(self.root, image_size=image_size, num_classes=self._num_classes)
