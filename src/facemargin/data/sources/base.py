@@ -11,7 +11,9 @@ handling, decoding and normalisation are shared (:mod:`facemargin.data.loading.p
 
 A third source is one small subclass of :class:`FaceSource`: ``__len__``, ``read_raw`` (the stored
 bytes of a sample, in one read), ``parse`` (raw bytes -> validated ``(label, encoded image)``),
-``where`` (how errors name a sample) and ``labels``.
+``where`` (how errors name a sample) and ``labels``. A source whose stored images are not yet the
+set's images (raw photos to crop, resize or align: :class:`~facemargin.data.sources.framed.FramedSource`)
+overrides ``decode_into``, which the DataLoader workers call.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import numpy as np
+
+from ..formats.image import CorruptImageError, decode_into
 
 __all__ = ["FaceSource", "SourceError"]
 
@@ -56,6 +60,17 @@ class FaceSource(ABC):
 
         Raises ``ValueError`` subclasses naming :meth:`where`.
         """
+
+    def decode_into(self, i: int, image: bytes, out: np.ndarray) -> None:
+        """Decode sample ``i``'s encoded image (from :meth:`parse`) into ``out`` (uint8 ``[H, W, 3]``,
+        the set's :attr:`image_size`); errors name :meth:`where`. Runs in the DataLoader workers."""
+        try:
+            decode_into(image, out)
+        except CorruptImageError as exc:
+            raise type(exc)(f"{self.where(i)}: corrupt image: {exc}") from None
+
+    #: True when :meth:`decode_into` does more than decode (the stored bytes are not the training image)
+    prepares_images: bool = False
 
     @abstractmethod
     def where(self, i: int) -> str:
