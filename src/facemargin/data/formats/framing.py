@@ -105,13 +105,15 @@ class Framing:
 
     @classmethod
     def of(cls, crop: str | CropSpec | None = None, resize: int | None = None, align: bool = False,
-           prefix: str = "--") -> "Framing":
-        """Checked options; ``prefix`` names them in errors (``--`` for ``pack``, ``data.`` for training)."""
+           prefix: str = "--", align_option: str | None = None) -> "Framing":
+        """Checked options; ``prefix`` names them in errors (``--`` for ``pack``, ``data.`` for training),
+        ``align_option`` the option that asked for alignment (default ``<prefix>align``)."""
         spec = parse_crop(crop, f"{prefix}crop")
         if resize is not None and (isinstance(resize, bool) or int(resize) != resize or int(resize) < 1):
             raise ValueError(f"{prefix}resize must be a positive size, got {resize!r}")
         if align and spec is not None:
-            raise ValueError(f"{prefix}align and {prefix}crop exclude each other: alignment decides the crop")
+            raise ValueError(f"{align_option or prefix + 'align'} and {prefix}crop exclude each other: "
+                             "alignment decides the crop")
         framing = cls(spec, None if resize is None else int(resize), bool(align))
         if align:
             from ...align import arcface_template

@@ -62,10 +62,15 @@ class PhotoFolder:
                  detect: str | Mapping[str, Any] | Any | None = None, detect_options: Mapping[str, Any] | None = None,
                  choice: str = "largest", min_score: float = 0.0, face_cache: str | os.PathLike | None = None,
                  on_corrupt: str = "raise") -> None:
+        from ...detect.base import FACE_CHOICES
+
+        if choice not in FACE_CHOICES:
+            raise PhotoOptionError(f"data.choice must be one of {', '.join(FACE_CHOICES)}, got {choice!r}")
         if detect is not None and landmarks is not None:
             raise PhotoOptionError("data.detect and data.landmarks exclude each other: the landmarks come from one of them")
         try:
-            self.framing = Framing.of(crop, resize, align=detect is not None or landmarks is not None, prefix="data.")
+            self.framing = Framing.of(crop, resize, align=detect is not None or landmarks is not None, prefix="data.",
+                                      align_option="data.detect" if detect is not None else "data.landmarks")
         except ValueError as exc:
             raise PhotoOptionError(str(exc)) from None
         self.expected = None if image_size is None else (int(image_size[0]), int(image_size[1]))
