@@ -288,3 +288,62 @@ def test_photo_options_need_data_folder(tmp_path) -> None:
     root = write_face_set(tmp_path / "set", [0, 1])
     with pytest.raises(UserError, match=r"data.crop, data.resize: options of data=folder .*data\.pack SRC OUT --crop/--resize/--align"):
         FaceRecordDataModule(root, crop="0.5", resize=112)
+
+
+# --------------------------------------------------------------------------- through the CLI (slow)
+TESTS = Path(__file__).resolve().parent
+
+
+def train(run: Path, *overrides: str, cwd: Path) -> dict:
+    """``python -m facemargin.train`` with the tiny demo backbone; returns metrics.json."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]),
+           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "facemargin.train", "data=folder", "logger=none", "~callbacks.progress_bar",
+                           "trainer.max_epochs=2", f"hydra.run.dir={run}", *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_cli_trains_on_raw_photos_and_detects_each_photo_once(photos, tmp_path) -> None:
+    """Two runs of 2 epochs with 2 DataLoader workers: the first detects every photo once, the second none."""
+    log, cache = tmp_path / "calls.log", tmp_path / "cache"
+    detect = [f"data.root={photos}", f"data.detect={{_target_:raw_photos.CountingDetector,log:{log}}}",
+              f"data.face_cache={cache}", "data.batch_size=3", "data.num_workers=2"]
+    first = train(tmp_path / "run1", *detect, cwd=tmp_path)
+    assert first["global_step"] == 2 * (9 // 3)  # 9 photos with a face, 2 epochs
+    assert sorted(d for _, _, d in calls(log)) == sorted(pixels_digest(decode_image(p.read_bytes())) for p in photo_files(photos))
+    assert (tmp_path / "run1" / "faces" / "noface.txt").read_text() == "grace_hopper/coffee.png\n"
+    assert "no face: 1 photos, left out -> " in (tmp_path / "run1" / "train.log").read_text()
+    before = len(calls(log))
+    train(tmp_path / "run2", *detect, cwd=tmp_path)
+    assert len(calls(log)) == before  # the second run finds every face in the store
+
+
+@pytest.mark.slow
+def test_cli_trains_on_lfw_style_photos_with_crop_and_resize(tmp_path) -> None:
+    root = lfw_style(tmp_path / "lfw")
+    metrics = train(tmp_path / "run", f"data.root={root}", "data.crop=0.5", "data.resize=112", "data.batch_size=2",
+                    "data.num_workers=0", "trainer.max_epochs=1", cwd=tmp_path)
+    assert metrics["global_step"] == 2 and np.isfinite(metrics["train/loss_epoch"])
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_detect_each_photo_once(photos, tmp_path) -> None:
+    """DDP on 2 CPU processes: the ranks share the new photos, exchange the faces, train on the same set."""
+    log, cache = tmp_path / "calls.log", tmp_path / "cache"
+    ddp = [f"data.root={photos}", f"data.detect={{_target_:raw_photos.CountingDetector,log:{log}}}", f"data.face_cache={cache}",
+           "data.batch_size=2", "data.num_workers=1", "trainer.max_epochs=1", "trainer.devices=2", "trainer.strategy=ddp"]
+    metrics = train(tmp_path / "run1", *ddp, cwd=tmp_path)
+    assert metrics["global_step"] == 9 // (2 * 2)  # both ranks see all 9 faces: whole batches of 2 per rank
+    logged = calls(log)
+    assert sorted(d for _, _, d in logged) == sorted(pixels_digest(decode_image(p.read_bytes())) for p in photo_files(photos))
+    assert sorted({rank for _, rank, _ in logged}) == ["0", "1"] and len({pid for pid, _, _ in logged}) == 2
+    assert len(FaceStore(next(cache.iterdir()), "").segments()) == 2  # one segment per rank
+    train(tmp_path / "run2", *ddp, cwd=tmp_path)
+    assert len(calls(log)) == len(logged)
