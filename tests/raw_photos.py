@@ -77,3 +77,33 @@ class CountingDetector(MTCNN):
 def calls(log: Path) -> list[tuple[str, str, str]]:
     """``(pid, rank, pixels digest)`` of every logged call (none when the log does not exist)."""
     return [tuple(line.split()) for line in log.read_text().splitlines()] if log.exists() else []  # type: ignore[misc]
+
+
+def lfw_like_bin(path: Path, photos: Path, pairs: int = 20) -> Path:
+    """A verification ``.bin`` of aligned 112x112 crops of the people in ``photos`` (one face each),
+    ``pairs`` pairs alternating same / different person, so every one of 10 folds holds both kinds."""
+    import simplejpeg
+
+    from facemargin.data.formats.image import decode_image
+    from facemargin.data.formats.verification import write_bin
+    from facemargin.detect.pipeline import detect_and_align
+
+    detector = MTCNN()
+    people: dict[str, list[np.ndarray]] = {}
+    for file in sorted(p for p in photos.rglob("*") if p.is_file()):
+        crop, found = detect_and_align(detector, decode_image(file.read_bytes()))
+        if crop is not None and found.count == 1:
+            people.setdefault(file.parent.name, []).append(crop)
+    names = sorted(people)
+    images: list[bytes] = []
+    issame: list[bool] = []
+    for k in range(pairs):
+        same = k % 2 == 0
+        a, b = names[k % len(names)], names[(k + (0 if same else 1)) % len(names)]
+        first, second = people[a][k % len(people[a])], people[b][(k + 1) % len(people[b])]
+        gain = 0.85 + 0.3 * ((k * 7) % 10) / 10  # a different exposure in every pair
+        second = np.clip(second.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+        images += [simplejpeg.encode_jpeg(np.ascontiguousarray(im), quality=90) for im in (first, second)]
+        issame.append(same)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_bin(path, images, issame)

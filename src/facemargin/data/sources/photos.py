@@ -168,11 +168,13 @@ class PhotoFolder:
             return path
 
     def _report(self, found: LocatedFaces, out: Path) -> None:
-        """Write ``faces.txt`` (the faces used), ``noface.txt``, ``several.txt``, ``unreadable.txt``; log one summary."""
+        """Write ``faces.txt`` (the faces used), ``noface.txt``, ``several.txt`` (and ``unreadable.txt``); log one summary."""
         from ...detect.landmarks import LandmarkFileError, write_landmarks
 
         out.mkdir(parents=True, exist_ok=True)
-        lists = {"noface.txt": found.no_face, "several.txt": found.several, "unreadable.txt": sorted(found.unreadable)}
+        lists = {"noface.txt": found.no_face, "several.txt": found.several}
+        if found.unreadable:
+            lists["unreadable.txt"] = sorted(found.unreadable)
         for name, rows in lists.items():
             (out / name).write_text("".join(f"{self._relative(i)}\n" for i in rows))
         try:
