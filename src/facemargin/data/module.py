@@ -80,15 +80,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
         image_size: ``(height, width)`` of a folder source's images (default: the first image's, or
             what ``crop``/``resize``/alignment make of it).
         crop, resize, landmarks, detect, detect_options, choice, min_score, face_cache: a folder
-            of photos made into training images in the DataLoader workers
-            (:class:`~facemargin.data.sources.photos.PhotoFolder`): ``crop`` (``square``, a fraction
-            ``F`` of the shorter side, ``WxH``) and ``resize`` (``N``: N x N) as ``pack --crop/--resize``;
-            ``landmarks`` (a list file of 5 points per photo) aligns each face as ``pack --align``;
-            ``detect`` (a detector name in ``conf/detector/``, a ``_target_`` node or a detector,
-            ``detect_options`` its options) finds the points once per photo, cached in ``face_cache``
-            (default ``$FACEMARGIN_CACHE/faces``) by the photo's content and the detector; photos
-            with no face are left out and listed, of several ``choice`` (``largest`` | ``central``)
-            keeps one, faces scoring below ``min_score`` are ignored.
+            of photos made into faces in the DataLoader workers, as ``pack --crop/--resize/--align``
+            (``detect``: a detector finds the 5 points once per photo, kept in ``face_cache`` by
+            content); see :class:`~facemargin.data.sources.photos.PhotoFolder`.
         num_classes: identities of a RecordIO or folder source (default: ``property``, the number
             of folders, or the largest label of a list file + 1), e.g. for a subset that lost its
             last identities (``python -m facemargin.clean``) and keeps the model's class numbering.
@@ -256,11 +250,12 @@ class FaceRecordDataModule(pl.LightningDataModule):
                     report_dir=None if trainer is None else Path(trainer.default_root_dir) / "faces",
                     progress=rank == 0 and sys.stderr.isatty())
 
-    def size_hint(self) -> str:
-        """How to give this set another image size (for a message about the model's input size)."""
+    def size_hint(self, input_size: int | Sequence[int] = 112) -> str:
+        """How to make this set's images ``input_size`` (for a message about the model's input size)."""
+        n = input_size if isinstance(input_size, int) else int(input_size[0])
         if self._photos is not None:
-            return f"for a folder of photos: {size_advice()}"
-        return "repack it: python -m facemargin.data.pack IMAGES OUT --resize N (or --align LANDMARKS)"
+            return f"for a folder of photos: {size_advice((n, n))}"
+        return f"repack the photos: python -m facemargin.data.pack IMAGES OUT --resize {n} (or --align LANDMARKS)"
 
     def check_input_size(self, input_size: int | Sequence[int]) -> None:
         """Raise a :class:`~facemargin.errors.UserError` naming both sizes when the set's images are
@@ -269,7 +264,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         if self.image_size is not None and tuple(self.image_size) != want:
             h, w = self.image_size
             raise UserError(f"data.root={self.root}: the images are {w}x{h} but the backbone takes {want[1]}x{want[0]}",
-                            hint=self.size_hint())
+                            hint=self.size_hint(want))
 
     def verification_files(self) -> list[Path]:
         """Local copies of the verification ``.bin`` files, in ``val_sets`` order (remote ones are

@@ -53,6 +53,17 @@ def size_advice(size: Sequence[int] | None = None) -> str:
 class PhotoFolder:
     """A ``data=folder`` set: the photos of ``root`` and the options of the module doc.
 
+    Args:
+        root, num_classes: as :class:`~.folder.FolderSource`.
+        image_size: ``(height, width)`` every training image must have (checked against what the
+            options make of the photos).
+        crop, resize: a centred crop (``square``, a fraction ``F``, ``WxH``) and ``N`` x ``N``.
+        landmarks: a landmark list (paths relative to ``root``): align every listed photo.
+        detect, detect_options: a detector (a name in ``conf/detector/``, a ``_target_`` mapping or
+            a built detector) and its options; ``choice`` (``largest`` | ``central``) and
+            ``min_score`` pick the face; ``face_cache`` holds the store (default
+            ``$FACEMARGIN_CACHE/faces``); ``on_corrupt="skip"`` leaves unreadable photos out.
+
     ``image_size`` and ``num_classes`` are known at once; :meth:`open` gives the training source
     (with ``detect``, after finding every photo's face).
     """
