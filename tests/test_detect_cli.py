@@ -177,7 +177,7 @@ def test_compare_raw_photos_says_which_face_it_used(pixel_model, photos, tmp_pat
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(rf"{re.escape(a)}: 1 face: box 1\d\d,\d\d-2\d\d,1\d\d, score 0\.99\d\d", lines[0]), lines[0]
     assert lines[1].startswith(f"{b}: 1 face: box ")
-    assert re.fullmatch(r"cosine similarity 0\.99\d\d; threshold 0\.9000 \(given\): same person", lines[2]), lines[2]
+    assert re.fullmatch(r"cosine similarity 0\.99\d\d; threshold 0\.9000 cosine \(given\): same person", lines[2]), lines[2]
     hopper = compare(model, a, str(photos / "people/grace_hopper.jpg"), threshold=0.9)
     assert not hopper["same"] and hopper["cosine"] < 0.8
 
