@@ -190,7 +190,7 @@ def test_compare_raw_photos_says_which_face_it_used(pixel_model, photos, tmp_pat
     assert abs(central["cosine"] - hopper["cosine"]) < 0.1  # the central face is Grace Hopper
 
     with pytest.raises(SystemExit) as exit_:
-        compare_main([model, a, str(photos / "coffee.png")])
+        compare_main([model, a, str(photos / "coffee.png"), "threshold=0.9"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"facemargin.compare: error: no face found in {photos / 'coffee.png'} (largest face of those scoring >= 0)"
