@@ -347,3 +347,20 @@ def test_two_gloo_ranks_detect_each_photo_once(photos, tmp_path) -> None:
     assert len(FaceStore(next(cache.iterdir()), "").segments()) == 2  # one segment per rank
     train(tmp_path / "run2", *ddp, cwd=tmp_path)
     assert len(calls(log)) == len(logged)
+
+
+@pytest.mark.slow
+def test_the_folder_benchmark_runs(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    bench = TESTS.parent / "benchmarks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent / "src")}
+    env.pop("FACEMARGIN_PHOTO_WHEELS", None)  # the installed packages' photos only
+    proc = subprocess.run([sys.executable, str(bench / "folder_faces.py"), "--repeats", "1", "--out", str(tmp_path / "w")],
+                          cwd=bench, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["photos"], result["with_face"]) == (60, 36)
+    assert result["store_over_first"] < 0.5 and result["copy_over_first"] < 0.5 and result["folder_over_packed"] > 0
