@@ -178,6 +178,57 @@ def test_the_store_keeps_only_settled_files_and_compacts(tmp_path) -> None:
     assert not FaceStore(tmp_path / "store", "key-1").load()  # a damaged segment: detected again, not a crash
 
 
+class _Broken(MTCNN):
+    def __call__(self, image):
+        raise RuntimeError("the detector broke")
+
+
+def _two_ranks(paths_of_rank, detector_of_rank, store) -> list:
+    """``locate_faces`` on 2 threads joined by an all-gather of their payloads: each rank's result or exception."""
+    import threading
+
+    from facemargin.data.sources.faces import locate_faces
+
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def exchange_for(rank):
+        def exchange(payload):
+            slots[rank] = payload
+            barrier.wait()
+            return list(slots)
+        return exchange
+
+    def rank_main(rank):
+        try:
+            out[rank] = locate_faces(paths_of_rank(rank), detector_of_rank(rank), store, rank=rank, world=2,
+                                     exchange=exchange_for(rank))
+        except Exception as exc:
+            out[rank] = exc
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return out
+
+
+def test_ranks_share_the_photos_and_fail_together(photos, tmp_path) -> None:
+    from facemargin.data.sources.base import SourceError
+
+    paths = [str(p) for p in photo_files(photos)]
+    store = FaceStore(tmp_path / "store", MTCNN().cache_key)
+    broken = _two_ranks(lambda r: paths, lambda r: MTCNN() if r == 0 else _Broken(), store)
+    assert isinstance(broken[1], RuntimeError) and isinstance(broken[0], SourceError)
+    assert "finding faces failed on rank 1: RuntimeError: the detector broke" in str(broken[0])
+    differ = _two_ranks(lambda r: paths[r:], lambda r: MTCNN(), FaceStore(tmp_path / "other", "k"))
+    assert all(isinstance(e, SourceError) and "the ranks listed different photos" in str(e) for e in differ)
+    found = _two_ranks(lambda r: paths, lambda r: MTCNN(), FaceStore(tmp_path / "fresh", "k"))
+    assert found[0].detected + found[1].detected == found[0].detected_all == len(paths)  # each photo once
+    assert found[0].detected == (len(paths) + 1) // 2 and found[0].landmarks.keys() == found[1].landmarks.keys()
+    assert all(np.array_equal(found[0].landmarks[i], found[1].landmarks[i]) for i in found[0].landmarks)
+
+
 def lfw_style(root: Path) -> Path:
     """Two people, 250x250 photos with the face in the centre (as LFW frames them), and one 256x150 photo."""
     astronaut, hopper = packaged_photo("astronaut"), packaged_photo("grace_hopper")

@@ -19,6 +19,7 @@ so changing the rule detects nothing again. Workers receive the chosen landmarks
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -135,15 +136,19 @@ def locate_faces(paths: Sequence[str], detector: Any, store: FaceStore, *, choic
         store.write(added)
     except Exception as exc:  # raised on every rank below, after the exchange: no rank waits for this one
         failure = exc
-    payload = (digests, added, unreadable, calls, None if failure is None else f"{type(failure).__name__}: {failure}")
+    listing = hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+    payload = (digests, added, unreadable, calls, None if failure is None else f"{type(failure).__name__}: {failure}", listing)
     gathered = exchange(payload) if exchange is not None and world > 1 else [payload]
     if failure is not None:
         raise failure
     failed = [(r, p[4]) for r, p in enumerate(gathered) if p[4] is not None]
     if failed:
         raise SourceError(f"finding faces failed on rank {failed[0][0]}: {failed[0][1]}")
+    if len({p[5] for p in gathered}) > 1:
+        raise SourceError(f"the ranks listed different photos ({len(paths)} here): the folder changed while the run "
+                          "started; start it again")
     everything = StoreContents()
-    for their_digests, their_added, their_unreadable, their_calls, _ in gathered:
+    for their_digests, their_added, their_unreadable, their_calls, _, _ in gathered:
         resolved.update(their_digests)
         everything.update(their_added)
         result.unreadable.update(their_unreadable)
