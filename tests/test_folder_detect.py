@@ -308,6 +308,8 @@ def test_a_folder_of_photos_says_its_size_and_how_to_make_faces(tmp_path, caplog
         dm.check_input_size(112)
     assert "data.detect=mtcnn" in err.value.hint
     dm.check_input_size((250, 250))
+    with pytest.raises(PhotoOptionError, match=r"data.image_size=\[112, 112\] but .*astronaut/1\.jpg is 250x250"):
+        FaceRecordDataModule(root, source="folder", image_size=[112, 112], num_workers=0)
     assert FaceRecordDataModule(root, source="folder", crop="0.5", resize=112, num_workers=0).image_size == (112, 112)
 
     Image.fromarray(np.zeros((80, 60, 3), np.uint8)).save(root / "grace_hopper" / "small.png")

@@ -113,7 +113,10 @@ class PhotoFolder:
     def _check_stored_sizes(self) -> None:
         """Photos used as stored: a sample of headers must share the first's size; say the size."""
         folder, n = self.folder, len(self.folder)
-        h, w = folder.image_size  # type: ignore[misc]
+        h, w = photo_size(folder.read_raw(0), folder.where(0))
+        if self.expected is not None and (h, w) != self.expected:
+            raise PhotoOptionError(f"data.image_size={list(self.expected)} but {folder.where(0)} is {w}x{h}",
+                                   hint=f"make faces of the photos: {size_advice(self.expected)}")
         for i in sorted({int(k) for k in np.linspace(0, n - 1, min(n, SIZE_SAMPLE))}):
             size = photo_size(folder.read_raw(i), folder.where(i))
             if size != (h, w):
