@@ -54,11 +54,14 @@ def test_error_bar_and_limits_rules():
     assert hi - lo >= 0.02 and hi <= 1.0
 
 
-def test_missing_or_empty_folder_is_a_one_line_error(tmp_path):
+def test_missing_or_empty_folder_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as missing:
         main([str(tmp_path / "nope")])
-    assert missing.value.code == f"facemargin.sweep: {tmp_path / 'nope'}: no such folder (give a multirun folder, e.g. multirun/2026-11-22/10-00-00)"
+    assert missing.value.code == 2
+    assert capsys.readouterr().err == (f"facemargin.sweep: error: {tmp_path / 'nope'}: no such folder\n"
+                                       "hint: give a multirun folder, e.g. multirun/2026-11-22/10-00-00\n")
     with pytest.raises(SystemExit) as empty:
         main([str(tmp_path)])
-    assert str(empty.value.code).startswith("facemargin.sweep: no finished jobs (*/metrics.json) under ")
-    assert "\n" not in str(empty.value.code)
+    assert empty.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facemargin.sweep: error: no finished jobs (*/metrics.json) under ") and err.count("\n") == 1

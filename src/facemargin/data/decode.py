@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -54,7 +56,7 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_PIXELS = 4096 * 4096
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(UserError, ValueError):
     """Raised when image bytes cannot be decoded. Callers re-raise it naming file and key."""
 
 

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = ["RecordIOError", "parse_idx", "RecordIndex", "cache_dir_for", "file_stamp", "save_stamped", "load_stamped"]
 
 _MAX_DIGITS = 18  # every 18-digit decimal fits in int64
@@ -35,7 +37,7 @@ CACHE_VERSION = 2
 _CACHE_MAGIC = 0x46_4D_49_44_58  # "FMIDX"
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError, ValueError):
     """A malformed .rec/.idx file; the message names the file and the line, key or offset."""
 
 

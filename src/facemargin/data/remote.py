@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from ..errors import UserError
+
 __all__ = ["RetryPolicy", "RemoteReadError", "HTTPSource", "FsspecSource"]
 
 T = TypeVar("T")
@@ -44,7 +46,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 
 
-class RemoteReadError(OSError):
+class RemoteReadError(UserError, OSError):
     """A remote read that failed for good; the message names the URL and the byte offset."""
 
 

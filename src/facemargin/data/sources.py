@@ -23,12 +23,13 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from .storage import open_source
 
 __all__ = ["FaceSource", "FolderSource", "SourceError"]
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A training source that cannot be used as given; the message names the file and line or key."""
 
 
