@@ -121,8 +121,8 @@ def _run(cfg: Any) -> None:
     if "://" not in str(cfg.ckpt_path) and not Path(str(cfg.ckpt_path)).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path}: no such file",
                         hint="a training checkpoint (.ckpt) or a file written by python -m facemargin.export")
+    evaluators = _instantiate_evaluators(cfg.eval)  # first: a set that is not there is said before any model loads
     model = load_embedder(cfg.ckpt_path, cfg.device)
-    evaluators = _instantiate_evaluators(cfg.eval)
     cache = EmbeddingCache(cfg.cache_dir) if cfg.cache else None
     result = evaluate(model, list(evaluators.values()), cache, cfg.batch_size, cfg.num_workers, cfg.progress)
     out = Path(cfg.output_dir)

@@ -6,8 +6,9 @@
   Hydra's own help stays behind ``--hydra-help``; ``--cfg job`` prints the whole composed config.
 * A user's mistake ends with one line and status 2 (:func:`facemargin.cli.run_cli`): Hydra's
   composition errors (an unknown key or group option, a malformed override), a missing mandatory
-  value (``???``), an interpolation that does not resolve, and a config node that cannot be built
-  from the values given (``loss.m=abc``, an unknown keyword). A bug keeps its traceback.
+  value (``???``), an interpolation that does not resolve, a config node that cannot be built
+  from the values given (``loss.m=abc``, an unknown keyword), and Lightning's
+  ``MisconfigurationException`` (trainer options it refuses). A bug keeps its traceback.
 
 Stdlib only at import time: Hydra is imported when a command runs.
 """
@@ -154,9 +155,10 @@ def _composition_error(exc: BaseException) -> UserError:
     from hydra.errors import MissingConfigException, OverrideParseException
 
     if isinstance(exc, MissingConfigException):
-        missing = str(getattr(exc, "missing_cfg_file", "") or "")
-        options = list(getattr(exc, "options", None) or [])
+        named = re.search(r"Could not (?:find|load) '([^']+)'", str(exc))
+        missing = str(getattr(exc, "missing_cfg_file", "") or (named.group(1) if named else ""))
         group, _, name = missing.rpartition("/")
+        options = list(getattr(exc, "options", None) or (_options(group) if group else []))
         if group and options:
             close = difflib.get_close_matches(name, options, n=1)
             return UserError(f"{group}={name}: no such option" + (f" (did you mean {group}={close[0]}?)" if close else ""),
@@ -179,6 +181,8 @@ def user_error_of(exc: BaseException) -> UserError | None:
     """The one-line :class:`UserError` a Hydra or OmegaConf error stands for, or ``None`` (a bug)."""
     if isinstance(exc, UserError):
         return exc
+    if type(exc).__name__ == "MisconfigurationException" and type(exc).__module__.startswith("lightning"):
+        return UserError(f"trainer: {_first_line(exc)}")  # Lightning refusing the trainer options it was given
     from hydra.errors import HydraException, InstantiationException
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 

@@ -4,6 +4,8 @@ work says so at once instead of at step 1 (or by being killed):
 * :func:`check_input_size`: the training images have the size the backbone takes (a 250x250
   photo set on a 112x112 backbone otherwise ends in ``mat1 and mat2 shapes cannot be multiplied``
   after the whole start-up).
+* :func:`check_batches`: the set holds at least one whole batch per process (a smaller one trains
+  no step and ended in ``total_steps must be positive; got 0`` from the scheduler).
 * :func:`check_memory`: the model's training memory for the chosen batch against the free memory
   of the device (``backbone=iresnet100`` at the default batch on a 24 GB CPU machine was killed by
   the kernel without a message). :func:`estimate_memory` traces one forward pass of the backbone
@@ -23,7 +25,7 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["MemoryEstimate", "check_input_size", "check_memory", "estimate_memory", "free_memory", "parse_bytes"]
+__all__ = ["MemoryEstimate", "check_batches", "check_input_size", "check_memory", "estimate_memory", "free_memory", "parse_bytes"]
 
 GiB = 1 << 30
 #: backward keeps the saved tensors and, at its peak, gradients of a few activations besides; the
@@ -56,6 +58,15 @@ def check_input_size(image_size: Any, backbone: Any, root: Any = None, backbone_
         fix += f"; or build the backbone for {w}x{h} input: +backbone.input_size={w}"
     raise UserError(f"the training images are {w}x{h}{where} but the backbone {name} takes {side}x{side}: "
                     "the first step would fail", hint=fix)
+
+
+def check_batches(num_samples: int, batch_size: int, processes: int = 1) -> None:
+    """Refuse a set that holds no whole batch for each process (every step takes whole batches)."""
+    if num_samples >= batch_size * processes:
+        return
+    per = f" x {processes} processes" if processes > 1 else ""
+    raise UserError(f"the training set has {num_samples} samples, fewer than one batch ({batch_size}{per}): "
+                    "no training step would run", hint=f"data.batch_size={max(num_samples // processes, 1)}")
 
 
 # --------------------------------------------------------------------------- memory
@@ -142,6 +153,7 @@ def _saved_bytes(backbone: Any, batch: int, side: int) -> int:
         return t
 
     x = torch.empty(batch, 3, side, side, device="meta")
+    seen.add(x.untyped_storage()._cdata)  # the batch is counted once, below
     was_training = backbone.training
     backbone.train()
     try:

@@ -155,18 +155,22 @@ def _training_device(cfg: DictConfig) -> tuple[str, int]:
 
 def preflight(cfg: DictConfig, model: FaceRecognitionModule, datamodule: Any) -> None:
     """The checks of :mod:`facemargin.preflight`, before the Trainer starts (the launching process only)."""
-    from .preflight import check_input_size, check_memory, estimate_memory, optimizer_states
+    from .preflight import check_batches, check_input_size, check_memory, estimate_memory, optimizer_states
 
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return  # ranks started by the launcher: the launching process checked
     name = str(cfg.backbone.get("name", "") or type(model.backbone).__name__)
     check_input_size(getattr(datamodule, "image_size", None), model.backbone, getattr(datamodule, "root", None), name)
+    device, processes = _training_device(cfg)
+    source = getattr(datamodule, "source", None)
+    if source is not None:
+        world = processes * int(cfg.trainer.get("num_nodes", 1) or 1)
+        check_batches(len(source), int(cfg.data.batch_size), world)
     if not cfg.get("memory_check", True):
         return
     side = getattr(model.backbone, "input_size", None)
     if side is None:
         return
-    device, processes = _training_device(cfg)
     if device.startswith("cuda") and "fork" in str(cfg.trainer.get("strategy", "")):
         return  # measuring CUDA memory would initialise CUDA before the fork
     head = model.head
