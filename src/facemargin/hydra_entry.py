@@ -65,7 +65,7 @@ def read_config(path: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str,
             if block == "defaults":
                 item, comment = _split_comment(line.strip().lstrip("-").strip())
                 group, sep, choice = item.partition(":")
-                if sep and not group.startswith("override ") and group.strip() != "hydra":
+                if sep and not group.startswith(("override ", "optional ")) and group.strip() != "hydra":
                     defaults.append((group.strip(), choice.strip(), comment))
             elif block is not None and keys and keys[-1][0] == block and keys[-1][1] == "":
                 keys[-1] = (block, "{...}", keys[-1][2])
@@ -250,10 +250,11 @@ def hydra_main(prog: str, config_name: str, summary: str, task: Callable[[Any], 
 
     register_resolvers()
 
-    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     def job(cfg: Any) -> Any:
         # inside the job, so that a user error exits (SystemExit passes through Hydra) before Hydra
         # wraps it as a failed job; a bug is re-raised and keeps its traceback
         return run_cli(_translated(lambda: task(cfg)), prog)
 
-    return run_cli(_translated(job), prog)
+    job.__module__ = prog  # Hydra names the job (and its log file, <name>.log) after this module: train.log
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(job)
+    return run_cli(_translated(app), prog)
