@@ -27,6 +27,15 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _torch_version() -> str | None:
+    """``torch.__version__`` (with its build suffix, ``+cpu``/``+cu121``, which the dist-info may lack)."""
+    try:
+        import torch
+    except ImportError:
+        return _version("torch")
+    return str(torch.__version__)
+
+
 def expected_torchvision(torch_version: str) -> str | None:
     """The torchvision minor series built for ``torch_version`` (``"2.14.1+cpu"`` -> ``"0.29"``)."""
     m = re.match(r"(\d+)\.(\d+)", torch_version)
@@ -44,7 +53,7 @@ def mismatch_error(cause: BaseException, torch_version: str | None = None,
                    torchvision_version: str | None = None) -> UserError | None:
     """The :class:`UserError` for ``cause`` (an error importing torchvision or timm) when the
     installed torch and torchvision do not pair; ``None`` when they do (then ``cause`` is something else)."""
-    torch_version = torch_version or _version("torch")
+    torch_version = torch_version or _torch_version()
     torchvision_version = torchvision_version or _version("torchvision")
     if not torch_version or not torchvision_version:
         return None
