@@ -138,16 +138,18 @@ def test_evaluate_export_clean_mistakes_are_one_line(tmp_path):
     assert one_line(proc, "facemargin.clean") == f"ckpt_path={missing}: no such checkpoint"
 
 
-def test_a_refused_bin_gets_no_hint_about_where_sets_live(tmp_path):
-    """A ``.bin`` that is there but malformed is not a question of where the sets live."""
+def test_a_refused_bin_gets_no_hint_about_where_sets_live(demo_checkpoint, tmp_path):
+    """A ``.bin`` that is there but malformed is not a question of where the sets live; a missing one is."""
     bad = tmp_path / "lfw.bin"
     bad.write_bytes(b"\x80\x04not a pickle at all")
-    ckpt = tmp_path / "model.ckpt"
-    ckpt.write_bytes(b"")
-    proc = cli("evaluate", f"ckpt_path={ckpt}", "eval=[bin]", f"eval.bin.path={bad}", f"hydra.run.dir={tmp_path / 'e'}",
-               cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "say where the sets live" not in proc.stderr
+    proc = cli("evaluate", f"ckpt_path={demo_checkpoint}", "eval=[bin]", f"eval.bin.path={bad}",
+               f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    assert one_line(proc, "facemargin.evaluate").startswith(f"eval.bin: {bad}")
+    assert hint_of(proc) is None
+    proc = cli("evaluate", f"ckpt_path={demo_checkpoint}", "eval=[lfw]", f"eval_root={tmp_path / 'sets'}",
+               f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path)
+    assert one_line(proc, "facemargin.evaluate") == f"eval.lfw: verification file not found: {tmp_path / 'sets' / 'lfw.bin'}"
+    assert hint_of(proc) == "say where the sets live: eval_root=..., ijb_root=..., or FACEMARGIN_DATA"
 
 
 # --------------------------------------------------------------------------- sweep, pack, inspect

@@ -29,20 +29,25 @@ from conftest import (
 TOTAL_STEPS = 2 * TINY_STEPS_PER_EPOCH
 
 
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Until the training subprocess ``proc`` has logged ``step`` in ``run_dir/metrics.csv`` (or ended)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if step_losses(run_dir)[-1][0] >= step:
+                return
+        except (FileNotFoundError, IndexError, KeyError, ValueError):
+            pass
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_exits_143_and_the_printed_command_finishes_the_run(tiny_reference, demo_env, tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY_RUN, "data.num_workers=0", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "facemargin.train", *args], cwd=tmp_path, env=demo_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:  # wait for step 3 (no step checkpoints)
-        try:
-            if step_losses(run_dir)[-1][0] >= 3:
-                break
-        except (FileNotFoundError, IndexError, KeyError, ValueError):
-            pass
-        time.sleep(0.01)
+    wait_for_step(proc, run_dir, 3)  # no step checkpoints: the last.ckpt is the one the signal saves
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
@@ -118,14 +123,7 @@ def test_ctrl_c_saves_a_resumable_last_ckpt_and_the_resume_line_comes_once_it_ex
     args = [*TINY_RUN, "data.num_workers=2", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "facemargin.train", *args], cwd=tmp_path, env=demo_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:  # step 3 of the first epoch: no last.ckpt yet
-        try:
-            if step_losses(run_dir)[-1][0] >= 3:
-                break
-        except (FileNotFoundError, IndexError, KeyError, ValueError):
-            pass
-        time.sleep(0.01)
+    wait_for_step(proc, run_dir, 3)  # step 3 of the first epoch: no last.ckpt yet
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)

@@ -69,27 +69,27 @@ def mismatch_error(cause: BaseException, torch_version: str | None = None,
     )
 
 
-def import_timm() -> Any:
-    """``import timm``, with a mismatched torchvision reported as one :class:`UserError`."""
+def _import(name: str) -> Any:
+    """``importlib.import_module(name)``; a failure caused by a mismatched torchvision becomes one
+    :class:`UserError` (any other failure is re-raised as it is)."""
+    import importlib
+
     try:
-        import timm
+        return importlib.import_module(name)
     except (ImportError, RuntimeError, OSError) as exc:
         error = mismatch_error(exc)
         if error is None:
             raise
         raise error from exc
-    return timm
+
+
+def import_timm() -> Any:
+    """``import timm``, with a mismatched torchvision reported as one :class:`UserError`."""
+    return _import("timm")
 
 
 def require_compatible_torchvision() -> None:
     """Import torchvision now (timm, torchmetrics and Lightning's image code import it later), so that
     a mismatch is said before anything is built. Nothing happens without torchvision."""
-    if _version("torchvision") is None:
-        return
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, RuntimeError, OSError) as exc:
-        error = mismatch_error(exc)
-        if error is None:
-            raise
-        raise error from exc
+    if _version("torchvision") is not None:
+        _import("torchvision")
