@@ -9,6 +9,7 @@ both sides; only the backbone's width and the loss scale differ.
 
     python benchmarks/demo_run.py --baseline            # ~2 x the demo's time
     python benchmarks/demo_run.py --threads 1           # one torch thread: CPU time without OpenMP spin
+    python benchmarks/demo_run.py --baseline trainer.max_epochs=1   # a shorter look
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also run the previous demo defaults, for ratios")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both runs (e.g. trainer.max_epochs=1)")
     args = parser.parse_args()
     import torch
 
@@ -99,9 +101,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs["demo"] = profile([], Path(tmp) / "demo")
+        runs["demo"] = profile(args.overrides, Path(tmp) / "demo")
         if args.baseline:
-            runs["previous"] = profile(PREVIOUS_DEMO, Path(tmp) / "previous")
+            runs["previous"] = profile([*PREVIOUS_DEMO, *args.overrides], Path(tmp) / "previous")
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end")
     for name, r in runs.items():
         print(f"{name}: {r['steps']:.0f} steps, val/acc {r['val/acc']:.4f} (best {r['best/val/acc']:.4f})")
