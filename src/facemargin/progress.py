@@ -60,9 +60,13 @@ def _duration(seconds: float) -> str:
 
 
 def _batch_size(batch: Any) -> int:
-    first = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
-    shape = getattr(first, "shape", None)
-    return int(shape[0]) if shape else 0
+    """Samples in a batch: the first dimension of its first tensor (images, or labels when the images
+    travel encoded, as with ``data.decode=gpu``)."""
+    for item in batch if isinstance(batch, (list, tuple)) else [batch]:
+        shape = getattr(item, "shape", None)
+        if shape:
+            return int(shape[0])
+    return 0
 
 
 class PlainProgress(ProgressBar):
