@@ -183,10 +183,14 @@ def preflight(cfg: DictConfig, model: FaceRecognitionModule, datamodule: Any) ->
     check_memory(estimate, int(cfg.data.batch_size), processes, device, what=f"backbone={name}")
 
 
+class MissingCheckpoint(UserError, FileNotFoundError):
+    """``ckpt_path`` names no file."""
+
+
 def check_checkpoint_path(ckpt: Any) -> None:
     """``ckpt_path`` names a file (or Lightning's ``last`` / ``hpc``, or a URL)."""
     if ckpt and ckpt not in ("last", "hpc") and "://" not in str(ckpt) and not Path(ckpt).is_file():
-        raise UserError(f"ckpt_path={ckpt}: no such checkpoint",
+        raise MissingCheckpoint(f"ckpt_path={ckpt}: no such checkpoint",
                         hint="a run prints the ckpt_path that resumes it once its first last.ckpt is saved")
 
 
