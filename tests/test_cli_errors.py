@@ -18,6 +18,9 @@ import simplejpeg
 from conftest import write_face_set
 
 ENTRY_POINTS = ["train", "evaluate", "export", "clean", "sweep", "data.pack", "data.inspect"]
+SMALL_DEMO = ["+data.demo_options.num_identities=8", "+data.demo_options.images_per_identity=2",
+              "+data.demo_options.num_val_identities=4", "+data.demo_options.num_val_pairs=20",
+              "+data.demo_options.image_size=32", "+backbone.input_size=32", "data.batch_size=8"]
 
 
 def cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300,
@@ -80,7 +83,8 @@ def test_help_lists_every_option_on_one_line_without_importing_torch(module, tmp
     ("+trainer.max_epoch=3", "trainer: Trainer.__init__() got an unexpected keyword argument 'max_epoch'", None),
 ])
 def test_train_mistakes_are_one_line(override, message, hint, demo_env, tmp_path):
-    proc = cli("train", *override.split(), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=demo_env)
+    small = [] if override.startswith("data") else SMALL_DEMO  # refusals after the set is built: a small one
+    proc = cli("train", *override.split(), *small, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=demo_env)
     assert one_line(proc, "facemargin.train") == message
     assert (hint_of(proc) or "").startswith(hint) if hint else hint_of(proc) is None
 
@@ -105,14 +109,12 @@ class Buggy(pl.Callback):
 '''
 
 
+@pytest.mark.slow
 def test_a_bug_keeps_its_traceback_and_no_resume_line_is_printed_before_last_ckpt(demo_env, tmp_path):
     (tmp_path / "buggy_callback.py").write_text(BUGGY_CALLBACK)
     env = {**demo_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), demo_env.get("PYTHONPATH", "")])}
-    proc = cli("train", "+callbacks.bug={_target_:buggy_callback.Buggy}", "trainer.max_epochs=1", "data.batch_size=8",
-               "+data.demo_options.num_identities=8", "+data.demo_options.images_per_identity=2",
-               "+data.demo_options.num_val_identities=4", "+data.demo_options.num_val_pairs=20",
-               "+data.demo_options.image_size=32", "+backbone.input_size=32", f"hydra.run.dir={tmp_path / 'run'}",
-               cwd=tmp_path, env=env)
+    proc = cli("train", "+callbacks.bug={_target_:buggy_callback.Buggy}", "trainer.max_epochs=1", *SMALL_DEMO,
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback (most recent call last)" in proc.stderr and "ZeroDivisionError: division by zero" in proc.stderr
     assert "resume with" not in (proc.stdout + proc.stderr).lower()  # no last.ckpt was written: nothing to resume

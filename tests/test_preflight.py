@@ -119,6 +119,7 @@ def test_a_set_smaller_than_one_batch_and_the_wrong_image_size_are_refused():
 
 
 # --------------------------------------------------------------------------- before the Trainer starts
+@pytest.mark.slow
 def test_photos_of_another_size_are_refused_before_training(demo_env, tmp_path):
     """``data=folder`` on LFW-style 250x250 photos used to fail at step 1 with ``mat1 and mat2 shapes
     cannot be multiplied`` after the whole start-up."""
@@ -139,6 +140,7 @@ def test_photos_of_another_size_are_refused_before_training(demo_env, tmp_path):
     assert "samples/s" not in proc.stdout and not (tmp_path / "run" / "metrics.csv").exists()  # no step ran
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_fit_is_refused_with_the_batch_that_does(demo_env, tmp_path):
     env = {**demo_env, "FACEMARGIN_FREE_MEMORY": "400MiB"}
     proc = train(*SMALL_DEMO, "data.batch_size=64", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env)

@@ -28,6 +28,7 @@ def train(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedPro
                           env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_without_a_terminal_a_plain_line_every_n_steps(demo_env, tmp_path):
     run_dir = tmp_path / "run"
     proc = train(*TINY_WITH_PROGRESS, "callbacks.progress_bar.every_n_steps=4", f"hydra.run.dir={run_dir}",
@@ -43,6 +44,7 @@ def test_without_a_terminal_a_plain_line_every_n_steps(demo_env, tmp_path):
     assert "━" not in proc.stdout  # no rich bar drawn into a file
 
 
+@pytest.mark.slow
 def test_in_a_terminal_the_rich_bar(demo_env, tmp_path):
     """stdout a pseudo-terminal: Lightning's rich bar, no plain lines."""
     primary, secondary = pty.openpty()
@@ -97,6 +99,7 @@ def test_each_warning_once_per_run_even_when_the_filters_change(caplog):
     assert messages[1].startswith("RuntimeWarning: another one (")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb", "none"])
 def test_metrics_csv_with_every_logger(logger, demo_env, tmp_path):
     run_dir = tmp_path / "run"

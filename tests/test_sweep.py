@@ -113,6 +113,7 @@ def test_the_demo_config_lets_the_margin_reach_the_gradient():
     assert real.loss.s == 64.0 and pinned.loss.s == 64.0
 
 
+@pytest.mark.slow
 def test_summary_flags_identical_weights_and_says_why(tmp_path, demo_env):
     """A margin sweep at s = 64 over one short epoch ends with bitwise-identical weights: the summary says
     so and explains the mechanism (the sweep of the issue, in miniature)."""
