@@ -262,7 +262,7 @@ def demo_checkpoint(tmp_path_factory) -> Path:
         "data.num_workers=0", "val_num_workers=0", "logger=none", "~callbacks.progress_bar",
         "~callbacks.checkpoint", f"data.demo_cache_dir={out / 'cache'}",
         *(f"+data.demo_options.{k}={v}" for k, v in EVAL_DEMO.items()),
-        "backbone.embedding_size=64", "+backbone.kwargs.widths=[8,16,32]", "+backbone.kwargs.stem_width=8",
+        "backbone.embedding_size=64", "backbone.kwargs.widths=[8,16,32]", "backbone.kwargs.stem_width=8",
     ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

@@ -35,7 +35,7 @@ from facemargin.train import build, build_model, config_dir
 K = 3
 DEMO = {"num_identities": 8, "images_per_identity": 6, "num_val_identities": 4, "num_val_pairs": 10}
 DEMO_OVERRIDES = [f"+data.demo_options.{k}={v}" for k, v in DEMO.items()]
-TINY = ["backbone.embedding_size=32", "+backbone.kwargs.widths=[8,16,32]", "+backbone.kwargs.stem_width=8"]
+TINY = ["backbone.embedding_size=32", "backbone.kwargs.widths=[8,16,32]", "backbone.kwargs.stem_width=8"]
 
 
 def compose_with(name: str, overrides: list[str]):

@@ -22,6 +22,7 @@ from facemargin.data.tools.synthetic import render_identity
 from facemargin.evaluate import _instantiate_evaluators, _plain, evaluate
 from facemargin.evaluation import BinPairsEvaluator, FolderPairsEvaluator
 from facemargin.evaluation.embedder import load_embedder
+from facemargin.errors import UserError
 from facemargin.evaluation.runner import EmbeddingCache, run_evaluator
 from facemargin.train import config_dir
 
@@ -96,8 +97,9 @@ def test_missing_set_names_the_key_and_the_roots(demo_checkpoint, tmp_path) -> N
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"ckpt_path={demo_checkpoint}", "eval=[lfw,ijbc]", f"eval_root={tmp_path}"])
     assert cfg.eval.lfw.path == f"{tmp_path}/lfw.bin" and cfg.eval.ijbc.root.endswith("IJB_release/IJBC")
-    with pytest.raises(FileNotFoundError, match=r"eval\.lfw: verification file not found: .*lfw\.bin \(say where the sets live: eval_root="):
+    with pytest.raises(UserError, match=r"eval\.lfw: verification file not found: .*lfw\.bin$") as missing:
         _instantiate_evaluators(cfg.eval)
+    assert missing.value.hint.startswith("say where the sets live: eval_root=")
 
 
 def test_embed_and_compare_entry_points(demo_checkpoint, faces, tmp_path, capsys) -> None:

@@ -45,7 +45,7 @@ def test_every_option_of_every_group_composes(group):
 
 def test_defaults_are_the_cpu_demo():
     cfg = compose_with()
-    assert cfg.loss.name == "expface" and cfg.loss.m == 0.7 and cfg.loss.s == 64.0
+    assert cfg.loss.name == "expface" and cfg.loss.m == 0.7 and cfg.loss.s == 32.0  # the demo set's scale
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.data.demo is True
     assert cfg.head._target_ == "facemargin.heads.MarginHead"
@@ -70,7 +70,7 @@ def test_demo_settings_do_not_leak_into_a_chosen_trainer():
 
 @pytest.mark.parametrize("loss", ["softmax", "sphereface", "cosface", "arcface", "combined", "expface"])
 def test_loss_configs_instantiate_to_margins_with_paper_defaults(loss):
-    cfg = compose_with(f"loss={loss}")
+    cfg = compose_with(f"loss={loss}", "data=recordio", "data.root=/sets/x")  # a real set: the papers' s
     margin = instantiate(cfg.loss)
     assert isinstance(margin, Margin) and margin.name == loss
     assert margin.params == Margin(loss).params and margin.s == Margin(loss).s

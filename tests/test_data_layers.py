@@ -16,7 +16,7 @@ DATA = SRC / "facemargin" / "data"
 #: bottom to top; a module may import from its own layer and the ones below it
 LAYERS = {"storage": 0, "formats": 1, "sources": 2, "loading": 3, "tools": 4, "module": 4, "pack": 4, "inspect": 4}
 #: what data/ may use from the rest of facemargin (none of it imports data/ back up)
-OUTSIDE = ("facemargin.config", "facemargin.errors", "facemargin.input_spec", "facemargin.detect", "facemargin.align")
+OUTSIDE = ("facemargin.config", "facemargin.errors", "facemargin.cli", "facemargin.input_spec", "facemargin.detect", "facemargin.align")
 
 
 def _module_name(path: Path) -> str:

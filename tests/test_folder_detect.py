@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from facemargin.detect.mtcnn import MTCNN
 from facemargin.detect.pipeline import detect_and_align
 from facemargin.detect.samples import packaged_photo
 from facemargin.errors import UserError
+from facemargin.preflight import check_input_size
 
 
 @pytest.fixture(autouse=True)
@@ -304,10 +306,11 @@ def test_a_folder_of_photos_says_its_size_and_how_to_make_faces(tmp_path, caplog
     said = caplog.text
     assert "the photos under" in said and "are 250x250" in said and "data.crop=0.5 data.resize=112" in said
     assert "data.detect=mtcnn" in said and "data.landmarks=FILE" in said
-    with pytest.raises(UserError, match=r"the images are 250x250 but the backbone takes 112x112") as err:
-        dm.check_input_size(112)
-    assert "data.detect=mtcnn" in err.value.hint
-    dm.check_input_size((250, 250))
+    backbone = types.SimpleNamespace(input_size=112)
+    with pytest.raises(UserError, match=r"the training images are 250x250 .*lfw\) but the backbone") as err:
+        check_input_size(dm.image_size, backbone, dm.root, hint=dm.size_hint(112))
+    assert "data.detect=mtcnn" in err.value.hint and "data.crop=0.5 data.resize=112" in err.value.hint
+    check_input_size(dm.image_size, types.SimpleNamespace(input_size=250), dm.root, hint=dm.size_hint(250))
     with pytest.raises(PhotoOptionError, match=r"data.image_size=\[112, 112\] but the photos under .*lfw are 250x250"):
         FaceRecordDataModule(root, source="folder", image_size=[112, 112], num_workers=0)
     assert FaceRecordDataModule(root, source="folder", crop="0.5", resize=112, num_workers=0).image_size == (112, 112)

@@ -14,8 +14,9 @@ CONF = config_dir()
 
 
 def loss_node(*overrides: str):
+    """The loss node for a real set (the demo set changes s: conf/data_tuning/demo.yaml)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides)).loss
+        return compose("config", overrides=["data=recordio", "data.root=/sets/x", *overrides]).loss
 
 
 @pytest.fixture(scope="module")

@@ -116,8 +116,10 @@ def test_pack_cli_and_inspect_cli(image_tree, tmp_path, capsys):
     assert inspect_main([str(out), "--decode", "3"]) == 0
     text = capsys.readouterr().out
     assert "layout: insightface" in text and "num_images: 5" in text and "decoded: 3" in text and "OK" in text
-    assert pack_main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 1
-    assert "image root is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        pack_main([str(tmp_path / "missing"), str(tmp_path / "out2")])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == f"facemargin.data.pack: error: image root is not a directory: {tmp_path / 'missing'}\n"
 
 
 def test_module_entry_points(image_tree, tmp_path):

@@ -95,7 +95,7 @@ def test_cli_trains_from_http_with_augmentation_and_device_decode(tmp_path: Path
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         served = server.requests("/set/train.rec")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "data.decode=gpu but training runs on cpu: the JPEGs are decoded there" in proc.stderr
+    assert "data.decode=gpu but training runs on cpu: the JPEGs are decoded there" in proc.stdout + proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 40 // 8 and 0.0 <= metrics["val/acc"] <= 1.0
     assert len(served) > 1 and all(r and r.startswith("bytes=") for r in served)  # ranged reads, not a download

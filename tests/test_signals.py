@@ -29,20 +29,25 @@ from conftest import (
 TOTAL_STEPS = 2 * TINY_STEPS_PER_EPOCH
 
 
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Until the training subprocess ``proc`` has logged ``step`` in ``run_dir/metrics.csv`` (or ended)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if step_losses(run_dir)[-1][0] >= step:
+                return
+        except (FileNotFoundError, IndexError, KeyError, ValueError):
+            pass
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_exits_143_and_the_printed_command_finishes_the_run(tiny_reference, demo_env, tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY_RUN, "data.num_workers=0", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "facemargin.train", *args], cwd=tmp_path, env=demo_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:  # wait for step 3 (no step checkpoints)
-        try:
-            if step_losses(run_dir)[-1][0] >= 3:
-                break
-        except (FileNotFoundError, IndexError, KeyError, ValueError):
-            pass
-        time.sleep(0.01)
+    wait_for_step(proc, run_dir, 3)  # no step checkpoints: the last.ckpt is the one the signal saves
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
@@ -107,3 +112,32 @@ def test_slurm_auto_requeue_still_works(tiny_reference, tmp_path, monkeypatch):
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == TOTAL_STEPS
     assert step_losses(run_dir) == tiny_reference("default")[0]
     assert validated_epochs(run_dir) == [0, 1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_resumable_last_ckpt_and_the_resume_line_comes_once_it_exists(tiny_reference, demo_env, tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group (the run and its DataLoader workers): the
+    step in progress ends, ``last.ckpt`` is saved, the run exits 130, and the printed command resumes
+    it exactly. The resume line appears only after a ``last.ckpt`` exists."""
+    run_dir = tmp_path / "run"
+    args = [*TINY_RUN, "data.num_workers=2", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "facemargin.train", *args], cwd=tmp_path, env=demo_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_step(proc, run_dir, 3)  # step 3 of the first epoch: no last.ckpt yet
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    saved = last_ckpt(run_dir)
+    assert 3 < saved["global_step"] < TOTAL_STEPS
+    assert "Ctrl-C: stopping after this step and saving last.ckpt" in out
+    assert f"stopped by SIGINT at epoch {saved['epoch']}, step {saved['global_step']}" in out, out[-3000:]
+    lines = out.splitlines()
+    first_resume = next(i for i, line in enumerate(lines) if "resume with" in line.lower())
+    assert first_resume > next(i for i, line in enumerate(lines) if "Ctrl-C: stopping" in line)  # not at start-up
+    command = lines[lines.index(next(x for x in lines if x.endswith("Resume with:"))) + 1].strip()
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, env=demo_env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    losses, _ = tiny_reference("default")
+    assert step_losses(run_dir) == losses  # the Ctrl-C checkpoint continues exactly

@@ -54,11 +54,97 @@ def test_error_bar_and_limits_rules():
     assert hi - lo >= 0.02 and hi <= 1.0
 
 
-def test_missing_or_empty_folder_is_a_one_line_error(tmp_path):
+def test_missing_or_empty_folder_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as missing:
         main([str(tmp_path / "nope")])
-    assert missing.value.code == f"facemargin.sweep: {tmp_path / 'nope'}: no such folder (give a multirun folder, e.g. multirun/2026-11-22/10-00-00)"
+    assert missing.value.code == 2
+    assert capsys.readouterr().err == (f"facemargin.sweep: error: {tmp_path / 'nope'}: no such folder\n"
+                                       "hint: give a multirun folder, e.g. multirun/2026-11-22/10-00-00\n")
     with pytest.raises(SystemExit) as empty:
         main([str(tmp_path)])
-    assert str(empty.value.code).startswith("facemargin.sweep: no finished jobs (*/metrics.json) under ")
-    assert "\n" not in str(empty.value.code)
+    assert empty.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facemargin.sweep: error: no finished jobs (*/metrics.json) under ") and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- sweeps that explain themselves
+def _margin_gradients(m: float, s: float, target_cos: float = 0.3) -> list:
+    """Gradients of the ExpFace head's loss (grad=detached) w.r.t. the embeddings and the centres, a few
+    epochs into the demo: 200 classes, 512-d, each embedding at cosine ``target_cos`` to its class centre
+    (the others near 0, as random directions in 512-d are)."""
+    import torch
+
+    from facemargin.heads import MarginHead
+
+    torch.manual_seed(0)
+    head = MarginHead(512, 200, margin="expface", s=s, m=m)
+    labels = torch.randint(0, 200, (64,))
+    centres = torch.nn.functional.normalize(head.weight.detach()[labels], dim=1)
+    noise = torch.nn.functional.normalize(torch.randn(64, 512), dim=1)
+    noise = torch.nn.functional.normalize(noise - (noise * centres).sum(1, keepdim=True) * centres, dim=1)
+    emb = (target_cos * centres + (1 - target_cos**2) ** 0.5 * noise).requires_grad_()
+    head.loss(emb, labels).backward()
+    return [emb.grad.clone(), *(p.grad.clone() for p in head.parameters())]
+
+
+def test_at_s_64_a_detached_margin_does_not_reach_the_gradient_at_s_32_it_does():
+    """The mechanism the summary explains: at s = 64 the target's softmax probability is below float32's
+    resolution, so m = 0.5 and m = 0.6 give bit for bit the same gradient; at the demo's s = 32 they do
+    not (at a target cosine of 0.3, reached within the demo's first epochs)."""
+    import torch
+
+    for g5, g6 in zip(_margin_gradients(0.5, 64.0), _margin_gradients(0.6, 64.0)):
+        assert torch.equal(g5, g6)
+    assert not all(torch.equal(a, b) for a, b in zip(_margin_gradients(0.5, 32.0), _margin_gradients(0.6, 32.0)))
+
+
+def test_the_demo_config_lets_the_margin_reach_the_gradient():
+    """``data=demo`` sets loss.s = 32 (conf/data_tuning/demo.yaml) for every loss; a real set keeps the papers' 64."""
+    from hydra import compose, initialize_config_dir
+
+    from facemargin.train import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        demo = compose("config")
+        arcface = compose("config", overrides=["loss=arcface"])
+        real = compose("config", overrides=["data=recordio", "data.root=/sets/x"])
+        pinned = compose("config", overrides=["loss.s=64"])
+    assert demo.loss.s == 32.0 and arcface.loss.s == 32.0 and demo.head.margin.s == 32.0
+    assert real.loss.s == 64.0 and pinned.loss.s == 64.0
+
+
+@pytest.mark.slow
+def test_summary_flags_identical_weights_and_says_why(tmp_path, demo_env):
+    """A margin sweep at s = 64 over one short epoch ends with bitwise-identical weights: the summary says
+    so and explains the mechanism (the sweep of the issue, in miniature)."""
+    import subprocess
+    import sys
+
+    from conftest import TINY_RUN
+
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "facemargin.train", "-m", *TINY_RUN, "data.num_workers=0",
+                           "trainer.max_epochs=1", "loss.s=64", "loss.m=0.5,0.6", f"hydra.sweep.dir={sweep_dir}"],
+                          cwd=tmp_path, env=demo_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "identical results: jobs 0, 1 (loss.m=0.5; loss.m=0.6) ended with bitwise-identical weights" in summary
+    assert "p stays under float32's resolution, 1 - p rounds to 1" in summary and "Here the final training loss is" in summary
+    assert "identical results" in proc.stdout  # printed at the end of the sweep too
+    assert all(len(p.name) < 160 for p in sweep_dir.iterdir())  # a long command still makes short folder names
+
+
+def test_summary_does_not_flag_different_weights_and_explains_non_margin_keys(tmp_path):
+    import torch
+
+    from facemargin.sweep import explain_identical, identical_weights
+
+    for i, value in enumerate((1.0, 2.0, 1.0)):
+        (tmp_path / str(i) / "checkpoints").mkdir(parents=True)
+        torch.save({"state_dict": {"w": torch.full((3,), value)}}, tmp_path / str(i) / "checkpoints" / "last.ckpt")
+    rows = [{"job": "0", "data.num_workers": 0}, {"job": "1", "data.num_workers": 1}, {"job": "2", "data.num_workers": 2}]
+    groups = identical_weights(tmp_path, rows)
+    assert [[r["job"] for r in g] for g in groups] == [["0", "2"]]
+    note = explain_identical(groups[0], ["data.num_workers"])
+    assert note.startswith("identical results: jobs 0, 2 (data.num_workers=0; data.num_workers=2)")
+    assert note.endswith("Expected where the setting does not enter the arithmetic (e.g. data.num_workers).")

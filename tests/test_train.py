@@ -56,7 +56,7 @@ def test_multirun_over_the_margin_writes_a_summary(demo_env, tmp_path):
     # each job says where it writes, how to resume it, and where its results are
     job = sweep / next(r["job"] for r in rows if float(r["loss.m"]) == 0.6)
     assert f"run folder: {job}\n" in proc.stdout
-    hint = next(line for line in proc.stdout.splitlines() if "if it stops, resume with: " in line)
+    hint = next(line for line in proc.stdout.splitlines() if "if the run stops, resume with: " in line)
     assert " loss.m=0.6 " in hint and hint.endswith(f"ckpt_path='{job}/checkpoints/last.ckpt'")
     assert f"best checkpoint: {job}/checkpoints/epoch00-acc" in proc.stdout
     assert f"last checkpoint: {job}/checkpoints/last.ckpt (step 3)" in proc.stdout

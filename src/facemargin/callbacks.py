@@ -6,8 +6,9 @@ and the best score kept across resumes.
   rename) at the end of every epoch, after validation, whether or not the score improved, and
   every ``every_n_train_steps`` optimizer steps when that is > 0. On SIGTERM (a scheduler stopping
   the job) or SIGUSR1 (SLURM's warning signal, when Lightning's SLURM auto-requeue does not own
-  it) Lightning ends the step; the state is saved, the resume command logged, and the process
-  exits with ``128 + signal`` (143 for SIGTERM) so the scheduler does not record a success. When
+  it) and on Ctrl-C (SIGINT) Lightning ends the step; the state is saved, the resume command logged,
+  and the process exits with ``128 + signal`` (143 for SIGTERM, 130 for Ctrl-C) so the scheduler
+  does not record a success. The resume command is logged once the first ``last.ckpt`` exists. When
   Lightning's SLURM auto-requeue owns SIGUSR1, its handler (HPC checkpoint, ``scontrol requeue``)
   runs at the end of the step instead of wherever the signal lands.
 * :class:`RNGStateCheckpointing` (attached by :class:`~facemargin.module.FaceRecognitionModule`
@@ -141,6 +142,7 @@ class LastCheckpoint(Checkpoint):
         self._handlers: dict[int, Any] = {}  # signal -> the handler to put back at teardown
         self._slurm_requeue: Any = None  # Lightning's SLURM SIGUSR1 handler, run at the next step end
         self._requeue_signal: int | None = None
+        self._announced = False  # the resume command was logged
 
     @property
     def path(self) -> str:
@@ -220,6 +222,15 @@ class LastCheckpoint(Checkpoint):
             if trainer.is_global_zero:
                 os.replace(tmp, final)  # a kill while writing leaves the previous last.ckpt intact
         self.saved_step = trainer.global_step
+        self._announce_resume(trainer)
+
+    def _announce_resume(self, trainer: pl.Trainer) -> None:
+        """Log the command that resumes the run once, when its first ``last.ckpt`` exists (before
+        that, there is nothing to resume from)."""
+        if self._announced or not trainer.is_global_zero or not self.resume_command:
+            return
+        self._announced = True
+        log.info("saved %s (step %d); if the run stops, resume with: %s", self.path, self.saved_step, self.resume_hint())
 
     # ---- signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -245,6 +256,25 @@ class LastCheckpoint(Checkpoint):
             self._handlers[signal.SIGUSR1] = usr1
             self._slurm_requeue = usr1 if callable(usr1) else None
             signal.signal(signal.SIGUSR1, defer_requeue if callable(usr1) else stop)
+        self._stop_on_ctrl_c(stop)
+
+    def _stop_on_ctrl_c(self, stop: Any) -> None:
+        """Ctrl-C (SIGINT) stops like SIGTERM: the step in progress ends, ``last.ckpt`` is saved, the
+        resume command is logged, exit status 130. A second Ctrl-C aborts at once (KeyboardInterrupt,
+        nothing saved). DataLoader workers forked later inherit this handler and ignore the signal (a
+        terminal's Ctrl-C reaches the whole process group): the main process stops them itself."""
+        pid = os.getpid()
+
+        def interrupt(signum: int, frame: FrameType | None) -> None:
+            if os.getpid() != pid:
+                return
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            os.write(2, b"\nCtrl-C: stopping after this step and saving last.ckpt (Ctrl-C again aborts without saving)\n")
+            stop(signum, frame)
+
+        self._handlers[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, interrupt)
 
     def _maybe_requeue(self, trainer: pl.Trainer) -> None:
         """Run Lightning's SLURM requeue handler if SIGUSR1 reached any rank. Under DDP the ranks agree

@@ -29,6 +29,11 @@ negative), so ``k1.ckpt`` and the cleaned set fit together.
 
 from __future__ import annotations
 
+from .errors import UserError
+from .hydra_entry import answer_help, hydra_main
+
+answer_help(__name__, "facemargin.clean", "clean", __doc__)  # --help: answered before torch is imported
+
 import copy
 import json
 import logging
@@ -48,9 +53,17 @@ from .data.sources.folder import FolderSource
 from .data.sources.recordio import FaceRecordSet
 from .heads.subcenters import CleaningResult, clean_by_dominant_subcentre, dominant_weights
 
-__all__ = ["SourceImages", "clean", "main", "write_cleaned_set", "write_k1_checkpoint"]
+__all__ = ["CleanError", "SourceImages", "clean", "main", "write_cleaned_set", "write_k1_checkpoint"]
 
 log = logging.getLogger(__name__)
+
+
+class CleanError(UserError, ValueError):
+    """A checkpoint, set or output folder that cannot be cleaned as given (the message says why)."""
+
+
+class CleanOutputExists(UserError, FileExistsError):
+    """``out`` already holds a cleaning run's files."""
 
 #: files a cleaning run writes into ``out`` (refused when one is already there)
 OUTPUTS = ("train.idx", "train.idx.subset", "train.lst", "k1.ckpt", "clean.json", "cleaning.npz")
@@ -80,9 +93,9 @@ def subcentre_weights(module: torch.nn.Module, where: str) -> tuple[torch.Tensor
     weight = getattr(head, "weight", None)
     k = getattr(head, "subcenters", None)
     if not isinstance(weight, torch.Tensor) or k is None:
-        raise ValueError(f"{where}: the head ({type(head).__name__}) has no class centres with sub-centres")
+        raise CleanError(f"{where}: the head ({type(head).__name__}) has no class centres with sub-centres")
     if weight.shape[0] != module.num_classes * k:
-        raise ValueError(f"{where}: head.weight has {weight.shape[0]} rows, not {module.num_classes} classes x {k}")
+        raise CleanError(f"{where}: head.weight has {weight.shape[0]} rows, not {module.num_classes} classes x {k}")
     return weight.detach(), int(k)
 
 
@@ -111,7 +124,7 @@ def write_cleaned_set(source: FaceSource, keep: np.ndarray, out: Path) -> dict[s
     the ``data`` overrides that train on it."""
     if isinstance(source, FaceRecordSet):
         if not isinstance(source.root, Path):
-            raise ValueError(f"{source.name}: a remote RecordIO set cannot be cleaned in place; copy it locally first")
+            raise CleanError(f"{source.name}: a remote RecordIO set cannot be cleaned in place; copy it locally first")
         pos = source.positions(np.flatnonzero(keep))
         keys, offsets = source.index.keys[pos], source.index.offsets[pos]
         # no meta record (key 0) in the new index: every listed key is an image (im2rec layout)
@@ -135,11 +148,11 @@ def write_cleaned_set(source: FaceSource, keep: np.ndarray, out: Path) -> dict[s
         for i in np.flatnonzero(keep).tolist():
             path = str(Path(source.path(i)).resolve())
             if "\n" in path or "\r" in path or "\t" in path:
-                raise ValueError(f"{path!r}: a path with a line break or a tab cannot go into a list file")
+                raise CleanError(f"{path!r}: a path with a line break or a tab cannot go into a list file")
             lines.append(f"{path}\t{int(labels[i])}\n")  # a tab: paths may hold spaces
         (out / "train.lst").write_text("".join(lines), encoding="utf-8")
         return {"data": "folder", "data.root": str(out / "train.lst"), "data.num_classes": source.num_classes}
-    raise ValueError(
+    raise CleanError(
         f"cannot write a cleaned copy of a {type(source).__name__} ({source.name}): the cleaner writes RecordIO "
         "subsets and folder list files; use cleaning.npz's keep mask with your own source"
     )
@@ -149,10 +162,10 @@ def _check_out(out: Path, source: FaceSource) -> None:
     root = Path(getattr(source, "root", source.name)).expanduser()
     data_dir = root if root.is_dir() else root.parent
     if out.resolve() == data_dir.resolve():
-        raise ValueError(f"out={out} is the training set's own folder; choose a new folder")
+        raise CleanError(f"out={out} is the training set's own folder; choose a new folder")
     taken = [name for name in OUTPUTS if (out / name).exists()]
     if taken:
-        raise FileExistsError(f"out={out} already holds {', '.join(taken)} from a cleaning run; choose a new folder")
+        raise CleanOutputExists(f"out={out} already holds {', '.join(taken)} from a cleaning run; choose a new folder")
 
 
 def clean(cfg: DictConfig) -> dict[str, Any]:
@@ -168,7 +181,7 @@ def clean(cfg: DictConfig) -> dict[str, Any]:
     weight, k = subcentre_weights(module, str(ckpt))
     source = instantiate(cfg.data).source
     if source.num_classes != module.num_classes:
-        raise ValueError(
+        raise CleanError(
             f"{ckpt} was trained on {module.num_classes} identities, the set {source.name} has {source.num_classes}: "
             "clean the set the model was trained on"
         )
@@ -183,7 +196,7 @@ def clean(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     keep = result.keep.numpy()
     if not keep.any():
-        raise ValueError(f"every sample is farther than {cfg.threshold} degrees from its dominant sub-centre")
+        raise CleanError(f"every sample is farther than {cfg.threshold} degrees from its dominant sub-centre")
     overrides = write_cleaned_set(source, keep, out)
     if cfg.drop_subcenters:
         write_k1_checkpoint(module, result.dominant, out / "k1.ckpt")
@@ -214,22 +227,22 @@ def _summary(cfg: DictConfig, ckpt: Path, source: FaceSource, result: CleaningRe
     }
 
 
+def _run(cfg: DictConfig) -> None:
+    if not Path(str(cfg.ckpt_path)).expanduser().is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint",
+                        hint="a checkpoint trained with head.subcenters=K, e.g. RUN/checkpoints/last.ckpt")
+    s = clean(cfg)
+    log.info(
+        "dropped %d of %d samples (%.2f%%) and %d of %d identities (> %g degrees from the dominant of %d "
+        "sub-centres); wrote %s", s["samples_dropped"], s["samples"], 100.0 * s["samples_dropped"] / s["samples"],
+        s["identities_dropped"], s["identities"], s["threshold_deg"], s["subcenters"], Path(cfg.out) / "clean.json",
+    )
+    log.info("train on it (with the run's other options): %s", s["train"])
+
+
 def main() -> None:
-    import hydra
-
-    from .train import config_dir
-
-    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="clean")
-    def _run(cfg: DictConfig) -> None:
-        s = clean(cfg)
-        log.info(
-            "dropped %d of %d samples (%.2f%%) and %d of %d identities (> %g degrees from the dominant of %d "
-            "sub-centres); wrote %s", s["samples_dropped"], s["samples"], 100.0 * s["samples_dropped"] / s["samples"],
-            s["identities_dropped"], s["identities"], s["threshold_deg"], s["subcenters"], Path(cfg.out) / "clean.json",
-        )
-        log.info("train on it (with the run's other options): %s", s["train"])
-
-    _run()
+    """``python -m facemargin.clean``: a user's mistake is one line and exit status 2."""
+    hydra_main("facemargin.clean", "clean", __doc__, _run)
 
 
 if __name__ == "__main__":

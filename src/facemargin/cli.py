@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
@@ -95,11 +96,21 @@ def parse_kv_args(
 
 
 def error_line(err: BaseException) -> str:
-    """The one line a user error is reported with (its message; an ``OSError``'s strerror and file)."""
+    """The one line a user error is reported with (its message; an ``OSError``'s strerror and file).
+
+    An error raised in a DataLoader worker reaches the main process with the worker's traceback in
+    its message (``Caught X in DataLoader worker process N. Original Traceback ...``): the line is
+    the original message, the traceback's last line.
+    """
     if isinstance(err, OSError) and not isinstance(err, UserError) and err.filename is not None:
         what = err.strerror or type(err).__name__
         return f"{err.filename}: {what}" + (f" -> {err.filename2}" if err.filename2 else "")
-    return str(err) or type(err).__name__
+    text = str(err) or type(err).__name__
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        original = re.match(r"[\w.]+: (.*)", last)
+        text = original.group(1) if original else last
+    return text
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -16,11 +16,15 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .evaluation.base import Evaluator
-from .evaluation.embedder import Embedder, load_embedder
-from .evaluation.runner import EmbeddingCache, run_evaluator
+from .errors import UserError
+from .hydra_entry import hydra_main
+
+if TYPE_CHECKING:  # imported when a command runs: --help answers before torch is imported
+    from .evaluation.base import Evaluator
+    from .evaluation.embedder import Embedder
+    from .evaluation.runner import EmbeddingCache
 
 __all__ = ["evaluate", "format_tables", "main"]
 
@@ -39,6 +43,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """``{"model", "sets": {name: figures}, "notes": {name: {key: why null}}, "cached": {name: bool}}``,
     keyed by each evaluator's ``name``."""
+    from .evaluation.runner import run_evaluator
+
     names = [ev.name for ev in evaluators]
     if len(set(names)) != len(names):
         raise ValueError(f"two evaluation sets have the same name: {names}; give each a distinct name=")
@@ -104,36 +110,41 @@ def _instantiate_evaluators(nodes: Mapping[str, Any]) -> dict[str, Evaluator]:
             evaluators[key] = instantiate(node)
         except InstantiationException as exc:
             cause = exc.__cause__
-            if isinstance(cause, (FileNotFoundError, ValueError)):
-                raise type(cause)(
-                    f"eval.{key}: {cause} (say where the sets live: eval_root=..., ijb_root=..., or FACEMARGIN_DATA)"
-                ) from None
+            if isinstance(cause, FileNotFoundError):  # the set is not where the config looks: say where that is set
+                raise UserError(f"eval.{key}: {cause}",
+                                hint="say where the sets live: eval_root=..., ijb_root=..., or FACEMARGIN_DATA") from exc
+            if isinstance(cause, (UserError, ValueError)):  # a refused or malformed file: no hint about where
+                raise UserError(f"eval.{key}: {cause}", hint=getattr(cause, "hint", None)) from exc
             raise
     if not evaluators:
-        raise ValueError("no evaluation set selected: pass eval=[lfw,cfp_fp,...] (options in conf/eval/)")
+        raise UserError("no evaluation set selected: pass eval=[lfw,cfp_fp,...]", hint="the sets are the files in conf/eval/")
     return evaluators
 
 
-def main() -> None:
-    import hydra
-    from omegaconf import DictConfig
+def _run(cfg: Any) -> None:
+    from .evaluation.embedder import load_embedder
+    from .evaluation.runner import EmbeddingCache
 
+    if "://" not in str(cfg.ckpt_path) and not Path(str(cfg.ckpt_path)).is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path}: no such file",
+                        hint="a training checkpoint (.ckpt), a file written by python -m facemargin.export, "
+                             "or a published model (insightface .pth/.onnx, AdaFace .ckpt)")
     from .published.options import config_model_options
-    from .train import config_dir
 
-    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
-    def _run(cfg: DictConfig) -> None:
-        model = load_embedder(cfg.ckpt_path, cfg.device, **config_model_options(cfg))
-        evaluators = _instantiate_evaluators(cfg.eval)
-        cache = EmbeddingCache(cfg.cache_dir) if cfg.cache else None
-        result = evaluate(model, list(evaluators.values()), cache, cfg.batch_size, cfg.num_workers, cfg.progress)
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / EVAL_FILE).write_text(json.dumps(_plain(result), indent=2) + "\n")
-        print(format_tables(result))
-        print(f"\nwrote {out / EVAL_FILE}")
+    evaluators = _instantiate_evaluators(cfg.eval)  # first: a set that is not there is said before any model loads
+    model = load_embedder(cfg.ckpt_path, cfg.device, **config_model_options(cfg))
+    cache = EmbeddingCache(cfg.cache_dir) if cfg.cache else None
+    result = evaluate(model, list(evaluators.values()), cache, cfg.batch_size, cfg.num_workers, cfg.progress)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVAL_FILE).write_text(json.dumps(_plain(result), indent=2) + "\n")
+    print(format_tables(result))
+    print(f"\nwrote {out / EVAL_FILE}")
 
-    _run()
+
+def main() -> None:
+    """``python -m facemargin.evaluate``: a user's mistake is one line and exit status 2."""
+    hydra_main("facemargin.evaluate", "evaluate", __doc__, _run)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ the embedding insightface's protocol uses. Every exported file runs in
 
 from __future__ import annotations
 
+from .hydra_entry import answer_help, hydra_main
+
+answer_help(__name__, "facemargin.export", "export", __doc__)  # --help: answered before torch is imported
+
 import json
 import logging
 import os
@@ -28,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .errors import UserError
 
 __all__ = ["FORMATS", "FlipFused", "checkpoint_export_metadata", "export_checkpoint", "export_model"]
 
@@ -162,20 +168,28 @@ def export_checkpoint(
     return export_model(net, target, format, meta, flip_fused, opset)
 
 
-def main() -> None:
-    import hydra
-    from omegaconf import DictConfig
-
+def _run(cfg: Any) -> None:
+    if cfg.format not in FORMATS:
+        raise UserError(f"format={cfg.format}: expected one of {', '.join(FORMATS)}")
+    if not Path(str(cfg.ckpt_path)).is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint",
+                        hint="a checkpoint written by python -m facemargin.train (e.g. RUN/checkpoints/last.ckpt) "
+                             "or a published weights file with backbone=NAME")
+    if cfg.format == "onnx":
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise UserError("format=onnx needs the onnx package", hint="pip install 'facemargin[onnx]'") from None
     from .published.options import config_model_options
-    from .train import config_dir
 
-    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
-    def _run(cfg: DictConfig) -> None:
-        backbone = config_model_options(cfg)["backbone"]
-        path = export_checkpoint(cfg.ckpt_path, cfg.out, cfg.format, cfg.flip_fused, cfg.opset, backbone)
-        print(f"exported {cfg.format} model ({'flip-fused, ' if cfg.flip_fused else ''}batch axis dynamic): {path}")
+    backbone = config_model_options(cfg)["backbone"]
+    path = export_checkpoint(cfg.ckpt_path, cfg.out, cfg.format, cfg.flip_fused, cfg.opset, backbone)
+    print(f"exported {cfg.format} model ({'flip-fused, ' if cfg.flip_fused else ''}batch axis dynamic): {path}")
 
-    _run()
+
+def main() -> None:
+    """``python -m facemargin.export``: a user's mistake is one line and exit status 2."""
+    hydra_main("facemargin.export", "export", __doc__, _run)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,28 @@ and a plot of verification accuracy against the swept value.
 
 Runs by itself at the end of every ``python -m facemargin.train -m ...`` (a Hydra callback set in
 ``conf/hydra/default.yaml``), or by hand: ``python -m facemargin.sweep multirun/2026-11-22/10-00-00``.
+
+Jobs whose swept values differ but whose final weights are bitwise identical are flagged in the
+summary with the reason (:func:`identical_weights`, :func:`explain_identical`): a sweep over a
+margin that changes nothing is a finding, not a result.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+
+from .cli import Option, parse_kv_args, run_cli
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 METRIC = "val/acc"
 METRICS_FILE = "metrics.json"
@@ -52,12 +60,19 @@ def swept_keys(rows: list[dict[str, Any]], metric_prefixes: tuple[str, ...] = ("
     return [k for k in keys if len({repr(r.get(k)) for r in rows}) > 1]
 
 
+class NoFinishedJobs(UserError, FileNotFoundError):
+    """A folder without any finished job (``*/metrics.json``)."""
+
+
 def summarize(sweep_dir: str | Path, metric: str = METRIC) -> list[dict[str, Any]]:
-    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``sweep_dir``; return the rows."""
+    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``sweep_dir``; return the rows.
+
+    ``summary.md`` ends with a note for each group of jobs that differ in a swept value but ended
+    with bitwise-identical weights, saying why that happens."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
-        raise FileNotFoundError(f"no finished jobs (*/{METRICS_FILE}) under {sweep_dir}")
+        raise NoFinishedJobs(f"no finished jobs (*/{METRICS_FILE}) under {sweep_dir}")
     swept = swept_keys(rows)
     metric_cols = sorted({k for r in rows for k in r if k.startswith(("val/", "best/"))})
     columns = ["job", *swept, *metric_cols]
@@ -65,9 +80,69 @@ def summarize(sweep_dir: str | Path, metric: str = METRIC) -> list[dict[str, Any
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(_markdown(rows, columns))
+    notes = [explain_identical(group, swept) for group in identical_weights(sweep_dir, rows)] if swept else []
+    (sweep_dir / "summary.md").write_text(_markdown(rows, columns) + "".join(f"\n**{n}**\n" for n in notes))
     _plot(rows, swept, metric, sweep_dir / "summary.png")
     return rows
+
+
+# --------------------------------------------------------------------------- identical results
+#: -log of float32's resolution next to 1 (2**-24): a target probability below exp(-this) vanishes
+#: in 1 - p, and beside the other classes' sum
+FLOAT32_LOSS_FLOOR = 24 * math.log(2)
+#: override keys of the margin: identical weights across them have the mechanism explained
+MARGIN_KEYS = ("loss.m", "loss.m1", "loss.m2", "loss.m3", "loss.s", "loss.h", "loss.t_alpha")
+
+
+def weights_digest(checkpoint: Path) -> str | None:
+    """SHA-1 of a checkpoint's ``state_dict`` (names, dtypes, shapes and bytes), or ``None`` when
+    the file is missing or unreadable."""
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True).get("state_dict", {})
+    except (OSError, RuntimeError, EOFError, AttributeError, ValueError):
+        return None
+    digest = hashlib.sha1()
+    for name in sorted(state):
+        t = state[name]
+        if isinstance(t, torch.Tensor):
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def identical_weights(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Groups (of two or more) of jobs whose ``checkpoints/last.ckpt`` hold bitwise-identical weights."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        digest = weights_digest(Path(sweep_dir) / row["job"] / "checkpoints" / "last.ckpt")
+        if digest is not None:
+            groups.setdefault(digest, []).append(row)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def explain_identical(group: list[dict[str, Any]], swept: Sequence[str]) -> str:
+    """Why jobs with different swept values ended with identical weights (one paragraph)."""
+    keys = [k for k in swept if len({repr(r.get(k)) for r in group}) > 1] or list(swept)
+    values = "; ".join(", ".join(f"{k}={r.get(k)}" for k in keys) for r in group)
+    text = (f"identical results: jobs {', '.join(str(r['job']).split('_')[0] for r in group)} ({values}) ended with "
+            "bitwise-identical weights, so the swept value did not change training.")
+    if not any(k in MARGIN_KEYS or k.startswith("loss.") for k in keys):
+        return text + " Expected where the setting does not enter the arithmetic (e.g. data.num_workers)."
+    losses = [r.get("train/loss_epoch") for r in group if isinstance(r.get("train/loss_epoch"), (int, float))]
+    evidence = ""
+    if losses:
+        loss = min(losses)
+        evidence = (f" Here the final training loss is {loss:.2f}, a target probability of about {math.exp(-loss):.1e}"
+                    + (f", below float32's 2^-24 = 6.0e-08." if loss > FLOAT32_LOSS_FLOOR else "."))
+    return text + (
+        " The margin only acts through the target's softmax probability p = exp(s*psi(theta)) / sum_j exp(s*cos(theta_j)). "
+        "With grad=detached the gradient on the target cosine is s*(p - 1) and on every other class s*p_j, whatever "
+        "psi is; when s*psi(theta) sits far below the other logits (large s, an early or short run), p stays under "
+        "float32's resolution, 1 - p rounds to 1 and the other classes' p_j do not see the target term, so every "
+        "margin gives the same gradient, bit for bit." + evidence +
+        " Train longer, lower loss.s (the demo uses 32), or use loss.grad=exact, whose target gradient depends on m.")
 
 
 def _fmt(value: Any) -> str:
@@ -162,34 +237,44 @@ def _plot(rows: list[dict[str, Any]], swept: list[str], metric: str, path: Path)
     plt.close(fig)
 
 
-class SweepSummaryCallback(Callback):
-    """Hydra callback: summarise the sweep directory when a multirun ends."""
+class SweepSummaryCallback:
+    """Hydra callback: summarise the sweep directory when a multirun ends.
+
+    Shaped like ``hydra.experimental.callback.Callback`` (every other ``on_*`` hook does nothing)
+    without importing Hydra, so that ``python -m facemargin.sweep --help`` answers at once."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             rows = summarize(sweep_dir)
-        except FileNotFoundError as err:
+        except NoFinishedJobs as err:
             print(f"[facemargin] no sweep summary: {err}")
             return
         print(f"[facemargin] sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
         print((sweep_dir / "summary.md").read_text())
 
 
+OPTIONS = {"metric": Option(METRIC, "the metric plotted against the swept value (a key of the jobs' metrics.json)")}
+
+
+def _run(sweep_dir: Path, metric: str) -> None:
+    if not sweep_dir.is_dir():
+        raise UserError(f"{sweep_dir}: no such folder", hint="give a multirun folder, e.g. multirun/2026-11-22/10-00-00")
+    rows = summarize(sweep_dir, metric)
+    print((sweep_dir / "summary.md").read_text(), end="")
+    print(f"{len(rows)} jobs -> {sweep_dir}/summary.csv, summary.md, summary.png")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--metric", default=METRIC)
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        raise SystemExit(f"facemargin.sweep: {args.sweep_dir}: no such folder (give a multirun folder, "
-                         "e.g. multirun/2026-11-22/10-00-00)")
-    try:
-        rows = summarize(args.sweep_dir, args.metric)
-    except FileNotFoundError as err:
-        raise SystemExit(f"facemargin.sweep: {err}") from None
-    print((args.sweep_dir / "summary.md").read_text(), end="")
-    print(f"{len(rows)} jobs -> {args.sweep_dir}/summary.csv, summary.md, summary.png")
+    """``python -m facemargin.sweep SWEEP_DIR [metric=val/acc]``: a user's mistake is one line, status 2."""
+    args = parse_kv_args(argv, "facemargin.sweep", __doc__, {"SWEEP_DIR": "a multirun folder (multirun/DATE/TIME)"},
+                         OPTIONS)
+    run_cli(lambda: _run(Path(args["SWEEP_DIR"]), args["metric"]), "facemargin.sweep")
 
 
 if __name__ == "__main__":

@@ -12,20 +12,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
-from . import adaface as _adaface
-from . import face_vit as _face_vit
-from . import iresnet as _iresnet
-from . import mobilefacenet as _mobilefacenet
-from ..config import to_plain
-from .adaface import AdaFaceIR
-from .face_vit import FaceViT
-from .iresnet import IBasicBlock, IResNet
-from .mobilefacenet import MobileFaceNet
-from .neck import EmbeddingNeck
+from ..install_check import import_timm
+
+timm = import_timm()  # first: a torchvision built for another torch is named in one line
+
+from . import adaface as _adaface  # noqa: E402
+from . import face_vit as _face_vit  # noqa: E402
+from . import iresnet as _iresnet  # noqa: E402
+from . import mobilefacenet as _mobilefacenet  # noqa: E402
+from ..config import to_plain  # noqa: E402
+from .adaface import AdaFaceIR  # noqa: E402
+from .face_vit import FaceViT  # noqa: E402
+from .iresnet import IBasicBlock, IResNet  # noqa: E402
+from .mobilefacenet import MobileFaceNet  # noqa: E402
+from .neck import EmbeddingNeck  # noqa: E402
 
 __all__ = [
     "AdaFaceIR",

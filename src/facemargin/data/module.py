@@ -250,21 +250,19 @@ class FaceRecordDataModule(pl.LightningDataModule):
                     report_dir=None if trainer is None else Path(trainer.default_root_dir) / "faces",
                     progress=rank == 0 and sys.stderr.isatty())
 
+    def known_num_samples(self) -> int | None:
+        """The number of training samples where counting them finds no faces: ``None`` for a photo
+        folder with ``detect`` before :meth:`setup` (every rank takes part in finding them there)."""
+        if self._source is None and self._photos is not None and self._photos.source is None:
+            return None
+        return len(self.source)
+
     def size_hint(self, input_size: int | Sequence[int] = 112) -> str:
         """How to make this set's images ``input_size`` (for a message about the model's input size)."""
         n = input_size if isinstance(input_size, int) else int(input_size[0])
         if self._photos is not None:
             return f"for a folder of photos: {size_advice((n, n))}"
         return f"repack the photos: python -m facemargin.data.pack IMAGES OUT --resize {n} (or --align LANDMARKS)"
-
-    def check_input_size(self, input_size: int | Sequence[int]) -> None:
-        """Raise a :class:`~facemargin.errors.UserError` naming both sizes when the set's images are
-        not the ``input_size`` a backbone takes (before training, not at step 1)."""
-        want = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
-        if self.image_size is not None and tuple(self.image_size) != want:
-            h, w = self.image_size
-            raise UserError(f"data.root={self.root}: the images are {w}x{h} but the backbone takes {want[1]}x{want[0]}",
-                            hint=self.size_hint(want))
 
     def verification_files(self) -> list[Path]:
         """Local copies of the verification ``.bin`` files, in ``val_sets`` order (remote ones are

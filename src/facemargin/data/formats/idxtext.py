@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ...errors import UserError
+
 __all__ = ["RecordIOError", "iter_idx", "parse_idx"]
 
 _MAX_DIGITS = 18  # every 18-digit decimal fits in int64
@@ -38,7 +40,7 @@ _PAIRS = _U(0x000000FF000000FF)
 _MUL_02, _MUL_13 = _U(100 + (1000000 << 32)), _U(1 + (10000 << 32))
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError, ValueError):
     """A malformed .rec/.idx file; the message names the file and the line, key or offset."""
 
 

@@ -29,12 +29,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ...errors import UserError
+
 __all__ = ["PlanSpec", "EpochPlan", "base_order", "hash_uniform", "planned_samples", "PlanMismatchError"]
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-class PlanMismatchError(ValueError):
+class PlanMismatchError(UserError, ValueError):
     """A checkpoint's data plan cannot continue with this run's data settings."""
 
 

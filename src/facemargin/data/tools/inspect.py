@@ -118,7 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", help="directory with train.rec, train.idx, property")
     parser.add_argument("--decode", type=int, default=0, metavar="N", help="decode N images as well")
     args = parser.parse_args(argv)
-    info = inspect_dir(args.root, decode=args.decode)
+    from ...cli import run_cli
+    from ...errors import UserError
+
+    def run() -> dict:
+        if "://" not in args.root and not os.path.isdir(args.root):
+            raise UserError(f"{args.root}: no such folder (a set folder holds train.rec, train.idx and property)")
+        return inspect_dir(args.root, decode=args.decode)
+
+    info = run_cli(run, "facemargin.data.inspect")
     for name in ("root", "layout", "num_records", "num_images", "num_classes", "image_size",
                  "label_min", "label_max", "num_labels_seen", "identity_range", "rec_bytes", "decoded"):
         if name in info:

@@ -75,9 +75,19 @@ def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: Crop
     return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), (int(rgb.shape[0]), int(rgb.shape[1]))
 
 
+def _new_file_mode() -> int:
+    """The permissions an ordinary new file gets under the process's umask (0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _replace_atomically(out: Path, files: dict[str, Path]) -> None:
-    """Rename finished temporaries to their final names (``train.rec`` last: readers look for it)."""
+    """Rename finished temporaries to their final names (``train.rec`` last: readers look for it),
+    with the umask's permissions (``mkstemp`` creates them 0600, readable by their owner only)."""
+    mode = _new_file_mode()
     for final in sorted(files, key=lambda name: name == "train.rec"):
+        os.chmod(files[final], mode)
         os.replace(files[final], out / final)
 
 
@@ -226,13 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing train.rec")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        info = pack_images(args.image_root, args.out_dir, resize=args.resize, quality=args.quality,
-                           progress=not args.quiet, overwrite=args.overwrite, crop=args.crop, workers=args.workers,
-                           align=args.align)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    from ...cli import run_cli
+
+    # pack's own checks raise ValueError / OSError naming the image, option or folder: one line, status 2
+    info = run_cli(lambda: pack_images(args.image_root, args.out_dir, resize=args.resize, quality=args.quality,
+                                       progress=not args.quiet, overwrite=args.overwrite, crop=args.crop,
+                                       workers=args.workers, align=args.align),
+                   "facemargin.data.pack", user_errors=(OSError, ValueError))
     h, w = info["image_size"]
     print(f"wrote {info['num_images']} images of {info['num_classes']} identities ({w}x{h}) to {info['out_dir']}")
     return 0
