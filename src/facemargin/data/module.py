@@ -16,6 +16,7 @@ from ..config import to_plain
 from ..input_spec import DEFAULT, InputSpec
 from .formats.setfiles import SetFiles
 from .loading.device_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
+from .loading.layout import to_training_batch
 from .loading.loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
 from .loading.plan import PlanSpec
 from .sources.base import FaceSource
@@ -244,7 +245,17 @@ class FaceRecordDataModule(pl.LightningDataModule):
         return kw
 
     def train_dataloader(self) -> TrainLoader:
-        """This rank's batches of ``(images uint8, labels int64, sample_index int64)``, resumable."""
+        """This rank's batches of ``(images uint8, labels int64, sample_index int64)``, resumable.
+
+        Under a Trainer the images come as :class:`~facemargin.data.loading.layout.HWCImages`
+        and :meth:`on_after_batch_transfer` turns and flips them on the device (see :meth:`training_loader`).
+        """
+        return self.training_loader(layout_on_device=self._trainer_or_none() is not None)
+
+    def training_loader(self, layout_on_device: bool = False) -> TrainLoader:
+        """The train loader; ``layout_on_device=True``: its images are ``HWCImages`` (``uint8 [B, H, W, 3]``
+        unflipped + flips) that :meth:`on_after_batch_transfer` (or
+        :func:`~facemargin.data.loading.layout.to_training_batch`) turns into the usual batch, bit for bit."""
         rank, world = self._rank_world()
         trainer = self._trainer_or_none()
         epoch = int(trainer.current_epoch) if trainer is not None else 0
@@ -254,7 +265,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             self._resume = None
         reader_class = EncodedBatchReader if self.decode == "gpu" else BatchReader
         reader = reader_class(self.source, seed=self.seed, flip_p=self.flip_p, on_corrupt=self.on_corrupt)
-        self._train_loader = TrainLoader(reader, sampler, **self._loader_kwargs())
+        self._train_loader = TrainLoader(reader, sampler, layout_on_device=layout_on_device, **self._loader_kwargs())
         return self._train_loader
 
     @property
@@ -296,7 +307,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment training batches (uint8, on the device), then normalise every batch."""
+        """Training batches: HWC -> CHW and flips, then augment (uint8, on the device); then normalise every batch."""
+        batch = to_training_batch(batch)
         trainer = self._trainer_or_none()
         if self.augment is not None and trainer is not None and trainer.training and len(batch) == 3:
             images, labels, index = batch
