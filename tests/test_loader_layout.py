@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,7 +18,7 @@ from facemargin.data.loading import loader as loader_module
 from facemargin.data.loading.layout import HWCImages, to_training_batch, to_training_layout
 from facemargin.data.loading.loader import BatchReader, PlanSampler, TrainLoader
 from facemargin.data.loading.plan import EpochPlan, PlanSpec, hash_uniform
-from facemargin.data.loading.slots import PackedLayout, SlotRing
+from facemargin.data.loading.slots import PackedBatch, PackedLayout, SlotRing
 from facemargin.data.module import FaceRecordDataModule
 from facemargin.data.sources.recordio import FaceRecordSet
 
@@ -111,7 +113,7 @@ def test_workers_reuse_their_shared_slots(noisy_set: Path) -> None:
         assert len(got) == (limit or len(want[epoch]) - first)
         for (x, y, i), (xw, yw, iw) in zip(got, want[epoch][first:]):
             assert torch.equal(x, xw) and torch.equal(y, yw) and torch.equal(i, iw)
-    assert dl.fresh_buffers == 0 and dl._ring is not None and dl._ring.slots == 3
+    assert dl.fresh_buffers == 0 and dl._ring is not None and dl._ring.slots == 2 + 4  # prefetch_factor + held
 
 
 def test_a_busy_slot_is_never_overwritten(noisy_set: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,27 +130,65 @@ def test_a_busy_slot_is_never_overwritten(noisy_set: Path, monkeypatch: pytest.M
         assert torch.equal(x, xw) and torch.equal(y, yw) and torch.equal(i, iw)
 
 
-def test_slot_ring_counts() -> None:
+def test_batches_the_trainer_keeps_are_never_overwritten(noisy_set: Path) -> None:
+    """Batches handed out in place stay intact while referenced, across epochs of persistent workers."""
+    fs = FaceRecordSet(noisy_set)
+    spec = PlanSpec(seed=SEED)
+    want = {e: epoch_batches(fs, spec, 0, False, e) for e in (0, 1, 2)}
+    dl = TrainLoader(BatchReader(fs, seed=SEED, on_corrupt="skip"), PlanSampler(fs, B, spec), num_workers=2,
+                     persistent_workers=True, layout_on_device=True, prefetch_factor=2)
+    kept = list(dl)  # 11 batches in 12 slots, all still referenced
+    assert dl.fresh_buffers == 0
+    dl.sampler.set_epoch(1)
+    second = [to_training_batch(b) for b in dl]  # most slots busy: fresh buffers, nothing overwritten
+    assert dl.fresh_buffers > 0
+    for got, expected in ((kept, want[0]), (second, want[1])):
+        assert len(got) == len(expected)
+        for (x, y, i), (xw, yw, iw) in zip(map(to_training_batch, got), expected):
+            assert torch.equal(x, xw) and torch.equal(y, yw) and torch.equal(i, iw)
+    del kept, got
+    gc.collect()
+    fresh = dl.fresh_buffers
+    dl.sampler.set_epoch(2)
+    third = [to_training_batch(b) for b in dl]
+    assert dl.fresh_buffers == fresh and all(torch.equal(a[0], b[0]) for a, b in zip(third, want[2]))
+
+
+def test_slot_ring_never_hands_out_a_busy_slot() -> None:
     layout = PackedLayout(4, 3, 5)
     assert layout.nbytes % 64 == 0 and layout.pixels_at >= 17 * 4
     ring = SlotRing(2, 3, layout)
     ring.restart()
     assert ring.buffers.is_shared() and ring.buffers.shape == (2, 3, layout.nbytes)
-    worker = SlotRing.__new__(SlotRing)  # a worker's copy: the same memory, its own counts
-    worker.__dict__.update(ring.__dict__)
-    made = []
-    for _ in range(4):
+    worker = copy.deepcopy(ring)  # a worker's copy (forked: the same memory), with its own counts
+
+    def make() -> PackedBatch | None:
         slot = worker.claim(ring.ticket(), 1, layout)
-        if slot is not None:
-            worker.filled()
-        made.append(slot)
-    assert made == [0, 1, 2, None]  # the fourth would overwrite batch 0, not copied out yet
-    ring.release(1)
-    assert worker.claim(ring.ticket(), 1, layout) == 0
+        return None if slot is None else PackedBatch(layout, None, ring.id, 1, slot, worker.filled(slot))
+
+    made = [make() for _ in range(4)]
+    assert [b.slot for b in made[:3]] == [0, 1, 2] and made[3] is None  # all three written, none delivered yet
+    held = ring.deliver(made[0], hold=True)  # handed out in place
+    assert held.data_ptr() == ring.slot(1, 0).data_ptr() and make() is None  # slot 0 busy while referenced
+    pixels = layout.views(held)[0]
+    del held
+    assert make() is None  # a view still holds it
+    del pixels
+    gc.collect()
+    again = make()
+    assert again is not None and again.slot == 0 and again.seq == 3
+    ring.deliver(made[1], hold=False)  # copied out by the caller: free at once
+    assert make().slot == 1
+    kept = ring.deliver(made[2], hold=True)
+    with pytest.raises(RuntimeError, match="got batch 2 .* expected batch 3"):
+        ring.deliver(made[2], hold=False)  # out of order: never silently
     assert worker.claim(ring.ticket()._replace(ring=ring.id + 1), 1, layout) is None  # another ring's request
     assert worker.claim(ring.ticket(), 1, PackedLayout(5, 3, 5)) is None
-    ring.restart()  # a new iteration: the old one's batches were all delivered or discarded
-    assert worker.claim(ring.ticket(), 1, layout) == 0 and ring.ticket().consumed == (0, 0)
+    ring.restart()  # a new iteration: the undelivered batches were discarded, the held one is still in use
+    assert [make().slot for _ in range(2)] == [0, 1] and make() is None and ring.ticket().delivered == (0, 0)
+    del kept
+    gc.collect()
+    assert make().slot == 2
     pixels, labels, index, flip = layout.views(ring.slot(1, 2))
     assert (pixels.shape, labels.dtype, index.dtype, flip.dtype) == ((4, 3, 5, 3), torch.int64, torch.int64, torch.bool)
 

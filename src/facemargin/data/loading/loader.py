@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 OnCorrupt = Literal["raise", "skip"]
 _MAX_SUBSTITUTES = 64
 _SLOTS = 128  # skip counters: slot 0 = main process, 1 + worker id = DataLoader workers
+#: ring slots per worker beyond ``prefetch_factor``: batches the trainer still holds (Lightning fetches one ahead)
+_HELD_SLOTS = 4
 
 
 class BatchRequest(NamedTuple):
@@ -212,8 +214,8 @@ class BatchReader(Dataset):
         flip[:] = hash_uniform(self.seed, int(request.epoch), index) < self.flip_p
         if slot is None:
             return PackedBatch(layout, buffer)
-        ring.filled()  # type: ignore[union-attr]
-        return PackedBatch(layout, None, ring.id, info.id, slot)  # type: ignore[union-attr]
+        seq = ring.filled(slot)  # type: ignore[union-attr]
+        return PackedBatch(layout, None, ring.id, info.id, slot, seq)  # type: ignore[union-attr]
 
     def _read_samples(self, request: BatchRequest, into: np.ndarray | None,
                       keep: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -317,14 +319,13 @@ class _CountingIterator:
             if self.loader.num_workers > 0:
                 self.loader.fresh_buffers += 1
             return unpack(item.layout, item.buffer, on_device)
-        ring = self.ring
-        if ring is None or item.ring != ring.id:
-            raise RuntimeError(f"TrainLoader: a batch in slot ring {item.ring}, which this iterator does not hold")
+        if self.ring is None:
+            raise RuntimeError(f"TrainLoader: a batch in slot ring {item.ring}, but this iterator holds none")
         pin = bool(self.loader.pin_memory) and torch.cuda.is_available()
-        try:
-            return unpack(item.layout, ring.slot(item.worker, item.slot), on_device, copy=True, pin=pin)
-        finally:
-            ring.release(item.worker)
+        if on_device and not pin:  # handed out in place: the slot stays busy while the batch is referenced
+            return unpack(item.layout, self.ring.deliver(item, hold=True), True)
+        # copied out now (into pinned memory: the copy the pin thread would make), the slot free at once
+        return unpack(item.layout, self.ring.deliver(item, hold=False), on_device, copy=on_device, pin=pin)
 
 
 def _no_ring() -> SlotTicket:
@@ -361,7 +362,7 @@ class TrainLoader(DataLoader):
             return None
         new_workers = not self.persistent_workers or getattr(self, "_iterator", None) is None
         if new_workers or self._ring is None:
-            self._ring = SlotRing(self.num_workers, (self.prefetch_factor or 2) + 1, layout)
+            self._ring = SlotRing(self.num_workers, (self.prefetch_factor or 2) + _HELD_SLOTS, layout)
             self.dataset.ring = self._ring  # type: ignore[attr-defined]  # the workers started next inherit it
         self._ring.restart()
         return self._ring
