@@ -89,7 +89,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
             ``$FACEMARGIN_CACHE`` or ``~/.cache/facemargin``); ``demo_options`` overrides its
             generation parameters (``num_identities``, ``images_per_identity``, ...).
 
-    Loaders yield uint8 RGB images; :meth:`on_after_batch_transfer` augments (training) and
+    Loaders yield uint8 RGB images (under a Trainer the training images as ``HWCImages``: uint8
+    ``[B, H, W, 3]`` unflipped + flips, as the workers decoded them); :meth:`on_after_batch_transfer`
+    turns and flips those on the device, augments (training) and
     normalises them to float32 on the device with the module's ``input_spec`` (facemargin's
     ``(x / 255 - 0.5) / 0.5`` RGB; an AdaFace IR net's the same in BGR).
     ``num_classes`` and ``image_size`` are known right after construction. The train loader is

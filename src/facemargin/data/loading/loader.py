@@ -311,21 +311,24 @@ class _CountingIterator:
         return batch
 
     def _unpack(self, item: Any) -> Any:
-        """A worker's :class:`PackedBatch` -> the batch, copied out of its ring slot (which is then released)."""
+        """A worker's :class:`PackedBatch` -> the batch (out of its ring slot: in place, or copied and the slot freed)."""
         if not isinstance(item, PackedBatch):
             return item  # e.g. data.decode=gpu's encoded batches
         on_device = self.loader.layout_on_device
-        if item.buffer is not None:
+        pin = bool(self.loader.pin_memory) and torch.cuda.is_available()
+        if item.buffer is not None:  # in-process, or a worker without a free slot (pinned by the DataLoader)
             if self.loader.num_workers > 0:
                 self.loader.fresh_buffers += 1
-            return unpack(item.layout, item.buffer, on_device)
-        if self.ring is None:
+            batch = unpack(item.layout, item.buffer, on_device)
+        elif self.ring is None:
             raise RuntimeError(f"TrainLoader: a batch in slot ring {item.ring}, but this iterator holds none")
-        pin = bool(self.loader.pin_memory) and torch.cuda.is_available()
-        if on_device and not pin:  # handed out in place: the slot stays busy while the batch is referenced
+        elif on_device and not pin:  # handed out in place: the slot stays busy while the batch is referenced
             return unpack(item.layout, self.ring.deliver(item, hold=True), True)
-        # copied out now (into pinned memory: the copy the pin thread would make), the slot free at once
-        return unpack(item.layout, self.ring.deliver(item, hold=False), on_device, copy=on_device, pin=pin)
+        else:  # copied now (into pinned memory: the copy the pin thread would make), the slot free at once
+            batch = unpack(item.layout, self.ring.deliver(item, hold=False), on_device, copy=on_device, pin=pin)
+        if pin and not on_device:  # the CHW batch was made here, after the DataLoader's pinning
+            batch = tuple(t.pin_memory() for t in batch)
+        return batch
 
 
 def _no_ring() -> SlotTicket:
@@ -339,8 +342,9 @@ class TrainLoader(DataLoader):
     :class:`~facemargin.data.loading.layout.HWCImages` (``uint8 [B, H, W, 3]`` unflipped + flips)
     for the training device to finish with :func:`~facemargin.data.loading.layout.to_training_layout`
     (the DataModule's transfer hook does). Batches travel from the workers through a
-    :class:`~facemargin.data.loading.slots.SlotRing` of ``prefetch_factor + 1`` shared buffers per
-    worker; ``fresh_buffers`` counts the batches a worker had to send in a new buffer instead.
+    :class:`~facemargin.data.loading.slots.SlotRing` of ``prefetch_factor + 4`` shared buffers per
+    worker (touched only when used); ``fresh_buffers`` counts the batches a worker had to send in a
+    new buffer instead (all its slots busy: in flight, or still referenced by the trainer).
     Resumable: ``state_dict()`` / ``load_state_dict()`` save and restore the plan position.
     ``sampler.set_epoch`` chooses the epoch. Extra keyword arguments go to ``DataLoader``
     (``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ...).
