@@ -69,7 +69,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
         batch_size: per-rank training batch size (whole batches only: the head gathers across ranks).
         num_workers: DataLoader workers, capped at the CPU cores available.
         pin_memory: ``None`` (default): pinned only when the trainer runs on CUDA.
-        persistent_workers: keep workers between epochs.
+        persistent_workers: keep workers (and their shared batch slots) between epochs (default):
+            the plan lives in the main process, so they cannot change what is trained on, and
+            each epoch saves the workers' start.
         streaming: ``False``: random reads, full shuffle. ``True``: blocks of ``chunk_size``
             neighbouring samples read sequentially (one read each), shuffled within windows of
             ``shuffle_buffer`` samples (see :mod:`facemargin.data.loading.plan`).
@@ -111,7 +113,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         flip_p: float = 0.5,
         on_corrupt: OnCorrupt = "raise",
         pin_memory: bool | None = None,
-        persistent_workers: bool = False,
+        persistent_workers: bool = True,
         demo: bool = False,
         demo_cache_dir: str | os.PathLike | None = None,
         demo_options: dict[str, Any] | None = None,
