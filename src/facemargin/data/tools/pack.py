@@ -27,76 +27,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import multiprocessing
 import multiprocessing.pool
 import os
-import re
 import sys
 import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ...detect.landmarks import read_landmarks
-from ..formats.image import CorruptImageError, declared_size
+from ..formats.photo import CropSpec, Framing, crop_box, parse_crop, photo_size
 from ..formats.recordio import IRHeader, RecordIOWriter, pack_record
 from ..sources.folder import list_image_tree
 
-__all__ = ["CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks",
+__all__ = ["CropSpec", "crop_box", "parse_crop", "read_image_size", "prepare_image", "read_landmarks",
            "pack_images", "write_faceset", "main"]
 
 _MAX_EXACT_KEY = 1 << 24  # float32 labels hold integer keys exactly only below 2**24
 
 
-class CropSpec(NamedTuple):
-    """``kind`` is ``"square"`` (``value`` 1.0), ``"fraction"`` (``value`` F) or ``"box"`` (``box`` = (w, h))."""
-
-    kind: str
-    value: float = 1.0
-    box: tuple[int, int] = (0, 0)
-
-
-def parse_crop(spec: str | None) -> CropSpec | None:
-    """``square`` | ``F`` in (0, 1] | ``WxH`` -> :class:`CropSpec`; ``None`` -> ``None``."""
-    if spec is None:
-        return None
-    text = str(spec).strip().lower()
-    if text == "square":
-        return CropSpec("square")
-    m = re.fullmatch(r"(\d+)x(\d+)", text)
-    if m and int(m.group(1)) > 0 and int(m.group(2)) > 0:
-        return CropSpec("box", box=(int(m.group(1)), int(m.group(2))))
-    try:
-        f = float(text)
-    except ValueError:
-        f = -1.0
-    if 0.0 < f <= 1.0:
-        return CropSpec("fraction", f)
-    raise ValueError(f"--crop must be 'square', a fraction in (0, 1] or WxH pixels, got {spec!r}")
-
-
-def crop_box(height: int, width: int, crop: CropSpec | None) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of the centred crop (the whole image when ``crop`` is None)."""
-    if crop is None:
-        return 0, 0, height, width
-    if crop.kind == "box":
-        w, h = crop.box
-        if w > width or h > height:
-            raise ValueError(f"--crop {w}x{h} is larger than the {width}x{height} image")
-    else:
-        h = w = max(1, int(round(min(height, width) * crop.value)))
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 def read_image_size(data: bytes, path: Path | str = "image") -> tuple[int, int]:
     """``(height, width)`` from the header alone (JPEG via libjpeg-turbo, PNG by hand; nothing decoded)."""
-    try:
-        return declared_size(data)
-    except CorruptImageError as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+    return photo_size(data, path)
 
 
 def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: CropSpec | None = None,
@@ -104,50 +59,20 @@ def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: Crop
     """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes.
 
     With ``landmarks`` (``[5, 2]`` pixels) the face is aligned to the ArcFace template instead
-    (:func:`facemargin.align.align_face`, a ``resize`` x ``resize`` crop, 112 by default).
+    (a ``resize`` x ``resize`` crop, 112 by default). The pixels are those of
+    :meth:`~facemargin.data.formats.photo.Framing.apply`, which ``data=folder`` uses too.
     """
     with open(path, "rb") as f:
         data = f.read()
-    if landmarks is not None:
-        return _aligned(data, path, landmarks, resize or 112, quality)
-    h, w = read_image_size(data, path)
-    if crop is None and resize is not None and h != w:
-        crop = CropSpec("square")  # never squash a face
-    top, left, ch, cw = crop_box(h, w, crop)
-    out_hw = (resize, resize) if resize is not None else (ch, cw)
-    if data[:3] == b"\xff\xd8\xff" and (ch, cw) == (h, w) and out_hw == (h, w):
-        return data, (h, w)
-    import simplejpeg
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if (ch, cw) != (h, w):
-                im = im.crop((left, top, left + cw, top + ch))
-            if out_hw != (ch, cw):
-                im = im.resize((out_hw[1], out_hw[0]), Image.BICUBIC)
-            rgb = np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
-    except Exception as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
-    return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), out_hw
-
-
-def _aligned(data: bytes, path: str | os.PathLike, landmarks: np.ndarray, size: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+    framing = Framing.of(crop, resize, align=landmarks is not None)
+    if landmarks is None:
+        h, w = read_image_size(data, path)
+        if data[:3] == b"\xff\xd8\xff" and framing.keeps(h, w):
+            return data, (h, w)
     import simplejpeg
 
-    from ...align import align_face
-    from ..formats.image import decode_image
-
-    try:
-        rgb = decode_image(data)
-    except CorruptImageError as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
-    try:
-        face = align_face(rgb, landmarks, size)
-    except ValueError as exc:
-        raise ValueError(f"cannot align {path}: {exc}") from None
-    return simplejpeg.encode_jpeg(face, quality=quality, colorspace="RGB"), (size, size)
+    rgb = framing.apply(data, path, landmarks)
+    return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), (int(rgb.shape[0]), int(rgb.shape[1]))
 
 
 def _replace_atomically(out: Path, files: dict[str, Path]) -> None:
@@ -268,11 +193,7 @@ def pack_images(
         raise FileExistsError(f"{out / 'train.rec'} exists (pass overwrite=True / --overwrite)")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if resize is not None and resize < 1:
-        raise ValueError(f"--resize must be a positive size, got {resize}")
-    spec = crop if isinstance(crop, CropSpec) or crop is None else parse_crop(crop)
-    if align is not None and spec is not None:
-        raise ValueError("--align and --crop exclude each other: alignment decides the crop")
+    spec = Framing.of(crop, resize, align=align is not None).crop  # options checked before any file is read
     names, items = list_image_tree(root)
     labels = [label for _, label in items]
     jobs: list[tuple[str, np.ndarray | None]] = [(path, None) for path, _ in items]
