@@ -116,6 +116,27 @@ def test_workers_reuse_their_shared_slots(noisy_set: Path) -> None:
     assert dl.fresh_buffers == 0 and dl._ring is not None and dl._ring.slots == 2 + 4  # prefetch_factor + held
 
 
+def test_close_stops_persistent_workers_and_the_next_epoch_starts_new_ones(noisy_set: Path) -> None:
+    """``close()`` joins persistent workers (a benchmark counts their CPU time only once they exit);
+    iterating again starts new workers that give the same batches."""
+    fs = FaceRecordSet(noisy_set)
+    spec = PlanSpec(seed=SEED)
+    want = epoch_batches(fs, spec, 0, False, 1)
+    dl = TrainLoader(BatchReader(fs, seed=SEED, on_corrupt="skip"), PlanSampler(fs, B, spec), num_workers=2,
+                     persistent_workers=True, layout_on_device=True, prefetch_factor=2)
+    assert len(list(dl)) == len(want)
+    workers = list(dl._iterator._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)  # persistent: alive after the epoch
+    dl.close()
+    assert not any(w.is_alive() for w in workers) and dl._iterator is None
+    dl.sampler.set_epoch(1)
+    got = [to_training_batch(b) for b in dl]
+    assert dl._iterator._workers[0] is not workers[0] and len(got) == len(want)
+    for (x, y, i), (xw, yw, iw) in zip(got, want):
+        assert torch.equal(x, xw) and torch.equal(y, yw) and torch.equal(i, iw)
+    dl.close()
+
+
 def test_a_busy_slot_is_never_overwritten(noisy_set: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With one slot per worker for four batches in flight, workers send fresh buffers instead: same batches."""
     fs = FaceRecordSet(noisy_set)

@@ -371,6 +371,16 @@ class TrainLoader(DataLoader):
     def __iter__(self) -> _CountingIterator:  # type: ignore[override]
         return _CountingIterator(self)
 
+    def close(self) -> None:
+        """Stop this loader's worker processes now (persistent ones too; a finished epoch of
+        non-persistent workers has none left) and drop their slot ring; iterating again starts new
+        workers. Lightning does this itself at the end of ``fit``."""
+        shutdown = getattr(getattr(self, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iterator = None
+        self._ring = None
+
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()  # type: ignore[attr-defined]
 
