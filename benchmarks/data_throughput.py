@@ -26,10 +26,17 @@ One process, one thread (images per CPU-second of the process, ``getrusage``):
 The training configuration (``--workers W``; images per CPU-second of *every* process involved,
 and per wall-second):
 
-* ``fm-map-Ww`` / ``fm-stream-Ww``: ``FaceRecordDataModule(num_workers=W).train_dataloader()`` as
-  training uses it (W DataLoader worker processes, ``prefetch_factor=4``, batches delivered to the
-  main process), timed from building the DataModule to the workers' exit; CPU = this process
-  (all threads) + the workers (``RUSAGE_CHILDREN`` once they are joined);
+* ``fm-map-Ww`` / ``fm-stream-Ww``: ``FaceRecordDataModule(num_workers=W)``'s train loader as
+  training under a Trainer uses it (W DataLoader worker processes, ``prefetch_factor=4``, batches
+  delivered to the main process: uint8 ``[128, 112, 112, 3]`` unflipped + the flips, the
+  HWC->CHW turn and the flips left to the device's transfer hook), timed from building the
+  DataModule to the workers' exit; CPU = this process (all threads) + the workers
+  (``RUSAGE_CHILDREN`` once they are joined);
+* ``fm-map-Ww-chw`` / ``fm-stream-Ww-chw``: the same loader with no device to finish the batch
+  (``train_dataloader()`` outside a Trainer): the main process turns and flips each batch on the
+  CPU, uint8 ``[128, 3, 112, 112]`` like ``ImageRecordIter``'s;
+* ``base-map-Ww`` / ``base-stream-Ww`` (``--baseline-src DIR``): ``train_dataloader()`` of another
+  facemargin checkout (e.g. before a change), in a helper process of its own (CPU = it + its workers);
 * ``mx-iter-W``: ``ImageRecordIter(preprocess_threads=W)`` as MXNet runs it here: 1.x caps its
   decoding threads at ``max(nproc/2 - 1, 1)`` (1 on a 2-CPU machine; the table says how many ran);
   CPU = the peer process, all its threads;
@@ -132,10 +139,11 @@ for line in sys.stdin:
 class MxPeer:
     """A persistent MXNet process (imports paid once); its stderr (MXNet's log) goes to a file."""
 
-    def __init__(self, python: str, log: Path, preload: Path | None = None) -> None:
-        env = peers.peer_env(**({"LD_PRELOAD": str(preload)} if preload else {}))
+    def __init__(self, python: str, log: Path, preload: Path | None = None, script: str = _MXNET_SERVER,
+                 env: dict[str, str] | None = None) -> None:
+        env = env or peers.peer_env(**({"LD_PRELOAD": str(preload)} if preload else {}))
         self.log = log
-        self.proc = subprocess.Popen([python, "-c", _MXNET_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=log.open("w"), text=True, env=env)
         self._answer()
 
@@ -158,6 +166,32 @@ class MxPeer:
     def close(self) -> None:
         self.proc.stdin.close()  # type: ignore[union-attr]
         self.proc.wait()
+
+
+# Another facemargin checkout's DataModule loader (``--baseline-src``), served like the peer.
+_BASELINE_SERVER = r'''
+import json, resource, sys, time
+import torch
+torch.set_num_threads(1)
+from facemargin.data.module import FaceRecordDataModule
+
+def clock():
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime, s.ru_minflt + c.ru_minflt, time.perf_counter()
+
+print(json.dumps({"ready": FaceRecordDataModule.__module__}), flush=True)
+for line in sys.stdin:
+    c = json.loads(line)
+    s0, c0, f0, w0 = clock()
+    dm = FaceRecordDataModule(c["root"], batch_size=c["batch"], num_workers=c["workers"], streaming=c["streaming"],
+                              seed=c["seed"])
+    n = 0
+    for images, _, _ in dm.train_dataloader():
+        n += images.shape[0]
+    s1, c1, f1, w1 = clock()
+    print(json.dumps({"images": n, "cpu": s1 - s0 + c1 - c0, "children": c1 - c0, "wall": w1 - w0,
+                      "minflt": f1 - f0}), flush=True)
+'''
 
 
 class MemorySource(FaceSource):
@@ -195,16 +229,18 @@ def loader_epoch(source: FaceSource, spec: PlanSpec, epoch: int, to_float: bool 
     return {"images": n, **Clock.now().since(start)}
 
 
-def training_epoch(root: Path, streaming: bool, workers: int, epoch: int) -> dict:
-    """One epoch of the DataModule's train loader with ``workers`` worker processes."""
+def training_epoch(root: Path, streaming: bool, workers: int, epoch: int, on_device: bool = True) -> dict:
+    """One epoch of the DataModule's train loader with ``workers`` worker processes (``on_device``: as under a
+    Trainer, the HWC->CHW turn and flips left to the device; else made on the CPU in this process)."""
     from facemargin.data.module import FaceRecordDataModule
 
     start = Clock.now()
     dm = FaceRecordDataModule(str(root), batch_size=BATCH, num_workers=workers, streaming=streaming, seed=epoch)
-    loader = dm.train_dataloader()
+    loader = dm.training_loader(layout_on_device=on_device)
     n = 0
-    for images, _, _ in loader:  # exhausting it joins the workers: their CPU time lands in RUSAGE_CHILDREN
-        n += images.shape[0]
+    for _, labels, _ in loader:
+        n += labels.shape[0]
+    loader.close()  # joins the (persistent) workers: their CPU time lands in RUSAGE_CHILDREN
     return {"images": n, **Clock.now().since(start)}
 
 
@@ -240,6 +276,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers = ImageRecordIter threads")
     ap.add_argument("--rows", default=None, help="comma-separated rows to run (default: all)")
     ap.add_argument("--json", default=None, metavar="OUT", help="write every run and the medians here")
+    ap.add_argument("--baseline-src", default=None, metavar="DIR",
+                    help="another facemargin checkout's src/ (e.g. before a change): rows base-map-Ww, base-stream-Ww")
     peers.add_peer_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -262,6 +300,8 @@ def main() -> int:
               f"{W} workers / threads; {args.repeats} interleaved rounds, medians")
         print(f"machine: {peers.machine_line()}; torch {torch.__version__}")
 
+        missing: dict[str, str] = {}
+        notes: list[str] = []
         record, memory = FaceRecordSet(work / "rec"), MemorySource(images, labels, size)
         folder = FolderSource(work / "folder")
         rows: dict[str, Callable[[int], dict]] = {
@@ -273,14 +313,24 @@ def main() -> int:
             "fm-folder": lambda r: loader_epoch(folder, PlanSpec(seed=r), r),
             f"fm-map-{W}w": lambda r: training_epoch(work / "rec", False, W, r),
             f"fm-stream-{W}w": lambda r: training_epoch(work / "rec", True, W, r),
+            f"fm-map-{W}w-chw": lambda r: training_epoch(work / "rec", False, W, r, on_device=False),
+            f"fm-stream-{W}w-chw": lambda r: training_epoch(work / "rec", True, W, r, on_device=False),
         }
+        base_rows = [f"base-map-{W}w", f"base-stream-{W}w"]
+        if args.baseline_src:
+            env = {**os.environ, "PYTHONPATH": str(Path(args.baseline_src).resolve()), "OMP_NUM_THREADS": "1"}
+            baseline = MxPeer(sys.executable, work / "base.log", script=_BASELINE_SERVER, env=env)
+            peer_list.append(baseline)
+            for name, streaming in zip(base_rows, (False, True)):
+                rows[name] = (lambda st: lambda r: baseline.run(root=str(work / "rec"), batch=BATCH, workers=W,
+                                                            streaming=st, seed=r))(streaming)
+            notes.append(f"base-*: facemargin from {args.baseline_src}")
         mx_rows = ["mx-python-uint8", "mx-python-float", "mx-iter-1", f"mx-iter-{W}", f"mx-iter-{W}-forced"]
         wanted = args.rows.split(",") if args.rows else [*rows, *mx_rows]
-        unknown = [r for r in wanted if r not in rows and r not in mx_rows]
+        unknown = [r for r in wanted if r not in rows and r not in mx_rows and r not in base_rows]
+        missing.update({r: "no --baseline-src given" for r in base_rows if r in wanted and r not in rows})
         if unknown:
             raise SystemExit(f"unknown rows {unknown}; known: {[*rows, *mx_rows]}")
-        missing: dict[str, str] = {}
-        notes: list[str] = []
         want_mx = [r for r in mx_rows if r in wanted]
         if want_mx:
             python, said = peers.check_mxnet(args.mxnet_python)
@@ -351,6 +401,13 @@ def main() -> int:
         (f"fm-stream-{W}w / mx-iter-{W}", f"fm-stream-{W}w", f"mx-iter-{W}", "the same, streaming"),
         (f"fm-map-{W}w / mx-iter-{W}-forced", f"fm-map-{W}w", f"mx-iter-{W}-forced", f"{W} workers vs {W} decoding threads"),
         (f"fm-stream-{W}w / mx-iter-{W}-forced", f"fm-stream-{W}w", f"mx-iter-{W}-forced", "the same, streaming"),
+        (f"fm-map-{W}w-chw / mx-iter-{W}-forced", f"fm-map-{W}w-chw", f"mx-iter-{W}-forced",
+         "the same, CHW batch turned and flipped on the CPU (no device)"),
+        (f"fm-stream-{W}w-chw / mx-iter-{W}-forced", f"fm-stream-{W}w-chw", f"mx-iter-{W}-forced", "the same, streaming"),
+        (f"base-map-{W}w / mx-iter-{W}-forced", f"base-map-{W}w", f"mx-iter-{W}-forced", "--baseline-src's loader"),
+        (f"base-stream-{W}w / mx-iter-{W}-forced", f"base-stream-{W}w", f"mx-iter-{W}-forced", "the same, streaming"),
+        (f"fm-map-{W}w / base-map-{W}w", f"fm-map-{W}w", f"base-map-{W}w", "this tree over --baseline-src"),
+        (f"fm-stream-{W}w / base-stream-{W}w", f"fm-stream-{W}w", f"base-stream-{W}w", "the same, streaming"),
         ("fm-map / fm-memory", "fm-map", "fm-memory", "reader cost over the in-memory ceiling"),
         ("fm-stream / fm-memory", "fm-stream", "fm-memory", ""),
         ("fm-folder / fm-memory", "fm-folder", "fm-memory", ""),

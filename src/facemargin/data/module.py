@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..input_spec import DEFAULT, InputSpec
 from .formats.setfiles import SetFiles
 from .loading.device_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
+from .loading.layout import to_training_batch
 from .loading.loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
 from .loading.plan import PlanSpec
 from .sources.base import FaceSource
@@ -70,7 +71,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
         batch_size: per-rank training batch size (whole batches only: the head gathers across ranks).
         num_workers: DataLoader workers, capped at the CPU cores available.
         pin_memory: ``None`` (default): pinned only when the trainer runs on CUDA.
-        persistent_workers: keep workers between epochs.
+        persistent_workers: keep workers (and their shared batch slots) between epochs (default):
+            the plan lives in the main process, so they cannot change what is trained on, and
+            each epoch saves the workers' start.
         streaming: ``False``: random reads, full shuffle. ``True``: blocks of ``chunk_size``
             neighbouring samples read sequentially (one read each), shuffled within windows of
             ``shuffle_buffer`` samples (see :mod:`facemargin.data.loading.plan`).
@@ -95,7 +98,9 @@ class FaceRecordDataModule(pl.LightningDataModule):
             ``$FACEMARGIN_CACHE`` or ``~/.cache/facemargin``); ``demo_options`` overrides its
             generation parameters (``num_identities``, ``images_per_identity``, ...).
 
-    Loaders yield uint8 RGB images; :meth:`on_after_batch_transfer` augments (training) and
+    Loaders yield uint8 RGB images (under a Trainer the training images as ``HWCImages``: uint8
+    ``[B, H, W, 3]`` unflipped + flips, as the workers decoded them); :meth:`on_after_batch_transfer`
+    turns and flips those on the device, augments (training) and
     normalises them to float32 on the device with the module's ``input_spec`` (facemargin's
     ``(x / 255 - 0.5) / 0.5`` RGB; an AdaFace IR net's the same in BGR).
     ``num_classes`` and ``image_size`` are known right after construction. The train loader is
@@ -115,7 +120,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         flip_p: float = 0.5,
         on_corrupt: OnCorrupt = "raise",
         pin_memory: bool | None = None,
-        persistent_workers: bool = False,
+        persistent_workers: bool = True,
         demo: bool = False,
         demo_cache_dir: str | os.PathLike | None = None,
         demo_options: dict[str, Any] | None = None,
@@ -314,7 +319,17 @@ class FaceRecordDataModule(pl.LightningDataModule):
         return kw
 
     def train_dataloader(self) -> TrainLoader:
-        """This rank's batches of ``(images uint8, labels int64, sample_index int64)``, resumable."""
+        """This rank's batches of ``(images uint8, labels int64, sample_index int64)``, resumable.
+
+        Under a Trainer the images come as :class:`~facemargin.data.loading.layout.HWCImages`
+        and :meth:`on_after_batch_transfer` turns and flips them on the device (see :meth:`training_loader`).
+        """
+        return self.training_loader(layout_on_device=self._trainer_or_none() is not None)
+
+    def training_loader(self, layout_on_device: bool = False) -> TrainLoader:
+        """The train loader; ``layout_on_device=True``: its images are ``HWCImages`` (``uint8 [B, H, W, 3]``
+        unflipped + flips) that :meth:`on_after_batch_transfer` (or
+        :func:`~facemargin.data.loading.layout.to_training_batch`) turns into the usual batch, bit for bit."""
         rank, world = self._rank_world()
         trainer = self._trainer_or_none()
         epoch = int(trainer.current_epoch) if trainer is not None else 0
@@ -324,7 +339,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
             self._resume = None
         reader_class = EncodedBatchReader if self.decode == "gpu" else BatchReader
         reader = reader_class(self.source, seed=self.seed, flip_p=self.flip_p, on_corrupt=self.on_corrupt)
-        self._train_loader = TrainLoader(reader, sampler, **self._loader_kwargs())
+        self._train_loader = TrainLoader(reader, sampler, layout_on_device=layout_on_device, **self._loader_kwargs())
         return self._train_loader
 
     @property
@@ -366,7 +381,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment training batches (uint8, on the device), then normalise every batch."""
+        """Training batches: HWC -> CHW and flips, then augment (uint8, on the device); then normalise every batch."""
+        batch = to_training_batch(batch)
         trainer = self._trainer_or_none()
         if self.augment is not None and trainer is not None and trainer.training and len(batch) == 3:
             images, labels, index = batch

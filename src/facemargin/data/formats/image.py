@@ -195,15 +195,21 @@ def decode_face(data: bytes, size: tuple[int, int] | None) -> np.ndarray:
 def decode_into(data: bytes, out: np.ndarray) -> None:
     """Decode an image of exactly ``out``'s size into ``out`` (``uint8 [H, W, 3]``, C-contiguous).
 
-    The training fast path: JPEG is decoded by libjpeg-turbo straight into ``out`` after its
-    header's size is checked; anything else goes through :func:`decode_face`.
+    The training fast path: JPEG is decoded by libjpeg-turbo straight into ``out``, its header
+    parsed once: libjpeg-turbo refuses a declared size larger than ``out`` before decoding (nothing
+    allocated for it), a smaller one is refused after; either raises :class:`ImageSizeError`.
+    Anything else goes through :func:`decode_face`.
     """
     h, w = out.shape[:2]
     if data[:3] == _JPEG_MAGIC:
-        hh, ww = _jpeg_header(data)
-        if (hh, ww) != (h, w):
-            raise ImageSizeError(f"image is {ww}x{hh} (width x height), the set's images are {w}x{h}")
-        _decode_jpeg(data, buffer=out)
+        try:
+            got = _decode_jpeg(data, buffer=out).shape[:2]
+        except CorruptImageError:
+            got = _jpeg_header(data)  # only on failure: a size that does not fit, or damage
+            if got == (h, w):
+                raise
+        if got != (h, w):
+            raise ImageSizeError(f"image is {got[1]}x{got[0]} (width x height), the set's images are {w}x{h}")
         return
     out[...] = decode_face(data, (h, w))
 

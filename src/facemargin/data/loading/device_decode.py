@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from ..formats.image import CorruptImageError, ImageSizeError, declared_size, decode_image
+from .layout import flip_rows
 from .loader import BatchReader, BatchRequest
+from .slots import PackedLayout
 from .normalize import to_uint8_chw
 from .plan import hash_uniform
 
@@ -147,6 +149,10 @@ class EncodedBatchReader(BatchReader):
     record even under ``on_corrupt="skip"`` (the substitute would have to come from the workers).
     """
 
+    def packed_layout(self, batch: int) -> PackedLayout | None:
+        """Encoded batches are not packed: their images' lengths differ."""
+        return None
+
     def _decode(self, i: int, raw: bytes, out: np.ndarray | None) -> int:
         """Label of sample ``i``; its encoded image kept for the batch after a header check."""
         label, image = self.source.parse(i, raw)
@@ -177,5 +183,4 @@ def decode_batch(batch: tuple, decoder: JpegBatchDecoder, where: Callable[[int],
     encoded, labels, index = batch
     name = None if where is None else (lambda position: f"sample {int(index[position])} ({where(int(index[position]))})")
     images = decoder(encoded.data, encoded.lengths, name)
-    flip = encoded.flip.to(images.device, non_blocking=True)[:, None, None, None]
-    return torch.where(flip, images.flip(-1), images), labels, index
+    return flip_rows(images, encoded.flip), labels, index

@@ -6,18 +6,23 @@
   neighbouring records, the next window read ahead in a thread). Nothing about the plan lives in
   the workers, so their number, start-up time and persistence cannot change what is trained on.
 * :class:`BatchReader` (a DataLoader worker, or the main process with ``num_workers=0``) turns a
-  request into ``(images uint8 [B, 3, H, W] RGB, labels int64 [B], sample_index int64 [B])``:
-  reads what it was not given (one read per record), validates, checks each image's declared
-  size, decodes, flips with probability ``flip_p`` from ``hash(seed, epoch, index)``.
+  request into a batch: reads what it was not given (one read per record), validates, decodes
+  each image straight into its row of an HWC batch (the size checked against the header libjpeg
+  parses anyway), and draws its flip, with probability ``flip_p``, from
+  ``hash(seed, epoch, index)``. Called directly it returns ``(images uint8 [B, 3, H, W] RGB,
+  labels int64 [B], sample_index int64 [B])``; for a :class:`TrainLoader` it packs the batch into
+  one buffer, in the worker's slot of a shared :class:`~facemargin.data.loading.slots.SlotRing`.
   ``on_corrupt="skip"`` replaces a damaged sample -- one that cannot be read (a deleted file),
   parsed or decoded -- by another one chosen from the same hash, with that sample's own label and
   index (batches keep their size, so every rank keeps stepping together), counts it and logs the
   file and key; ``"raise"`` stops naming them. A remote file that changed or stays unreachable
   (``RemoteReadError``) always stops: it is not a damaged sample.
 * :class:`TrainLoader` is the ``DataLoader``: its iterator starts the real one at the first
-  ``next()`` (after Lightning's ``set_epoch``, whatever the order of calls), counts the batches it
-  delivers, and it implements ``state_dict`` / ``load_state_dict``, so Lightning saves the exact
-  position in every checkpoint and treats the loader as resumable.
+  ``next()`` (after Lightning's ``set_epoch``, whatever the order of calls), copies each batch out
+  of its slot (``layout_on_device``: as :class:`~facemargin.data.loading.layout.HWCImages` for
+  the device to turn and flip; else as the usual CHW batch, turned and flipped on the CPU), counts
+  the batches it delivers, and it implements ``state_dict`` / ``load_state_dict``, so Lightning
+  saves the exact position in every checkpoint and treats the loader as resumable.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..formats.image import CorruptImageError
 from ..sources.base import FaceSource
 from ..storage.remote import RemoteReadError
 from .plan import EpochPlan, PlanSpec, hash_uniform
+from .slots import NO_RING, PackedBatch, PackedLayout, SlotRing, SlotTicket, unpack
 
 __all__ = ["BatchRequest", "PlanSampler", "BatchReader", "TrainLoader", "OnCorrupt"]
 
@@ -42,14 +48,20 @@ log = logging.getLogger(__name__)
 OnCorrupt = Literal["raise", "skip"]
 _MAX_SUBSTITUTES = 64
 _SLOTS = 128  # skip counters: slot 0 = main process, 1 + worker id = DataLoader workers
+#: ring slots per worker beyond ``prefetch_factor``: batches the trainer still holds (Lightning fetches one ahead)
+_HELD_SLOTS = 4
 
 
 class BatchRequest(NamedTuple):
-    """One batch to make: ``epoch``, sample ``indices`` (int64) and their stored bytes if already read."""
+    """One batch to make: ``epoch``, sample ``indices`` (int64) and their stored bytes if already read.
+
+    ``ticket``: set by a :class:`TrainLoader`: return the batch packed (into a ring slot if free).
+    """
 
     epoch: int
     indices: np.ndarray
     raws: list[bytes | Exception] | None = None  # a sample that could not be read: its error
+    ticket: SlotTicket | None = None
 
 
 class PlanSampler(DistributedSampler):
@@ -70,6 +82,7 @@ class PlanSampler(DistributedSampler):
         self.source = source
         self.plan = EpochPlan.start(spec, epoch, len(source), self.num_replicas, self.batch_size)
         self.delivered = 0  # batches of the running segment handed to the trainer
+        self.ticket: Callable[[], SlotTicket] | None = None  # set by the TrainLoader iterating it
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -106,9 +119,12 @@ class PlanSampler(DistributedSampler):
 
     def _requests(self, plan: EpochPlan, start: int) -> Iterator[BatchRequest]:
         seq, b = plan.sequence(self.rank), self.batch_size
+        def ticket() -> SlotTicket | None:
+            return None if self.ticket is None else self.ticket()
+
         if not self.spec.streaming:
             for k in range(start, plan.num_batches()):
-                yield BatchRequest(plan.epoch, seq[k * b: (k + 1) * b])
+                yield BatchRequest(plan.epoch, seq[k * b: (k + 1) * b], None, ticket())
             return
         window = self.spec.window
         loaded: dict[int, dict[int, bytes]] = {}  # window -> {sample: stored bytes}
@@ -124,7 +140,7 @@ class PlanSampler(DistributedSampler):
                 del loaded[w]
             indices = seq[k * b: (k + 1) * b]
             raws = [loaded[(k * b + j) // window][int(i)] for j, i in enumerate(indices)]
-            yield BatchRequest(plan.epoch, indices, raws)
+            yield BatchRequest(plan.epoch, indices, raws, ticket())
 
     def _read_window(self, seq: np.ndarray, w: int) -> Future:
         """Read window ``w``'s samples in storage order, in a background thread."""
@@ -139,7 +155,7 @@ class PlanSampler(DistributedSampler):
         return self._executor.submit(read)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_executor": None}
+        return {**self.__dict__, "_executor": None, "ticket": None}
 
 
 class BatchReader(Dataset):
@@ -161,6 +177,7 @@ class BatchReader(Dataset):
         self.flip_p = float(flip_p)
         self.on_corrupt = on_corrupt
         self.skipped = torch.zeros(_SLOTS, dtype=torch.int64).share_memory_()
+        self.ring: SlotRing | None = None  # set by the TrainLoader before it starts workers
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
@@ -171,23 +188,38 @@ class BatchReader(Dataset):
         """Damaged samples replaced so far, summed over this process and its DataLoader workers."""
         return int(self.skipped.sum())
 
-    def __getitem__(self, request: BatchRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def packed_layout(self, batch: int) -> PackedLayout | None:
+        """How a batch of ``batch`` samples is packed (``None``: this reader does not pack)."""
         h, w = self.source.image_size  # type: ignore[misc]
-        planned = np.asarray(request.indices, dtype=np.int64)
-        images = np.empty((planned.size, 3, h, w), dtype=np.uint8)
-        decoded = np.empty((h, w, 3), dtype=np.uint8)  # libjpeg-turbo writes here, then one strided copy
-        flips = hash_uniform(self.seed, request.epoch, planned) < self.flip_p
+        return PackedLayout(int(batch), int(h), int(w))
 
-        def keep(j: int, index: int) -> None:
-            flip = flips[j] if index == planned[j] else self._flip(request.epoch, index)
-            np.copyto(images[j], (decoded[:, ::-1] if flip else decoded).transpose(2, 0, 1))
+    def __getitem__(self, request: BatchRequest) -> Any:
+        """The batch of ``request``: packed if it carries a ticket, else ``(images [B, 3, H, W], labels, index)``."""
+        packed = self.pack(request)
+        if request.ticket is not None:
+            return packed
+        return unpack(packed.layout, packed.buffer, layout_on_device=False)  # type: ignore[arg-type]
 
-        indices, labels = self._read_samples(request, decoded, keep)
-        return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(indices)
+    def pack(self, request: BatchRequest) -> PackedBatch:
+        """Decode the request's batch into one buffer: the worker's next ring slot when free, else a fresh one."""
+        layout = self.packed_layout(len(request.indices))
+        assert layout is not None
+        info, ring = get_worker_info(), self.ring
+        slot = None
+        if info is not None and ring is not None and request.ticket is not None:
+            slot = ring.claim(request.ticket, info.id, layout)
+        buffer = ring.slot(info.id, slot) if slot is not None else torch.empty(layout.nbytes, dtype=torch.uint8)  # type: ignore[union-attr]
+        pixels, labels, index, flip = layout.numpy_views(buffer)
+        index[:], labels[:] = self._read_samples(request, pixels)
+        flip[:] = hash_uniform(self.seed, int(request.epoch), index) < self.flip_p
+        if slot is None:
+            return PackedBatch(layout, buffer)
+        seq = ring.filled(slot)  # type: ignore[union-attr]
+        return PackedBatch(layout, None, ring.id, info.id, slot, seq)  # type: ignore[union-attr]
 
-    def _read_samples(self, request: BatchRequest, out: np.ndarray | None,
-                      keep: Callable[[int, int], None]) -> tuple[np.ndarray, np.ndarray]:
-        """``(indices, labels)`` of the request's samples, each decoded into ``out`` then ``keep(j, index)``.
+    def _read_samples(self, request: BatchRequest, into: np.ndarray | None,
+                      keep: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, labels)`` of the request's samples, sample ``j`` decoded into ``into[j]`` (if given), then ``keep(j, index)``.
 
         A damaged sample raises, or (``on_corrupt="skip"``) is replaced by a substitute whose index
         and label take its place.
@@ -196,7 +228,7 @@ class BatchReader(Dataset):
         raws = request.raws if request.raws is not None else self.source.read_raws_or_errors(indices)
         labels = np.empty(indices.size, dtype=np.int64)
         for j in range(indices.size):
-            i, raw = int(indices[j]), raws[j]
+            i, raw, out = int(indices[j]), raws[j], None if into is None else into[j]
             try:
                 if isinstance(raw, Exception):
                     raise raw
@@ -205,11 +237,9 @@ class BatchReader(Dataset):
                 if self.on_corrupt == "raise" or isinstance(exc, RemoteReadError):
                     raise
                 indices[j], labels[j] = self._substitute(epoch, i, out, exc)
-            keep(j, int(indices[j]))
+            if keep is not None:
+                keep(j, int(indices[j]))
         return indices, labels
-
-    def _flip(self, epoch: int, index: int) -> bool:
-        return bool(hash_uniform(self.seed, epoch, np.array([index]))[0] < self.flip_p)
 
     def _decode(self, i: int, raw: bytes, out: np.ndarray | None) -> int:
         """Label of sample ``i``; its image decoded into ``out``. Errors name the sample."""
@@ -245,10 +275,11 @@ def _as_is(batch: Any) -> Any:
 
 
 class _CountingIterator:
-    """Starts the DataLoader's iterator at the first ``next()`` and counts delivered batches."""
+    """Starts the DataLoader's iterator at the first ``next()``, unpacks and counts delivered batches."""
 
     def __init__(self, loader: "TrainLoader") -> None:
         self.loader = loader
+        self.ring: SlotRing | None = None
         self._it: Iterator | None = None
 
     def __iter__(self) -> "_CountingIterator":
@@ -259,9 +290,11 @@ class _CountingIterator:
 
     def __next__(self) -> Any:
         if self._it is None:
+            self.ring = self.loader._prepare_ring()
+            self.loader.sampler.ticket = self.ring.ticket if self.ring is not None else _no_ring
             self._it = DataLoader.__iter__(self.loader)
         try:
-            batch = next(self._it)
+            item = next(self._it)
         except StopIteration:
             raise
         except BaseException:  # a data error: stop the workers now, not whenever the traceback is freed
@@ -270,26 +303,83 @@ class _CountingIterator:
                 shutdown()
             self._it = iter(())
             raise
+        batch = self._unpack(item)
         self.loader.sampler.delivered += 1
         return batch
+
+    def _unpack(self, item: Any) -> Any:
+        """A worker's :class:`PackedBatch` -> the batch (out of its ring slot: in place, or copied and the slot freed)."""
+        if not isinstance(item, PackedBatch):
+            return item  # e.g. data.decode=gpu's encoded batches
+        on_device = self.loader.layout_on_device
+        pin = bool(self.loader.pin_memory) and torch.cuda.is_available()
+        if item.buffer is not None:  # in-process, or a worker without a free slot (pinned by the DataLoader)
+            if self.loader.num_workers > 0:
+                self.loader.fresh_buffers += 1
+            batch = unpack(item.layout, item.buffer, on_device)
+        elif self.ring is None:
+            raise RuntimeError(f"TrainLoader: a batch in slot ring {item.ring}, but this iterator holds none")
+        elif on_device and not pin:  # handed out in place: the slot stays busy while the batch is referenced
+            return unpack(item.layout, self.ring.deliver(item, hold=True), True)
+        else:  # copied now (into pinned memory: the copy the pin thread would make), the slot free at once
+            batch = unpack(item.layout, self.ring.deliver(item, hold=False), on_device, copy=on_device, pin=pin)
+        if pin and not on_device:  # the CHW batch was made here, after the DataLoader's pinning
+            batch = tuple(t.pin_memory() for t in batch)
+        return batch
+
+
+def _no_ring() -> SlotTicket:
+    return NO_RING
 
 
 class TrainLoader(DataLoader):
     """``DataLoader`` of ``(images uint8 [B,3,H,W], labels int64 [B], sample_index int64 [B])`` batches.
 
+    With ``layout_on_device=True`` the images come as
+    :class:`~facemargin.data.loading.layout.HWCImages` (``uint8 [B, H, W, 3]`` unflipped + flips)
+    for the training device to finish with :func:`~facemargin.data.loading.layout.to_training_layout`
+    (the DataModule's transfer hook does). Batches travel from the workers through a
+    :class:`~facemargin.data.loading.slots.SlotRing` of ``prefetch_factor + 4`` shared buffers per
+    worker (touched only when used); ``fresh_buffers`` counts the batches a worker had to send in a
+    new buffer instead (all its slots busy: in flight, or still referenced by the trainer).
     Resumable: ``state_dict()`` / ``load_state_dict()`` save and restore the plan position.
     ``sampler.set_epoch`` chooses the epoch. Extra keyword arguments go to ``DataLoader``
     (``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ...).
     """
 
-    def __init__(self, reader: BatchReader, sampler: PlanSampler, **kwargs: Any) -> None:
+    def __init__(self, reader: BatchReader, sampler: PlanSampler, layout_on_device: bool = False, **kwargs: Any) -> None:
         # worker seeds come from the loader's own generator: starting an iterator (each epoch, and
         # on resume) never draws from the global torch RNG, which a resumed run restores
         kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.spec.seed))
         super().__init__(reader, batch_size=None, sampler=sampler, collate_fn=_as_is, **kwargs)
+        self.layout_on_device = bool(layout_on_device)
+        self.fresh_buffers = 0
+        self._ring: SlotRing | None = None
+
+    def _prepare_ring(self) -> SlotRing | None:
+        """The ring the workers of the next iteration write into: a new one for new workers, else the persistent workers' own."""
+        layout = self.dataset.packed_layout(self.sampler.batch_size)  # type: ignore[attr-defined]
+        if self.num_workers == 0 or layout is None:
+            return None
+        new_workers = not self.persistent_workers or getattr(self, "_iterator", None) is None
+        if new_workers or self._ring is None:
+            self._ring = SlotRing(self.num_workers, (self.prefetch_factor or 2) + _HELD_SLOTS, layout)
+            self.dataset.ring = self._ring  # type: ignore[attr-defined]  # the workers started next inherit it
+        self._ring.restart()
+        return self._ring
 
     def __iter__(self) -> _CountingIterator:  # type: ignore[override]
         return _CountingIterator(self)
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now (persistent ones too; a finished epoch of
+        non-persistent workers has none left) and drop their slot ring; iterating again starts new
+        workers. Lightning does this itself at the end of ``fit``."""
+        shutdown = getattr(getattr(self, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iterator = None
+        self._ring = None
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()  # type: ignore[attr-defined]
