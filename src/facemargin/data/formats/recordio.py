@@ -47,6 +47,9 @@ MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _IR_FORMAT = "<IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
+_IR_STRUCT = struct.Struct(_IR_FORMAT)
+_U32 = struct.Struct("<I")
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
 _LEN_MASK = (1 << 29) - 1
 MAX_RECORD_LENGTH = 1 << 29
 _SCAN_BLOCK = 4 << 20
@@ -114,20 +117,24 @@ def _encode_parts(payload: bytes) -> bytes:
     n = len(payload)
     if n >= MAX_RECORD_LENGTH:
         raise ValueError(f"record of {n} bytes is too large for RecordIO (limit {MAX_RECORD_LENGTH - 1})")
+    i = payload.find(_MAGIC_BYTES)
+    while i != -1 and i % 4:
+        i = payload.find(_MAGIC_BYTES, i + 1)
+    if i == -1:  # the common case: one whole part
+        return b"".join((_MAGIC_BYTES, _U32.pack(n), payload, _PADDING[-n % 4]))
     out = bytearray()
     dptr = 0
-    i = payload.find(_MAGIC_BYTES)
     while i != -1:
         if i % 4 == 0:
             cflag = 1 if dptr == 0 else 2
-            out += _MAGIC_BYTES + struct.pack("<I", (cflag << 29) | (i - dptr)) + payload[dptr:i]
+            out += _MAGIC_BYTES + _U32.pack((cflag << 29) | (i - dptr)) + payload[dptr:i]
             dptr = i + 4
             i = payload.find(_MAGIC_BYTES, dptr)
         else:
             i = payload.find(_MAGIC_BYTES, i + 1)
     cflag = 3 if dptr != 0 else 0
-    out += _MAGIC_BYTES + struct.pack("<I", (cflag << 29) | (n - dptr)) + payload[dptr:]
-    out += b"\0" * (-n % 4)
+    out += _MAGIC_BYTES + _U32.pack((cflag << 29) | (n - dptr)) + payload[dptr:]
+    out += _PADDING[-n % 4]
     return bytes(out)
 
 
@@ -150,17 +157,42 @@ class RecordIOWriter:
             raise ValueError(
                 f"record {key} of {len(payload)} bytes is too large for RecordIO (limit {MAX_RECORD_LENGTH - 1})"
             )
-        data = _encode_parts(bytes(payload))
+        return self._append(key, _encode_parts(bytes(payload)))
+
+    def write_image(self, key: int, label: float, image: bytes) -> int:
+        """``write(key, pack_record(IRHeader(0, label, key, 0), image))``, the image copied once."""
+        head = _IR_STRUCT.pack(0, label, key, 0)
+        n = len(head) + len(image)
+        i = image.find(_MAGIC_BYTES)
+        while i != -1 and i % 4:  # the header is 24 bytes: aligned in the image is aligned in the payload
+            i = image.find(_MAGIC_BYTES, i + 1)
+        if i != -1 or _MAGIC_BYTES in head or n >= MAX_RECORD_LENGTH or int(key) in self._keys:
+            return self.write(key, head + image)
+        return self._append(int(key), b"".join((_MAGIC_BYTES, _U32.pack(n), head, image, _PADDING[-n % 4])))
+
+    def _append(self, key: int, data: bytes) -> int:
         offset = self._rec.tell()
-        self._rec.write(data)
-        self._idx.write(f"{key}\t{offset}\n")
+        try:
+            self._rec.write(data)
+        except OSError as exc:  # a full disk, a file size limit: name the file
+            raise OSError(exc.errno, exc.strerror, str(self.rec_path)) from None
+        try:
+            self._idx.write(f"{key}\t{offset}\n")
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.idx_path)) from None
         self._keys.add(key)
         return offset
 
     def close(self) -> None:
-        """Flush and close both files."""
-        self._rec.close()
-        self._idx.close()
+        """Flush and close both files (a failed flush names its file)."""
+        failed = None
+        for f, path in ((self._rec, self.rec_path), (self._idx, self.idx_path)):
+            try:
+                f.close()
+            except OSError as exc:
+                failed = failed or OSError(exc.errno, exc.strerror, str(path))
+        if failed is not None:
+            raise failed
 
     def __enter__(self) -> "RecordIOWriter":
         return self

@@ -27,28 +27,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import multiprocessing
 import multiprocessing.pool
 import os
 import re
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from ...detect.landmarks import read_landmarks
+from ...detect.landmarks import LandmarkFileError, read_landmarks
+from ...errors import UserError
 from ..formats.image import CorruptImageError, declared_size
-from ..formats.recordio import IRHeader, RecordIOWriter, pack_record
+from ..formats.jpeg import decode_check, walk_jpeg
+from ..formats.resize import decode_region
 from ..sources.folder import list_image_tree
+from .faceset_writer import write_faceset
 
-__all__ = ["CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks",
+__all__ = ["CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks", "check_copied_jpeg",
+           "check_landmarks_inside", "read_file", "VERIFY",
            "pack_images", "write_faceset", "main"]
 
-_MAX_EXACT_KEY = 1 << 24  # float32 labels hold integer keys exactly only below 2**24
+#: how a JPEG copied byte for byte is checked (:func:`check_copied_jpeg`)
+VERIFY = ("markers", "decode")
 
 
 class CropSpec(NamedTuple):
@@ -99,46 +102,99 @@ def read_image_size(data: bytes, path: Path | str = "image") -> tuple[int, int]:
         raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path`` (one ``open``, ``fstat`` and ``read``: no buffered-reader object)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) > size:  # the file grew since fstat: read the rest
+            parts = [data]
+            while more := os.read(fd, 1 << 20):
+                parts.append(more)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
+def check_copied_jpeg(data: bytes, path: str | os.PathLike, verify: str = "markers") -> None:
+    """Refuse a JPEG about to be copied byte for byte that would not decode (``ValueError`` naming ``path``).
+
+    ``verify="markers"``: its marker segments and scan data are walked to the end-of-image marker
+    (:func:`~facemargin.data.formats.jpeg.walk_jpeg`, a few microseconds): a truncated file is
+    refused; a JPEG coded other than 8-bit Huffman (lossless, arithmetic, 12-bit) is also decoded.
+    ``verify="decode"``: every one is decoded too, strictly, at 1/8 scale (all of its entropy-coded
+    data: damage inside the scan is found as well; ~60 us more per 112x112 face).
+    """
+    if verify not in VERIFY:
+        raise ValueError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
+    try:
+        walk = walk_jpeg(data)
+        if verify == "decode" or not walk.plain:
+            decode_check(data)
+    except CorruptImageError as exc:
+        raise ValueError(f"cannot pack {path}: {exc}") from None
+
+
 def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: CropSpec | None = None,
-                  quality: int = 95, landmarks: np.ndarray | None = None) -> tuple[bytes, tuple[int, int]]:
+                  quality: int = 95, landmarks: np.ndarray | None = None, *, verify: str = "markers",
+                  dct_scaling: bool = True) -> tuple[bytes, tuple[int, int]]:
     """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes.
 
-    With ``landmarks`` (``[5, 2]`` pixels) the face is aligned to the ArcFace template instead
-    (:func:`facemargin.align.align_face`, a ``resize`` x ``resize`` crop, 112 by default).
+    A JPEG already of the target size is copied after :func:`check_copied_jpeg` (``verify``);
+    anything else is decoded strictly, cropped and resized (:func:`~facemargin.data.formats.resize.decode_region`:
+    DCT-scaled decoding where it shrinks by 2x or more unless ``dct_scaling=False``, then an
+    antialiased bicubic resize) and encoded. With ``landmarks`` (``[5, 2]`` pixels, inside the
+    photo) the face is aligned to the ArcFace template instead (:func:`facemargin.align.align_face`,
+    a ``resize`` x ``resize`` crop, 112 by default).
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    if landmarks is not None:
-        return _aligned(data, path, landmarks, resize or 112, quality)
+    data = read_file(path)
     h, w = read_image_size(data, path)
+    if landmarks is not None:
+        return _aligned(data, (h, w), path, landmarks, resize or 112, quality)
     if crop is None and resize is not None and h != w:
         crop = CropSpec("square")  # never squash a face
-    top, left, ch, cw = crop_box(h, w, crop)
-    out_hw = (resize, resize) if resize is not None else (ch, cw)
-    if data[:3] == b"\xff\xd8\xff" and (ch, cw) == (h, w) and out_hw == (h, w):
+    box = crop_box(h, w, crop)
+    out_hw = (resize, resize) if resize is not None else box[2:]
+    if data[:3] == b"\xff\xd8\xff" and box[2:] == (h, w) == out_hw:
+        check_copied_jpeg(data, path, verify)
         return data, (h, w)
     import simplejpeg
-    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if (ch, cw) != (h, w):
-                im = im.crop((left, top, left + cw, top + ch))
-            if out_hw != (ch, cw):
-                im = im.resize((out_hw[1], out_hw[0]), Image.BICUBIC)
-            rgb = np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
-    except Exception as exc:
+        rgb = decode_region(data, (h, w), box, out_hw, dct_scaling=dct_scaling)
+    except CorruptImageError as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from None
     return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), out_hw
 
 
-def _aligned(data: bytes, path: str | os.PathLike, landmarks: np.ndarray, size: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+def check_landmarks_inside(landmarks: np.ndarray, hw: tuple[int, int], path: str | os.PathLike) -> None:
+    """Refuse landmarks outside the ``hw`` photo (pixel centres: the photo spans ``-0.5 .. W-0.5``)."""
+    from ...detect.base import LANDMARK_NAMES
+
+    h, w = hw
+    pts = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    outside = (pts[:, 0] < -0.5) | (pts[:, 0] > w - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > h - 0.5)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise LandmarksOutsideError(
+            f"{path}: its {LANDMARK_NAMES[i].replace('_', ' ')} landmark ({pts[i, 0]:g}, {pts[i, 1]:g}) lies outside "
+            f"the {w}x{h} photo ({int(outside.sum())} of 5 points do); are the landmarks for another copy of it?")
+
+
+class LandmarksOutsideError(ValueError):
+    """``--align`` landmarks that do not fall inside their photo."""
+
+
+def _aligned(data: bytes, hw: tuple[int, int], path: str | os.PathLike, landmarks: np.ndarray, size: int,
+             quality: int) -> tuple[bytes, tuple[int, int]]:
     import simplejpeg
 
     from ...align import align_face
     from ..formats.image import decode_image
 
+    check_landmarks_inside(landmarks, hw, path)
     try:
         rgb = decode_image(data)
     except CorruptImageError as exc:
@@ -150,81 +206,17 @@ def _aligned(data: bytes, path: str | os.PathLike, landmarks: np.ndarray, size: 
     return simplejpeg.encode_jpeg(face, quality=quality, colorspace="RGB"), (size, size)
 
 
-def _replace_atomically(out: Path, files: dict[str, Path]) -> None:
-    """Rename finished temporaries to their final names (``train.rec`` last: readers look for it)."""
-    for final in sorted(files, key=lambda name: name == "train.rec"):
-        os.replace(files[final], out / final)
-
-
-def write_faceset(
-    out_dir: str | os.PathLike,
-    labels: Sequence[int],
-    images: Iterable[bytes],
-    num_classes: int,
-    image_size: tuple[int, int] | None,
-    progress: bool = False,
-) -> Path:
-    """Write ``train.rec/.idx/property`` in the insightface layout, under temporary names renamed at the end.
-
-    ``labels`` (known up front, sorted, every class ``0 .. num_classes-1`` present) gives the
-    identity of each image; ``images`` yields the encoded bytes in the same order (may be lazy; an
-    exception it raises aborts the write and removes the temporaries). ``image_size=None`` reads
-    the size from the first image's header.
-    """
-    out = Path(out_dir)
-    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
-    n = int(lab.size)
-    if n == 0:
-        raise ValueError("write_faceset: no images")
-    if np.any(np.diff(lab) < 0) or lab[0] != 0 or lab[-1] != num_classes - 1 or np.any(np.diff(lab) > 1):
-        raise ValueError("write_faceset: labels must be sorted and cover every class 0 .. num_classes-1")
-    a, b = 1 + n, 1 + n + num_classes
-    if b > _MAX_EXACT_KEY:
-        raise ValueError(f"write_faceset: {n} images + {num_classes} classes exceed 2**24 keys (float32 labels)")
-    starts = np.searchsorted(lab, np.arange(num_classes), side="left") + 1
-    ends = np.searchsorted(lab, np.arange(num_classes), side="right") + 1
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp: dict[str, Path] = {}
-    for name in ("train.rec", "train.idx", "property"):
-        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=out)
-        os.close(fd)
-        tmp[name] = Path(path)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="img", desc=f"packing {out}")
+def _prepare_job(job: tuple[str, np.ndarray | None], landmark_file: str | None = None,
+                 **options) -> tuple[bytes, tuple[int, int]]:
     try:
-        with RecordIOWriter(tmp["train.rec"], tmp["train.idx"]) as writer:
-            writer.write(0, pack_record(IRHeader(0, 0.0, 0, 0), b"", labels=[a, b]))
-            count = 0
-            for key, (label, data) in enumerate(zip(lab.tolist(), images), start=1):
-                if image_size is None:
-                    image_size = read_image_size(data, f"image {key}")
-                writer.write(key, pack_record(IRHeader(0, float(label), key, 0), data))
-                count += 1
-                if bar is not None:
-                    bar.update(1)
-            if count != n:
-                raise ValueError(f"write_faceset: {n} labels but {count} images")
-            for c in range(num_classes):
-                writer.write(a + c, pack_record(IRHeader(0, 0.0, a + c, 0), b"", labels=[starts[c], ends[c]]))
-        assert image_size is not None
-        tmp["property"].write_text(f"{num_classes},{image_size[0]},{image_size[1]}", encoding="ascii")
-        _replace_atomically(out, tmp)
-    finally:
-        if bar is not None:
-            bar.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-    return out
+        return prepare_image(job[0], landmarks=job[1], **options)
+    except LandmarksOutsideError as exc:
+        raise LandmarksOutsideError(f"{exc} (landmarks from {landmark_file})") from None
 
 
-def _prepare_job(job: tuple[str, np.ndarray | None], **options) -> tuple[bytes, tuple[int, int]]:
-    return prepare_image(job[0], landmarks=job[1], **options)
+def _single_thread_worker() -> None:
+    if "torch" in sys.modules:  # a forked worker resizes on one torch thread
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _prepared(jobs: list[tuple[str, np.ndarray | None]], prepare: partial,
@@ -246,6 +238,36 @@ def _no_pool() -> Iterator[None]:
     yield None
 
 
+@contextlib.contextmanager
+def _one_torch_thread(needed: bool) -> Iterator[None]:
+    """torch on one thread while images are resized or faces detected here (restored after)."""
+    if not needed:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _landmarks_by_path(align: str | os.PathLike, root: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``read_landmarks`` keyed by absolute path: one photo written two ways (relative and absolute,
+    ``a/../a``) with different points is refused like any conflicting duplicate."""
+    marks: dict[str, np.ndarray] = {}
+    written: dict[str, str] = {}
+    for key, points in read_landmarks(align, root).items():
+        path = os.path.abspath(key)
+        if path in marks and not np.array_equal(marks[path], points):
+            raise LandmarkFileError(f"{align}: {written[path]} and {key} are the same photo with different landmarks; "
+                                    "keep one row per photo")
+        marks[path], written[path] = points, key
+    return marks
+
+
 def pack_images(
     root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -256,12 +278,22 @@ def pack_images(
     crop: str | CropSpec | None = None,
     workers: int = 1,
     align: str | os.PathLike | None = None,
+    *,
+    verify: str = "markers",
+    dct_scaling: bool = True,
+    detect: str | Mapping[str, Any] | Any | None = None,
+    choice: str = "largest",
+    min_score: float = 0.0,
 ) -> dict:
     """Pack ``root/<identity>/<image>`` into ``out_dir``; returns a summary dict.
 
     All images must end up one size: equal already, or made equal by ``resize`` (and ``crop``).
     ``align``: a landmark list (:func:`read_landmarks`) holding every image: each face is aligned
-    to the ``resize`` x ``resize`` (default 112) ArcFace template.
+    to the ``resize`` x ``resize`` (default 112) ArcFace template. ``verify``: how a JPEG copied
+    byte for byte is checked (:func:`check_copied_jpeg`). ``dct_scaling=False``: decode every
+    resized JPEG in full (slower, the resize's best fidelity). ``detect``: a detector (name in
+    ``conf/detector/``, ``_target_`` mapping or built detector): photos in, aligned faces out
+    (:mod:`~facemargin.data.tools.pack_detect`; ``choice`` and ``min_score`` pick the face).
     """
     out = Path(out_dir)
     if (out / "train.rec").exists() and not overwrite:
@@ -270,21 +302,42 @@ def pack_images(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if resize is not None and resize < 1:
         raise ValueError(f"--resize must be a positive size, got {resize}")
+    if verify not in VERIFY:
+        raise ValueError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
     spec = crop if isinstance(crop, CropSpec) or crop is None else parse_crop(crop)
     if align is not None and spec is not None:
         raise ValueError("--align and --crop exclude each other: alignment decides the crop")
+    if detect is not None and (align is not None or spec is not None):
+        raise ValueError("--detect excludes --align and --crop: the detected landmarks decide the crop")
+    if detect is not None:
+        from ...align import arcface_template
+        from ...detect.base import FACE_CHOICES
+        from ...detect.pipeline import load_detector
+
+        arcface_template(resize or 112)  # a size the template has, before any photo is read
+        if choice not in FACE_CHOICES:
+            raise ValueError(f"--choice must be one of {', '.join(FACE_CHOICES)}, got {choice!r}")
+        detector = load_detector(detect)
     names, items = list_image_tree(root)
+    if detect is not None:
+        from .pack_detect import pack_detected
+
+        with _one_torch_thread(workers == 1):
+            return pack_detected(root, out, names, items, detector, choice, min_score, resize or 112, quality,
+                                 workers, progress)
     labels = [label for _, label in items]
     jobs: list[tuple[str, np.ndarray | None]] = [(path, None) for path, _ in items]
     if align is not None:
-        marks = read_landmarks(align, root)
-        missing = [path for path, _ in items if os.path.normpath(path) not in marks]
+        marks = _landmarks_by_path(align, root)
+        missing = [path for path, _ in items if os.path.abspath(path) not in marks]
         if missing:
             raise ValueError(f"{align} has no landmarks for {len(missing)} image(s), e.g. {missing[0]}")
-        jobs = [(path, marks[os.path.normpath(path)]) for path, _ in items]
-    prepare = partial(_prepare_job, resize=resize, crop=spec, quality=quality)
+        jobs = [(path, marks[os.path.abspath(path)]) for path, _ in items]
+    prepare = partial(_prepare_job, resize=resize, crop=spec, quality=quality, verify=verify,
+                      dct_scaling=dct_scaling, landmark_file=None if align is None else os.fspath(align))
     # the pool starts before the progress bar's thread, so no thread is running when it forks
-    with multiprocessing.Pool(workers) if workers > 1 else _no_pool() as pool:
+    with _one_torch_thread(workers == 1 and (resize is not None or spec is not None)), \
+            multiprocessing.Pool(workers, _single_thread_worker) if workers > 1 else _no_pool() as pool:
         write_faceset(out, labels, _prepared(jobs, prepare, pool), len(names), None, progress=progress)
     num_classes, h, w = (int(v) for v in (out / "property").read_text().split(","))
     return {"out_dir": out, "num_images": len(items), "num_classes": num_classes, "image_size": (h, w), "identities": names}
@@ -298,8 +351,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resize", type=int, default=None, metavar="N", help="make every image N x N")
     parser.add_argument("--crop", default=None, metavar="SPEC",
                         help="centre crop before resizing: 'square', a fraction F of the shorter side, or WxH pixels")
+    parser.add_argument("--full-decode", action="store_true",
+                        help="decode resized JPEGs in full, not at 1/2, 1/4, 1/8 scale (slower; best fidelity)")
     parser.add_argument("--align", default=None, metavar="LIST",
                         help="align every face to the ArcFace template from 5 landmarks: lines 'PATH x1 y1 ... x5 y5'")
+    parser.add_argument("--detect", action="store_true",
+                        help="raw photos: detect the faces, align one per photo (lists no_face.txt, several_faces.txt)")
+    parser.add_argument("--detector", default="mtcnn", metavar="NAME", help="with --detect: conf/detector/NAME.yaml")
+    parser.add_argument("--choice", default="largest", choices=("largest", "central"),
+                        help="with --detect: the face of a photo with several")
+    parser.add_argument("--min-score", type=float, default=0.0, help="with --detect: ignore faces scoring lower")
+    parser.add_argument("--verify", default="markers", choices=VERIFY,
+                        help="JPEGs copied as they are: walk their markers to the end (markers) or also decode them")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="processes preparing images (same output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing train.rec")
@@ -308,12 +371,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         info = pack_images(args.image_root, args.out_dir, resize=args.resize, quality=args.quality,
                            progress=not args.quiet, overwrite=args.overwrite, crop=args.crop, workers=args.workers,
-                           align=args.align)
-    except (OSError, ValueError) as exc:
+                           align=args.align, verify=args.verify, dct_scaling=not args.full_decode,
+                           detect=args.detector if args.detect else None, choice=args.choice,
+                           min_score=args.min_score)
+    except (OSError, ValueError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     h, w = info["image_size"]
     print(f"wrote {info['num_images']} images of {info['num_classes']} identities ({w}x{h}) to {info['out_dir']}")
+    if "no_face" in info:
+        print(f"{info['photos']} photos: no face in {len(info['no_face'])} (listed in {info['no_face_list']}), "
+              f"several faces in {len(info['several'])} (the {args.choice} taken; listed in {info['several_list']})")
+        if info["dropped_identities"]:
+            shown = ", ".join(info["dropped_identities"][:5])
+            print(f"left out {len(info['dropped_identities'])} identities with no face in any photo: {shown}")
     return 0
 
 
