@@ -196,7 +196,7 @@ def main() -> int:
         ours("fm pack --resize 112", tag["resize"], "--resize", "112")
         ours("fm pack --crop 0.5 --resize 112", tag["resize"], "--crop", "0.5", "--resize", "112")
         ours("fm pack --verify decode", tag["pass"], "--verify", "decode")
-        ours("fm pack --resize 112 --full-decode", tag["resize"], "--resize", "112", "--full-decode")
+        ours("fm pack --resize 112 --resize-quality full", tag["resize"], "--resize", "112", "--resize-quality", "full")
         if args.workers:
             ours(f"fm pack --workers {args.workers}", tag["pass"], "--workers", str(args.workers))
             ours(f"fm pack --resize 112 --workers {args.workers}", tag["resize"], "--resize", "112",
@@ -238,7 +238,7 @@ def main() -> int:
                 "pass-through payloads differ from im2rec's"
             print("pass-through: image payloads byte-identical to im2rec's")
             sample = list(range(0, len(photos), max(1, len(photos) // 200)))
-            for name in ("fm pack --resize 112", "fm pack --resize 112 --full-decode", "base: fm pack --resize 112",
+            for name in ("fm pack --resize 112", "fm pack --resize 112 --resize-quality full", "base: fm pack --resize 112",
                          "im2rec --resize 112"):
                 if name not in outs:
                     continue
@@ -267,7 +267,7 @@ def main() -> int:
     n = args.workers
     pairs = [("pass-through", "fm pack", "im2rec --pass-through", "1 process each"),
              ("resize 250 -> 112", "fm pack --resize 112", "im2rec --resize 112", "1 process each"),
-             ("resize, --full-decode", "fm pack --resize 112 --full-decode", "im2rec --resize 112",
+             ("resize, --resize-quality full", "fm pack --resize 112 --resize-quality full", "im2rec --resize 112",
               "1 process each; pack decodes in full (best fidelity)"),
              ("pass-through, --verify decode", "fm pack --verify decode", "im2rec --pass-through",
               "1 process each; pack also decodes every JPEG (im2rec checks none)"),

@@ -3,16 +3,22 @@
 :func:`decode_region` turns image bytes into the ``uint8 [h, w, 3]`` RGB pixels of one region
 (``(top, left, height, width)`` in the photo's pixels) resized to ``(h, w)``:
 
-* **JPEG, shrunk by 2x or more**: libjpeg-turbo decodes at 1/2, 1/4 or 1/8 scale in the DCT
-  domain (``min_height`` / ``min_width``, strict mode), the largest reduction that keeps the
-  region at least the output size (``dct_scaling=True``), so most of the shrinking costs nothing
-  and the resize does the rest. The region is taken on the scaled grid, its edges rounded to
-  the nearest decoded pixel (a shift of at most half an output pixel). This trades some fidelity
-  for speed: 250-px photos to 112 score 37 dB PSNR against a Lanczos resize of the full image,
-  40.8 dB when decoded in full (``dct_scaling=False``) -- and 36 dB for OpenCV's bilinear resize,
-  which does not antialias (``benchmarks/pack_throughput.py``).
+* **JPEG shrunk by 2x or more**: libjpeg-turbo decodes at 1/2, 1/4 or 1/8 scale in the DCT domain
+  (``min_height`` / ``min_width``, strict mode), so most of the shrinking costs nothing and the
+  resize does the rest. ``quality`` says how far: ``"fast"`` (default) as far as the region stays
+  at least the output size, ``"high"`` as far as it stays at least twice the output size,
+  ``"full"`` never. The region is taken on the scaled grid, its edges rounded to the nearest
+  decoded pixel (a shift of at most half an output pixel).
 * **everything else**: decoded in full (:func:`~facemargin.data.formats.image.decode_image`:
   strict JPEG, Pillow for PNG and other formats), cropped by slicing.
+
+Fidelity, as PSNR against a Lanczos resize of the fully decoded image to 112 px (real photos, JPEG
+q92): libjpeg's reduced inverse DCTs work block by block, so the loss depends on what is left for
+the resize -- a region decoded to 1-1.25x the output scores ~37 dB, 2-2.5x ~42 dB, 4-5x ~43.5 dB,
+a full decode 44 dB. ``"fast"`` gives 37-42 dB (LFW's 250-px photos to 112: 37.0 dB, against 40.8
+decoded in full and 36.0 for OpenCV's bilinear resize, which ``im2rec --resize`` runs without
+antialiasing); ``"high"`` gives >= 42 dB wherever it scales. ``benchmarks/pack_throughput.py``
+measures the speed and fidelity of each on a photo set.
 
 The resize (:func:`resize_rgb`) is bicubic with antialiasing (the filter widened by the shrink
 factor: Pillow's ``Image.BICUBIC``), by torch's uint8 kernel, which writes straight into the
@@ -25,16 +31,24 @@ import numpy as np
 
 from .image import CorruptImageError, decode_image
 
-__all__ = ["dct_denominator", "decode_region", "resize_rgb"]
+__all__ = ["RESIZE_QUALITY", "dct_denominator", "decode_region", "resize_rgb"]
+
+#: how far a JPEG is DCT-scaled before the resize: the decoded region stays at least this many
+#: times the output size (0: never scaled)
+RESIZE_QUALITY = {"fast": 1, "high": 2, "full": 0}
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _direct_out = True  # torch's _upsample_bicubic2d_aa.out writes channels-last; False once it refused
 
 
-def dct_denominator(region_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-    """The largest ``d`` in 1, 2, 4, 8 with ``region / d >= out`` on both sides (1: decode in full)."""
+def dct_denominator(region_hw: tuple[int, int], out_hw: tuple[int, int], quality: str = "fast") -> int:
+    """The largest ``d`` in 1, 2, 4, 8 with ``region / d >= k * out`` on both sides, ``k`` the
+    :data:`RESIZE_QUALITY` of ``quality`` (1: decode in full)."""
+    if quality not in RESIZE_QUALITY:
+        raise ValueError(f"resize quality must be one of {', '.join(RESIZE_QUALITY)}, got {quality!r}")
+    k = RESIZE_QUALITY[quality]
     d = 1
-    while d < 8 and region_hw[0] >= 2 * d * out_hw[0] and region_hw[1] >= 2 * d * out_hw[1]:
+    while k and d < 8 and region_hw[0] >= 2 * d * k * out_hw[0] and region_hw[1] >= 2 * d * k * out_hw[1]:
         d *= 2
     return d
 
@@ -76,15 +90,16 @@ def _scaled_jpeg(data: bytes, full_hw: tuple[int, int], d: int) -> np.ndarray:
 
 
 def decode_region(data: bytes, full_hw: tuple[int, int], box: tuple[int, int, int, int] | None,
-                  out_hw: tuple[int, int], dct_scaling: bool = True) -> np.ndarray:
+                  out_hw: tuple[int, int], quality: str = "fast") -> np.ndarray:
     """Pixels of ``box = (top, left, height, width)`` (``None``: the whole image) resized to ``out_hw``.
 
-    ``full_hw``: the image's size as its header declares it. Raises
+    ``full_hw``: the image's size as its header declares it; ``quality``: how far a JPEG is
+    DCT-scaled (:data:`RESIZE_QUALITY`). Raises
     :class:`~facemargin.data.formats.image.CorruptImageError` for bytes that do not decode cleanly
     or decode to another size than declared.
     """
     top, left, ch, cw = box if box is not None else (0, 0, full_hw[0], full_hw[1])
-    d = dct_denominator((ch, cw), out_hw) if dct_scaling and data[:3] == _JPEG_MAGIC else 1
+    d = dct_denominator((ch, cw), out_hw, quality) if data[:3] == _JPEG_MAGIC else 1
     if d > 1:
         rgb = _scaled_jpeg(data, full_hw, d)
         sh, sw = rgb.shape[:2]

@@ -42,7 +42,7 @@ from ...detect.landmarks import LandmarkFileError, read_landmarks
 from ...errors import UserError
 from ..formats.image import CorruptImageError, declared_size
 from ..formats.jpeg import decode_check, walk_jpeg
-from ..formats.resize import decode_region
+from ..formats.resize import RESIZE_QUALITY, decode_region
 from ..sources.folder import list_image_tree
 from .faceset_writer import write_faceset
 
@@ -139,13 +139,13 @@ def check_copied_jpeg(data: bytes, path: str | os.PathLike, verify: str = "marke
 
 def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: CropSpec | None = None,
                   quality: int = 95, landmarks: np.ndarray | None = None, *, verify: str = "markers",
-                  dct_scaling: bool = True) -> tuple[bytes, tuple[int, int]]:
+                  resize_quality: str = "fast") -> tuple[bytes, tuple[int, int]]:
     """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes.
 
     A JPEG already of the target size is copied after :func:`check_copied_jpeg` (``verify``);
     anything else is decoded strictly, cropped and resized (:func:`~facemargin.data.formats.resize.decode_region`:
-    DCT-scaled decoding where it shrinks by 2x or more unless ``dct_scaling=False``, then an
-    antialiased bicubic resize) and encoded. With ``landmarks`` (``[5, 2]`` pixels, inside the
+    DCT-scaled decoding where it shrinks by 2x or more, as far as ``resize_quality`` allows, then
+    an antialiased bicubic resize) and encoded. With ``landmarks`` (``[5, 2]`` pixels, inside the
     photo) the face is aligned to the ArcFace template instead (:func:`facemargin.align.align_face`,
     a ``resize`` x ``resize`` crop, 112 by default).
     """
@@ -163,7 +163,7 @@ def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: Crop
     import simplejpeg
 
     try:
-        rgb = decode_region(data, (h, w), box, out_hw, dct_scaling=dct_scaling)
+        rgb = decode_region(data, (h, w), box, out_hw, resize_quality)
     except CorruptImageError as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from None
     return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), out_hw
@@ -280,7 +280,7 @@ def pack_images(
     align: str | os.PathLike | None = None,
     *,
     verify: str = "markers",
-    dct_scaling: bool = True,
+    resize_quality: str = "fast",
     detect: str | Mapping[str, Any] | Any | None = None,
     choice: str = "largest",
     min_score: float = 0.0,
@@ -290,8 +290,9 @@ def pack_images(
     All images must end up one size: equal already, or made equal by ``resize`` (and ``crop``).
     ``align``: a landmark list (:func:`read_landmarks`) holding every image: each face is aligned
     to the ``resize`` x ``resize`` (default 112) ArcFace template. ``verify``: how a JPEG copied
-    byte for byte is checked (:func:`check_copied_jpeg`). ``dct_scaling=False``: decode every
-    resized JPEG in full (slower, the resize's best fidelity). ``detect``: a detector (name in
+    byte for byte is checked (:func:`check_copied_jpeg`). ``resize_quality``: how far a resized
+    JPEG is decoded at reduced scale (:data:`~facemargin.data.formats.resize.RESIZE_QUALITY`:
+    ``fast``, ``high``, ``full``). ``detect``: a detector (name in
     ``conf/detector/``, ``_target_`` mapping or built detector): photos in, aligned faces out
     (:mod:`~facemargin.data.tools.pack_detect`; ``choice`` and ``min_score`` pick the face).
     """
@@ -304,6 +305,8 @@ def pack_images(
         raise ValueError(f"--resize must be a positive size, got {resize}")
     if verify not in VERIFY:
         raise ValueError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
+    if resize_quality not in RESIZE_QUALITY:
+        raise ValueError(f"--resize-quality must be one of {', '.join(RESIZE_QUALITY)}, got {resize_quality!r}")
     spec = crop if isinstance(crop, CropSpec) or crop is None else parse_crop(crop)
     if align is not None and spec is not None:
         raise ValueError("--align and --crop exclude each other: alignment decides the crop")
@@ -334,7 +337,7 @@ def pack_images(
             raise ValueError(f"{align} has no landmarks for {len(missing)} image(s), e.g. {missing[0]}")
         jobs = [(path, marks[os.path.abspath(path)]) for path, _ in items]
     prepare = partial(_prepare_job, resize=resize, crop=spec, quality=quality, verify=verify,
-                      dct_scaling=dct_scaling, landmark_file=None if align is None else os.fspath(align))
+                      resize_quality=resize_quality, landmark_file=None if align is None else os.fspath(align))
     # the pool starts before the progress bar's thread, so no thread is running when it forks
     with _one_torch_thread(workers == 1 and (resize is not None or spec is not None)), \
             multiprocessing.Pool(workers, _single_thread_worker) if workers > 1 else _no_pool() as pool:
@@ -351,8 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resize", type=int, default=None, metavar="N", help="make every image N x N")
     parser.add_argument("--crop", default=None, metavar="SPEC",
                         help="centre crop before resizing: 'square', a fraction F of the shorter side, or WxH pixels")
-    parser.add_argument("--full-decode", action="store_true",
-                        help="decode resized JPEGs in full, not at 1/2, 1/4, 1/8 scale (slower; best fidelity)")
+    parser.add_argument("--resize-quality", default="fast", choices=tuple(RESIZE_QUALITY),
+                        help="JPEGs decoded at 1/2-1/8 scale down to the output size (fast), to 2x it (high), or in full")
     parser.add_argument("--align", default=None, metavar="LIST",
                         help="align every face to the ArcFace template from 5 landmarks: lines 'PATH x1 y1 ... x5 y5'")
     parser.add_argument("--detect", action="store_true",
@@ -371,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         info = pack_images(args.image_root, args.out_dir, resize=args.resize, quality=args.quality,
                            progress=not args.quiet, overwrite=args.overwrite, crop=args.crop, workers=args.workers,
-                           align=args.align, verify=args.verify, dct_scaling=not args.full_decode,
+                           align=args.align, verify=args.verify, resize_quality=args.resize_quality,
                            detect=args.detector if args.detect else None, choice=args.choice,
                            min_score=args.min_score)
     except (OSError, ValueError, UserError) as exc:

@@ -121,17 +121,16 @@ def pack_detected(root: str | os.PathLike, out: Path, names: Sequence[str], item
                     pool.terminate()
                     pool.join()
                 _init_worker(None, single_thread=False)
+            if not kept:
+                raise ValueError(f"no face was found in any of the {len(paths)} photos under {root} "
+                                 f"(detector {detector.name}); nothing was packed")
             identities, labels = _compact(names, [label for label, _, _ in kept])
-            if kept:
-                write_faceset(out, labels, _spooled(spool, kept), len(identities), (size, size))
+            write_faceset(out, labels, _spooled(spool, kept), len(identities), (size, size))
         dropped = sorted(set(names) - set(identities))
         lists = _write_lists(out, no_face, several)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-    if not kept:
-        raise ValueError(f"no face was found in any of the {len(paths)} photos under {root} "
-                         f"(detector {detector.name}); nothing was packed")
     return {"out_dir": out, "num_images": len(kept), "num_classes": len(identities), "image_size": (size, size),
             "identities": identities, "photos": len(paths), "no_face": no_face,
             "several": [line.split("\t")[0] for line in several], "dropped_identities": dropped, **lists}
