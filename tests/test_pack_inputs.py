@@ -58,7 +58,9 @@ def test_the_walk_refuses_every_truncation_libjpeg_refuses(kind) -> None:
     from facemargin.data.formats.jpeg import walk_jpeg
 
     data = pil_jpeg(photo(1), **KINDS[kind])
-    assert walk_jpeg(data).end == len(data) and walk_jpeg(data).plain
+    walked = walk_jpeg(data)
+    assert walked.end == len(data) and (walked.height, walked.width) == (48, 48) and walked.precision == 8
+    assert walked.frame == (0xC2 if kind == "progressive" else 0xC0)
     assert walk_jpeg(data + b"\0" * 7).end == len(data)  # bytes after EOI: not part of the image
     refused = 0
     for cut in range(len(data) - 1, 1, -1):

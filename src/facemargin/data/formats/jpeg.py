@@ -14,6 +14,7 @@ runs libjpeg-turbo's whole entropy decoder in strict mode at 1/8 scale).
 from __future__ import annotations
 
 import re
+import struct
 from typing import NamedTuple
 
 from .image import CorruptImageError
@@ -24,19 +25,20 @@ __all__ = ["JpegWalk", "decode_check", "walk_jpeg"]
 _NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
 _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 _STANDALONE = frozenset((0x01, *range(0xD0, 0xD8)))  # TEM and restart markers: no length
+_SEGMENT = struct.Struct(">BBH")  # FF, marker, length
+_SIZE = struct.Struct(">HH")  # a frame header's height and width
 
 
 class JpegWalk(NamedTuple):
-    """What :func:`walk_jpeg` found: ``end`` (offset just past ``EOI``), the frame's marker and sample precision."""
+    """What :func:`walk_jpeg` found: ``end`` (offset just past ``EOI``), the frame's marker, sample
+    precision and size (``height`` 0: given later by a DNL marker)."""
 
     end: int
     frame: int
     precision: int
+    height: int
+    width: int
 
-    @property
-    def plain(self) -> bool:
-        """8-bit baseline, extended or progressive Huffman coding (what nearly every JPEG is)."""
-        return self.frame in (0xC0, 0xC1, 0xC2) and self.precision == 8
 
 
 def walk_jpeg(data: bytes | memoryview) -> JpegWalk:
@@ -49,7 +51,35 @@ def walk_jpeg(data: bytes | memoryview) -> JpegWalk:
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         raise CorruptImageError(f"not a JPEG ({n} bytes): no start-of-image marker")
-    pos, frame, precision, scans = 2, 0, 0, 0
+    pos, frame, precision, height, width, scans = 2, 0, 0, 0, 0, 0
+    # the common layout, quickly: segments back to back, each scan followed by the next marker;
+    # anything else (and the end) goes to the careful walk below, from where this one stopped
+    while pos + 4 <= n:
+        ff, code, length = _SEGMENT.unpack_from(data, pos)
+        end = pos + 2 + length
+        if ff != 0xFF or code < 0xC0 or 0xD0 <= code <= 0xD9 or code == 0xFF or length < 2 or end > n:
+            break
+        if code in _SOF:
+            if frame or length < 8:
+                break
+            frame, precision = code, data[pos + 4]
+            height, width = _SIZE.unpack_from(data, pos + 5)
+        elif code == 0xDA:
+            if not frame:
+                break
+            scans += 1
+            found = _NEXT_MARKER.search(data, end)
+            if found is None:
+                break
+            end = found.start()
+        pos = end
+    return _walk(data, pos, frame, precision, height, width, scans)
+
+
+def _walk(data: bytes | memoryview, pos: int, frame: int, precision: int, height: int, width: int,
+          scans: int) -> JpegWalk:
+    """The careful walk from ``pos`` (a marker's ``FF``, fill bytes allowed), with what was found so far."""
+    n = len(data)
     while True:
         if pos >= n:
             raise CorruptImageError(f"truncated JPEG ({n} bytes): it ends before its end-of-image marker")
@@ -64,7 +94,7 @@ def walk_jpeg(data: bytes | memoryview) -> JpegWalk:
         if code == 0xD9:
             if not scans:
                 raise CorruptImageError(f"damaged JPEG ({n} bytes): end-of-image marker before any image data")
-            return JpegWalk(pos, frame, precision)
+            return JpegWalk(pos, frame, precision, height, width)
         if code in _STANDALONE:
             continue
         if code in (0x00, 0xD8):
@@ -79,17 +109,18 @@ def walk_jpeg(data: bytes | memoryview) -> JpegWalk:
             if end - pos < 8:
                 raise CorruptImageError(f"damaged JPEG ({n} bytes): a frame header of {end - pos} bytes at offset {pos - 2}")
             frame, precision = code, data[pos + 2]
+            height, width = _SIZE.unpack_from(data, pos + 3)
         if code != 0xDA:
             pos = end
             continue
         if not frame:
             raise CorruptImageError(f"damaged JPEG ({n} bytes): a scan at offset {pos - 2} before any frame header")
         scans += 1
-        found = _NEXT_MARKER.search(data, end)
-        if found is None:
+        marker = _NEXT_MARKER.search(data, end)
+        if marker is None:
             raise CorruptImageError(f"truncated JPEG ({n} bytes): its scan data (from offset {end}) ends "
                                     "without an end-of-image marker")
-        pos = found.start()
+        pos = marker.start()
 
 
 def decode_check(data: bytes) -> None:

@@ -1,24 +1,27 @@
 """Pack an identity-per-folder image tree into an insightface RecordIO set.
 
     python -m facemargin.data.pack IMAGE_ROOT OUT_DIR [--resize 112] [--crop square|F|WxH]
-                                   [--align LANDMARKS] [--quality 95] [--workers N] [--overwrite]
+        [--resize-quality fast|high|full] [--align LANDMARKS | --detect [--detector mtcnn]
+        [--choice largest|central]] [--verify markers|decode] [--quality 95] [--workers N] [--overwrite]
 
 ``IMAGE_ROOT/<identity>/<image>``: sorted folder names become labels ``0 .. C-1`` (folders
-without images are skipped), files are taken in sorted order. ``OUT_DIR`` receives
-``train.rec``, ``train.idx`` and ``property`` in the insightface layout: key 0 is the meta record
-(labels ``(a, b)``, ``a = 1 + num_images``, ``b = a + C``), images are keys ``1 .. a-1`` with
-their identity as label, identity ``c`` is key ``a + c`` with labels ``(first_key, last_key + 1)``.
+without images are skipped), files are taken in sorted order. ``OUT_DIR`` receives ``train.rec``,
+``train.idx`` and ``property`` in the insightface layout (:mod:`.faceset_writer`).
 
-Images: a JPEG that needs no crop and already has the target size is copied byte for byte (its
-size is read from the JPEG header, nothing is decoded); anything else is decoded, centre-cropped,
-resized (bicubic) and encoded as RGB JPEG. ``--crop`` takes ``square`` (the largest centred
-square), a fraction ``F`` (the centred square of ``F`` x the shorter side: ``--crop 0.5 --resize
-112`` frames the face of an LFW-style 250x250 photo, where the detector box was enlarged about
-2x) or ``WxH`` pixels. ``--resize N`` alone crops non-square photos to their centred square first,
-so faces are never squashed. ``--align LANDMARKS`` aligns every face instead: a list of ``PATH x1
-y1 ... x5 y5`` lines (the 5 points of the ArcFace template: eyes, nose, mouth corners) maps each
-face onto the ``--resize`` (default 112) template with :mod:`facemargin.align`, as insightface's
-training sets were made. ``--workers N`` prepares images in N processes; the output is
+Images: a JPEG that needs no crop and already has the target size is copied byte for byte once
+:func:`check_copied_jpeg` has found its end-of-image marker (a truncated file is refused;
+``--verify decode`` decodes each one instead). Anything else is decoded strictly,
+centre-cropped, resized (antialiased bicubic; a JPEG shrunk 2x or more is first decoded at 1/2,
+1/4 or 1/8 scale: ``--resize-quality``, :mod:`facemargin.data.formats.resize`) and encoded as RGB
+JPEG. ``--crop`` takes ``square`` (the largest centred square), a fraction ``F`` (the centred square
+of ``F`` x the shorter side: ``--crop 0.5 --resize 112`` frames the face of an LFW-style 250x250
+photo, where the detector box was enlarged about 2x) or ``WxH`` pixels. ``--resize N`` alone
+crops non-square photos to their centred square first, so faces are never squashed.
+``--align LANDMARKS`` aligns every face instead: a list of ``PATH x1 y1 ... x5 y5`` lines (the 5
+points of the ArcFace template: eyes, nose, mouth corners; inside the photo, one row per photo)
+maps each face onto the ``--resize`` (default 112) template with :mod:`facemargin.align`, as
+insightface's training sets were made. ``--detect`` finds the landmarks itself
+(:mod:`.pack_detect`). ``--workers N`` prepares images in N processes; the output is
 byte-identical to one worker. Files are written under temporary names and renamed at the end: an
 error leaves no partial ``train.rec`` / ``train.idx`` / ``property`` behind.
 """
@@ -121,18 +124,20 @@ def read_file(path: str | os.PathLike) -> bytes:
 def check_copied_jpeg(data: bytes, path: str | os.PathLike, verify: str = "markers") -> None:
     """Refuse a JPEG about to be copied byte for byte that would not decode (``ValueError`` naming ``path``).
 
-    ``verify="markers"``: its marker segments and scan data are walked to the end-of-image marker
-    (:func:`~facemargin.data.formats.jpeg.walk_jpeg`, a few microseconds): a truncated file is
-    refused; a JPEG coded other than 8-bit Huffman (lossless, arithmetic, 12-bit) is also decoded.
-    ``verify="decode"``: every one is decoded too, strictly, at 1/8 scale (all of its entropy-coded
-    data: damage inside the scan is found as well; ~60 us more per 112x112 face).
+    ``verify="markers"`` (libjpeg has already read its header): it must end with its end-of-image
+    marker; where it does not, its marker segments and scan data are walked
+    (:func:`~facemargin.data.formats.jpeg.walk_jpeg`) to tell a truncated file (refused, saying
+    where it ends) from one with bytes after its end-of-image marker (copied). ``verify="decode"``:
+    each one is decoded, strictly, at 1/8 scale (all of its entropy-coded data: damage inside the
+    scan is found too; ~60 us more per 112x112 face).
     """
     if verify not in VERIFY:
         raise ValueError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
     try:
-        walk = walk_jpeg(data)
-        if verify == "decode" or not walk.plain:
+        if verify == "decode":
             decode_check(data)
+        elif data[-2:] != b"\xff\xd9":
+            walk_jpeg(data)
     except CorruptImageError as exc:
         raise ValueError(f"cannot pack {path}: {exc}") from None
 
