@@ -3,6 +3,7 @@
     bash benchmarks/setup_mxnet_peer.sh ~/peers/mxnet          # once: prints the peer's python
     python benchmarks/pack_throughput.py --mxnet-python ~/peers/mxnet/bin/python \\
         [--faces DIR] [--images 5000] [--photos DIR] [--photo-count 2000] [--repeats 5] [--workers 2]
+        [--baseline-src OLD/src]
 
 Each run is a fresh process of its tool's real command line, timed inside after the interpreter
 has imported the tool (``runpy`` of ``im2rec.py``; ``facemargin.data.pack.main``): CPU seconds of
@@ -22,13 +23,20 @@ Paths (rows interleaved, ``--repeats`` rounds, medians):
   photos made from the faces: the face scaled to 125 px in the centre of a blurred, noisy
   250-px context, quality 90): ``im2rec --resize 112 --quality 95`` (``cv2.imread``,
   ``cv2.resize`` bilinear without antialiasing, ``cv2.imencode`` q95; ``--center-crop`` added for
-  non-square photos) vs ``pack --resize 112 --quality 95`` (Pillow decode, centred square, bicubic
-  antialiased resize, simplejpeg q95). ``pack --crop 0.5 --resize 112`` (the face's framing in an
-  LFW photo) is shown too: it resizes a 125-px crop, less work than im2rec's row.
+  non-square photos) vs ``pack --resize 112 --quality 95`` (simplejpeg decode, at 1/2 scale in the
+  DCT domain where the photo shrinks 2x or more (``--resize-quality fast``, the default), centred
+  square, antialiased bicubic by torch's uint8 kernel, simplejpeg q95). ``pack --resize-quality
+  full`` decodes in full (the best fidelity); ``pack --crop 0.5 --resize 112`` (the face's
+  framing in an LFW photo) is shown too: it resizes a 125-px crop, other work than im2rec's row.
+* **pass-through, checked**: ``pack --verify decode`` also decodes every copied JPEG strictly (at
+  1/8 scale); im2rec checks nothing (its row is the same as above).
 * ``--workers N`` (0 skips): ``im2rec --num-thread N`` vs ``pack --workers N`` on both paths.
+* ``--baseline-src DIR`` adds ``base: fm pack`` rows: the same commands from another source tree
+  (``PYTHONPATH=DIR``, e.g. ``git worktree add DIR <commit>`` then ``DIR/src``), interleaved with
+  the others, for a before/after ratio.
 
 The resize rows also report each output's PSNR against a float reference (the original decoded
-by Pillow, centred square, Lanczos to 112: what an ideal resize gives). Peer rows need
+by simplejpeg, centred square, Pillow's Lanczos to 112: what an ideal resize gives). Peer rows need
 ``--mxnet-python`` / ``$FACEMARGIN_MXNET_PYTHON``; without it they are listed as not run and
 the exit status is 1 (``--allow-missing-peers``: 0).
 """

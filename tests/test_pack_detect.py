@@ -75,7 +75,7 @@ def test_pack_detect_packs_aligned_faces_and_lists_the_rest(photos, tmp_path, de
         photo = decode_image(source.read_bytes())
         chosen = choose_face(detector, photo).face
         expected = align_face(photo, chosen.landmarks, 112)  # the detector's own landmarks, aligned
-        assert np.abs(face.astype(float) - expected).mean() < 3.0, source
+        assert np.abs(face.astype(float) - expected).mean() < 4.0, source  # JPEG q95 4:2:0
     grace_box = several[0].split("box ")[1].split(",")
     assert int(grace_box[0]) > 512  # the larger face is Grace Hopper's, on the right
 
@@ -92,7 +92,7 @@ def test_pack_detect_central_choice_and_workers(photos, tmp_path, detector) -> N
     canvas = decode_image((photos / "pair" / "two.jpg").read_bytes())
     central = choose_face(detector, canvas, "central")
     assert central.count == 2 and central.face.center[0] < 512  # the astronaut's face, on the left
-    assert np.abs(pair - align_face(canvas, central.face.landmarks, 112)).mean() < 3.0
+    assert np.abs(pair - align_face(canvas, central.face.landmarks, 112)).mean() < 4.0
 
 
 def test_pack_detect_refusals(photos, tmp_path) -> None:

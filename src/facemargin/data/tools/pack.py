@@ -2,7 +2,8 @@
 
     python -m facemargin.data.pack IMAGE_ROOT OUT_DIR [--resize 112] [--crop square|F|WxH]
         [--resize-quality fast|high|full] [--align LANDMARKS | --detect [--detector mtcnn]
-        [--choice largest|central]] [--verify markers|decode] [--quality 95] [--workers N] [--overwrite]
+        [--choice largest|central]] [--verify markers|decode] [--quality 95] [--subsampling 420|444]
+        [--workers N] [--overwrite]
 
 ``IMAGE_ROOT/<identity>/<image>``: sorted folder names become labels ``0 .. C-1`` (folders
 without images are skipped), files are taken in sorted order. ``OUT_DIR`` receives ``train.rec``,
@@ -13,7 +14,7 @@ Images: a JPEG that needs no crop and already has the target size is copied byte
 ``--verify decode`` decodes each one instead). Anything else is decoded strictly,
 centre-cropped, resized (antialiased bicubic; a JPEG shrunk 2x or more is first decoded at 1/2,
 1/4 or 1/8 scale: ``--resize-quality``, :mod:`facemargin.data.formats.resize`) and encoded as RGB
-JPEG. ``--crop`` takes ``square`` (the largest centred square), a fraction ``F`` (the centred square
+JPEG (``--quality``, chroma subsampled 4:2:0 as OpenCV does, or ``--subsampling 444``). ``--crop`` takes ``square`` (the largest centred square), a fraction ``F`` (the centred square
 of ``F`` x the shorter side: ``--crop 0.5 --resize 112`` frames the face of an LFW-style 250x250
 photo, where the detector box was enlarged about 2x) or ``WxH`` pixels. ``--resize N`` alone
 crops non-square photos to their centred square first, so faces are never squashed.
@@ -41,20 +42,23 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from ...detect.landmarks import LandmarkFileError, read_landmarks
+from ...detect.landmarks import read_landmarks
 from ...errors import UserError
 from ..formats.image import CorruptImageError, declared_size
 from ..formats.jpeg import decode_check, walk_jpeg
 from ..formats.resize import RESIZE_QUALITY, decode_region
 from ..sources.folder import list_image_tree
 from .faceset_writer import write_faceset
+from .pack_align import LandmarksOutsideError, aligned_image, check_landmarks_inside, landmarks_by_path
 
 __all__ = ["CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks", "check_copied_jpeg",
-           "check_landmarks_inside", "read_file", "VERIFY",
+           "check_landmarks_inside", "read_file", "encode_image", "VERIFY", "SUBSAMPLING",
            "pack_images", "write_faceset", "main"]
 
 #: how a JPEG copied byte for byte is checked (:func:`check_copied_jpeg`)
 VERIFY = ("markers", "decode")
+#: chroma subsampling of re-encoded images (:func:`encode_image`)
+SUBSAMPLING = ("420", "444")
 
 
 class CropSpec(NamedTuple):
@@ -144,20 +148,20 @@ def check_copied_jpeg(data: bytes, path: str | os.PathLike, verify: str = "marke
 
 def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: CropSpec | None = None,
                   quality: int = 95, landmarks: np.ndarray | None = None, *, verify: str = "markers",
-                  resize_quality: str = "fast") -> tuple[bytes, tuple[int, int]]:
+                  resize_quality: str = "fast", subsampling: str = "420") -> tuple[bytes, tuple[int, int]]:
     """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes.
 
     A JPEG already of the target size is copied after :func:`check_copied_jpeg` (``verify``);
     anything else is decoded strictly, cropped and resized (:func:`~facemargin.data.formats.resize.decode_region`:
     DCT-scaled decoding where it shrinks by 2x or more, as far as ``resize_quality`` allows, then
-    an antialiased bicubic resize) and encoded. With ``landmarks`` (``[5, 2]`` pixels, inside the
+    an antialiased bicubic resize) and encoded (:func:`encode_image`). With ``landmarks`` (``[5, 2]`` pixels, inside the
     photo) the face is aligned to the ArcFace template instead (:func:`facemargin.align.align_face`,
     a ``resize`` x ``resize`` crop, 112 by default).
     """
     data = read_file(path)
     h, w = read_image_size(data, path)
     if landmarks is not None:
-        return _aligned(data, (h, w), path, landmarks, resize or 112, quality)
+        return aligned_image(data, (h, w), path, landmarks, resize or 112, quality, subsampling)
     if crop is None and resize is not None and h != w:
         crop = CropSpec("square")  # never squash a face
     box = crop_box(h, w, crop)
@@ -165,50 +169,21 @@ def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: Crop
     if data[:3] == b"\xff\xd8\xff" and box[2:] == (h, w) == out_hw:
         check_copied_jpeg(data, path, verify)
         return data, (h, w)
-    import simplejpeg
-
     try:
         rgb = decode_region(data, (h, w), box, out_hw, resize_quality)
     except CorruptImageError as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from None
-    return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), out_hw
+    return encode_image(rgb, quality, subsampling), out_hw
 
 
-def check_landmarks_inside(landmarks: np.ndarray, hw: tuple[int, int], path: str | os.PathLike) -> None:
-    """Refuse landmarks outside the ``hw`` photo (pixel centres: the photo spans ``-0.5 .. W-0.5``)."""
-    from ...detect.base import LANDMARK_NAMES
-
-    h, w = hw
-    pts = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
-    outside = (pts[:, 0] < -0.5) | (pts[:, 0] > w - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > h - 0.5)
-    if outside.any():
-        i = int(np.argmax(outside))
-        raise LandmarksOutsideError(
-            f"{path}: its {LANDMARK_NAMES[i].replace('_', ' ')} landmark ({pts[i, 0]:g}, {pts[i, 1]:g}) lies outside "
-            f"the {w}x{h} photo ({int(outside.sum())} of 5 points do); are the landmarks for another copy of it?")
-
-
-class LandmarksOutsideError(ValueError):
-    """``--align`` landmarks that do not fall inside their photo."""
-
-
-def _aligned(data: bytes, hw: tuple[int, int], path: str | os.PathLike, landmarks: np.ndarray, size: int,
-             quality: int) -> tuple[bytes, tuple[int, int]]:
+def encode_image(rgb: np.ndarray, quality: int = 95, subsampling: str = "420") -> bytes:
+    """RGB JPEG bytes: libjpeg-turbo at ``quality``, chroma at half resolution (``"420"``: what
+    OpenCV and so insightface's sets use; smaller and faster to decode) or full (``"444"``)."""
     import simplejpeg
 
-    from ...align import align_face
-    from ..formats.image import decode_image
-
-    check_landmarks_inside(landmarks, hw, path)
-    try:
-        rgb = decode_image(data)
-    except CorruptImageError as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
-    try:
-        face = align_face(rgb, landmarks, size)
-    except ValueError as exc:
-        raise ValueError(f"cannot align {path}: {exc}") from None
-    return simplejpeg.encode_jpeg(face, quality=quality, colorspace="RGB"), (size, size)
+    if subsampling not in SUBSAMPLING:
+        raise ValueError(f"--subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
+    return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB", colorsubsampling=subsampling)
 
 
 def _prepare_job(job: tuple[str, np.ndarray | None], landmark_file: str | None = None,
@@ -259,20 +234,6 @@ def _one_torch_thread(needed: bool) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _landmarks_by_path(align: str | os.PathLike, root: str | os.PathLike) -> dict[str, np.ndarray]:
-    """``read_landmarks`` keyed by absolute path: one photo written two ways (relative and absolute,
-    ``a/../a``) with different points is refused like any conflicting duplicate."""
-    marks: dict[str, np.ndarray] = {}
-    written: dict[str, str] = {}
-    for key, points in read_landmarks(align, root).items():
-        path = os.path.abspath(key)
-        if path in marks and not np.array_equal(marks[path], points):
-            raise LandmarkFileError(f"{align}: {written[path]} and {key} are the same photo with different landmarks; "
-                                    "keep one row per photo")
-        marks[path], written[path] = points, key
-    return marks
-
-
 def pack_images(
     root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -286,6 +247,7 @@ def pack_images(
     *,
     verify: str = "markers",
     resize_quality: str = "fast",
+    subsampling: str = "420",
     detect: str | Mapping[str, Any] | Any | None = None,
     choice: str = "largest",
     min_score: float = 0.0,
@@ -297,7 +259,8 @@ def pack_images(
     to the ``resize`` x ``resize`` (default 112) ArcFace template. ``verify``: how a JPEG copied
     byte for byte is checked (:func:`check_copied_jpeg`). ``resize_quality``: how far a resized
     JPEG is decoded at reduced scale (:data:`~facemargin.data.formats.resize.RESIZE_QUALITY`:
-    ``fast``, ``high``, ``full``). ``detect``: a detector (name in
+    ``fast``, ``high``, ``full``). ``subsampling``: the chroma of re-encoded images
+    (:func:`encode_image`). ``detect``: a detector (name in
     ``conf/detector/``, ``_target_`` mapping or built detector): photos in, aligned faces out
     (:mod:`~facemargin.data.tools.pack_detect`; ``choice`` and ``min_score`` pick the face).
     """
@@ -310,6 +273,8 @@ def pack_images(
         raise ValueError(f"--resize must be a positive size, got {resize}")
     if verify not in VERIFY:
         raise ValueError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
+    if subsampling not in SUBSAMPLING:
+        raise ValueError(f"--subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
     if resize_quality not in RESIZE_QUALITY:
         raise ValueError(f"--resize-quality must be one of {', '.join(RESIZE_QUALITY)}, got {resize_quality!r}")
     spec = crop if isinstance(crop, CropSpec) or crop is None else parse_crop(crop)
@@ -332,17 +297,17 @@ def pack_images(
 
         with _one_torch_thread(workers == 1):
             return pack_detected(root, out, names, items, detector, choice, min_score, resize or 112, quality,
-                                 workers, progress)
+                                 subsampling, workers, progress)
     labels = [label for _, label in items]
     jobs: list[tuple[str, np.ndarray | None]] = [(path, None) for path, _ in items]
     if align is not None:
-        marks = _landmarks_by_path(align, root)
+        marks = landmarks_by_path(align, root)
         missing = [path for path, _ in items if os.path.abspath(path) not in marks]
         if missing:
             raise ValueError(f"{align} has no landmarks for {len(missing)} image(s), e.g. {missing[0]}")
         jobs = [(path, marks[os.path.abspath(path)]) for path, _ in items]
     prepare = partial(_prepare_job, resize=resize, crop=spec, quality=quality, verify=verify,
-                      resize_quality=resize_quality, landmark_file=None if align is None else os.fspath(align))
+                      resize_quality=resize_quality, subsampling=subsampling, landmark_file=None if align is None else os.fspath(align))
     # the pool starts before the progress bar's thread, so no thread is running when it forks
     with _one_torch_thread(workers == 1 and (resize is not None or spec is not None)), \
             multiprocessing.Pool(workers, _single_thread_worker) if workers > 1 else _no_pool() as pool:
@@ -372,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--verify", default="markers", choices=VERIFY,
                         help="JPEGs copied as they are: walk their markers to the end (markers) or also decode them")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
+    parser.add_argument("--subsampling", default="420", choices=SUBSAMPLING,
+                        help="chroma of re-encoded images: half resolution (420, as OpenCV/insightface) or full (444)")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="processes preparing images (same output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing train.rec")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -379,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         info = pack_images(args.image_root, args.out_dir, resize=args.resize, quality=args.quality,
                            progress=not args.quiet, overwrite=args.overwrite, crop=args.crop, workers=args.workers,
-                           align=args.align, verify=args.verify, resize_quality=args.resize_quality,
+                           align=args.align, verify=args.verify, resize_quality=args.resize_quality, subsampling=args.subsampling,
                            detect=args.detector if args.detect else None, choice=args.choice,
                            min_score=args.min_score)
     except (OSError, ValueError, UserError) as exc:

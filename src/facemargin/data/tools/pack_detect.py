@@ -54,12 +54,10 @@ def _init_worker(detector: Any, single_thread: bool = True) -> None:
 
 
 def detect_photo(path: str, choice: str = "largest", min_score: float = 0.0, size: int = 112,
-                 quality: int = 95, detector: Any = None) -> Detected:
+                 quality: int = 95, subsampling: str = "420", detector: Any = None) -> Detected:
     """Decode ``path``, detect, align the chosen face to ``size`` x ``size`` and encode it."""
-    import simplejpeg
-
     from ...detect.pipeline import detect_and_align
-    from .pack import read_file
+    from .pack import encode_image, read_file
 
     try:
         image = decode_image(read_file(path))
@@ -68,7 +66,7 @@ def detect_photo(path: str, choice: str = "largest", min_score: float = 0.0, siz
     crop, found = detect_and_align(detector if detector is not None else _detector, image, choice, min_score, size)
     if crop is None:
         return Detected(None, 0, found.describe())
-    return Detected(simplejpeg.encode_jpeg(crop, quality=quality, colorspace="RGB"), found.count, found.describe())
+    return Detected(encode_image(crop, quality, subsampling), found.count, found.describe())
 
 
 def _relative(path: str, root: str | os.PathLike) -> str:
@@ -77,8 +75,8 @@ def _relative(path: str, root: str | os.PathLike) -> str:
 
 
 def pack_detected(root: str | os.PathLike, out: Path, names: Sequence[str], items: Sequence[tuple[str, int]],
-                  detector: Any, choice: str, min_score: float, size: int, quality: int, workers: int,
-                  progress: bool) -> dict:
+                  detector: Any, choice: str, min_score: float, size: int, quality: int, subsampling: str,
+                  workers: int, progress: bool) -> dict:
     """Detect and align every photo of ``items`` (``(path, label)``), then write the set to ``out``.
 
     Returns the summary :func:`~facemargin.data.tools.pack.pack_images` returns, plus ``no_face``
@@ -91,7 +89,8 @@ def pack_detected(root: str | os.PathLike, out: Path, names: Sequence[str], item
 
     from .faceset_writer import write_faceset
 
-    job = partial(detect_photo, choice=choice, min_score=min_score, size=size, quality=quality)
+    job = partial(detect_photo, choice=choice, min_score=min_score, size=size, quality=quality,
+                  subsampling=subsampling)
     paths = [path for path, _ in items]
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
