@@ -13,12 +13,13 @@
   strict JPEG, Pillow for PNG and other formats), cropped by slicing.
 
 Fidelity, as PSNR against a Lanczos resize of the fully decoded image to 112 px (real photos, JPEG
-q92): libjpeg's reduced inverse DCTs work block by block, so the loss depends on what is left for
-the resize -- a region decoded to 1-1.25x the output scores ~37 dB, 2-2.5x ~42 dB, 4-5x ~43.5 dB,
-a full decode 44 dB. ``"fast"`` gives 37-42 dB (LFW's 250-px photos to 112: 37.0 dB, against 40.8
-decoded in full and 36.0 for OpenCV's bilinear resize, which ``im2rec --resize`` runs without
-antialiasing); ``"high"`` gives >= 42 dB wherever it scales. ``benchmarks/pack_throughput.py``
-measures the speed and fidelity of each on a photo set.
+q92, before re-encoding): libjpeg's reduced inverse DCTs work block by block, so the loss depends
+on what is left for the resize -- a region decoded to 1-1.25x the output scores ~37 dB, 2-2.5x
+~42 dB, 4-5x ~43.5 dB, a full decode 44 dB. ``"fast"`` gives 37-42 dB, ``"high"`` >= 42 dB
+wherever it scales (LFW's 250-px photos are then decoded in full). After the packer's q95 encode,
+LFW-size photos to 112 score 36.7 dB with ``"fast"`` and 38.5 decoded in full (4:2:0 chroma;
+37.9 / 40.8 with 4:4:4), and 36.0 with OpenCV's bilinear resize, which ``im2rec --resize`` runs
+without antialiasing (``benchmarks/pack_throughput.py``).
 
 The resize (:func:`resize_rgb`) is bicubic with antialiasing (the filter widened by the shrink
 factor: Pillow's ``Image.BICUBIC``), by torch's uint8 kernel, which writes straight into the
