@@ -69,9 +69,9 @@ def pixel_model(tmp_path_factory) -> Path:
     return path
 
 
-def run(module: str, *args: str, cwd: Path, code: int = 0) -> subprocess.CompletedProcess:
+def run(module: str, *args: str, cwd: Path, code: int = 0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **(env or {})})
     assert proc.returncode == code, f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-3000:]}"
     return proc
 
@@ -200,12 +200,21 @@ def test_compare_raw_photos_says_which_face_it_used(pixel_model, photos, tmp_pat
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def readme_section(heading: str) -> tuple[list[list[str]], str | None]:
+    """The README section under ``heading``: its first bash block as argument lists (comments
+    dropped, each a ``python -m`` command) and its first python block (or None)."""
+    section = README.read_text().split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+    lines = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    commands = [line.split("#", 1)[0].split() for line in lines]
+    assert all(argv[:2] == ["python", "-m"] for argv in commands), lines
+    snippet = re.search(r"```python\n(.*?)```", section, re.S)
+    return commands, snippet.group(1) if snippet else None
+
+
 @pytest.mark.slow
 def test_readme_detect_and_align_commands_run(pixel_model, photos, tmp_path, monkeypatch, capsys) -> None:
     """The README's "Detect and align faces" commands, as written (MODEL: the thumbnail model), and its snippet."""
-    section = README.read_text().split("### Detect and align faces", 1)[1].split("\n## ", 1)[0]
-    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    commands, snippet = readme_section("### Detect and align faces")
     work = tmp_path / "work"
     work.mkdir()
     (work / "photos").symlink_to(photos, target_is_directory=True)
@@ -213,9 +222,7 @@ def test_readme_detect_and_align_commands_run(pixel_model, photos, tmp_path, mon
     (work / "b.jpg").write_bytes(_jpeg(np.ascontiguousarray(packaged_photo("grace_hopper")[::2, ::2])))
     (work / "photo.jpg").write_bytes(_jpeg(packaged_photo("astronaut")))
     outputs = []
-    for line in commands:
-        argv = line.split("#", 1)[0].split()
-        assert argv[:2] == ["python", "-m"], line
+    for argv in commands:
         outputs.append(run(argv[2], *[str(pixel_model) if a == "MODEL" else a for a in argv[3:]], cwd=work).stdout)
     assert (work / "landmarks.txt").is_file() and (work / "landmarks.noface.txt").read_text() == "coffee.png\n"
     assert (work / "embeddings.npy").is_file() and (work / "embeddings.noface.txt").read_text() == "coffee.png\n"

@@ -114,9 +114,9 @@ def test_index_cache_is_mapped_and_reused(tiny_recdir, monkeypatch):
     assert cache.is_file() and _mapped(fs.index.offsets)
     import facemargin.data.sources.recordio as faceset
 
-    monkeypatch.setattr(faceset, "parse_idx", None)  # a second open must not parse the text again
+    monkeypatch.setattr(faceset, "build_index", None)  # a second open must not parse the text again
     again = FaceRecordSet(tiny_recdir)
-    assert again.read(3) == (0, tiny_jpeg(3)) and _mapped(again.index.keys)
+    assert again.read(3) == (0, tiny_jpeg(3)) and _mapped(again.index.offsets)
     clone = pickle.loads(pickle.dumps(again))  # DataLoader workers map the cache instead of copying it
     assert len(pickle.dumps(again)) < 4000 and _mapped(clone.index.offsets)
     assert clone.read(5) == (1, tiny_jpeg(5)) and clone.image_keys.tolist() == fs.image_keys.tolist()
@@ -154,8 +154,14 @@ def test_missing_property_names_path(tiny_recdir):
 
 
 def test_num_classes_below_the_identity_count(tiny_recdir):
-    with pytest.raises(RecordIOError, match=r"property: 2 classes, but the meta record of .*train\.rec lists 3 identities"):
+    with pytest.raises(RecordIOError, match=r"num_classes=2 \(given\), but the meta record of .*train\.rec lists 3 identities"):
         FaceRecordSet(tiny_recdir, num_classes=2)
+    FaceRecordSet(tiny_recdir)  # the index cache now exists: the check must not depend on building it
+    with pytest.raises(RecordIOError, match=r"num_classes=2 \(given\), but the meta record"):
+        FaceRecordSet(tiny_recdir, num_classes=2)
+    (tiny_recdir / "property").write_text("2,8,8")
+    with pytest.raises(RecordIOError, match=r"property: 2 classes, but the meta record of .*train\.rec lists 3 identities"):
+        FaceRecordSet(tiny_recdir)
 
 
 @pytest.mark.parametrize(

@@ -96,8 +96,10 @@ def test_pack_detect_central_choice_and_workers(photos, tmp_path, detector) -> N
 
 
 def test_pack_detect_refusals(photos, tmp_path) -> None:
-    with pytest.raises(ValueError, match="--detect excludes --align and --crop"):
+    with pytest.raises(ValueError, match="--detect and --crop exclude each other"):
         pack_images(photos, tmp_path / "x", detect="mtcnn", crop="square", progress=False)
+    with pytest.raises(ValueError, match="--detect and --align exclude each other"):
+        pack_images(photos, tmp_path / "x", detect="mtcnn", align=tmp_path / "marks.txt", progress=False)
     with pytest.raises(ValueError, match="--choice must be one of largest, central"):
         pack_images(photos, tmp_path / "x", detect="mtcnn", choice="biggest", progress=False)
     with pytest.raises(ValueError, match="aligned crop size must be a multiple of 112 or 128"):

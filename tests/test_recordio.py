@@ -192,6 +192,51 @@ def test_idx_defects_name_file_and_line_or_key(tmp_path, idx, msg):
         write_raw(tmp_path, M + lrec(0, 8) + b"abcdefgh", idx)
 
 
+def _idx_by_lines(text: bytes) -> tuple[list[int], list[int]]:
+    """The reference reading of an .idx: Python's int() per field, line by line."""
+    pairs = [line.split() for line in text.splitlines() if line.strip()]
+    assert all(len(p) == 2 for p in pairs)
+    return [int(k) for k, _ in pairs], [int(o) for _, o in pairs]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_idx_parser_agrees_with_int_per_field_in_any_layout_and_chunking(seed, monkeypatch):
+    """Runs of equal-length lines take the vectorised path, anything else the general one; both, and the
+    seams between them and between chunks, read exactly what int() reads."""
+    import facemargin.data.formats.idxtext as idxtext
+
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        n = int(rng.integers(1, 2500))
+        digits = int(rng.integers(1, 19))
+        keys = np.sort(rng.integers(0, 10 ** min(digits, 18), n)) if trial % 2 else rng.integers(0, 10 ** 18, n)
+        offsets = rng.integers(0, 10 ** int(rng.integers(1, 19)), n)
+        lines = [b"%d\t%d\n" % (k, o) for k, o in zip(keys.tolist(), offsets.tolist())]
+        for i in rng.integers(0, n, int(rng.integers(0, 4))).tolist():  # odd lines among regular ones
+            odd = rng.choice([b"  %d \t %d\r\n", b"%d %d\n", b"\n%d\t%d\n", b"00%d\t0%d\n"])  # leading zeros: <= 18 digits
+            lines[i] = odd % (keys[i] % 10 ** 15, offsets[i] % 10 ** 15)
+        text = b"".join(lines)[: None if trial % 5 else -1]  # sometimes no final newline
+        monkeypatch.setattr(idxtext, "_CHUNK", int(rng.integers(48, 4096)) if trial % 3 else 8 << 20)
+        k, o = idxtext.parse_idx(text, "x.idx")
+        want_k, want_o = _idx_by_lines(text)
+        assert k.tolist() == want_k and o.tolist() == want_o, trial
+
+
+def test_idx_defects_are_named_by_line_across_chunks(monkeypatch):
+    import facemargin.data.formats.idxtext as idxtext
+
+    rng = np.random.default_rng(7)
+    bad_lines = [b"%d\tx%d\n", b"%d\t\n", b"1 2 3\n", b"%d\t-8\n", b"%d\t1234567890123456789\n"]
+    for trial in range(30):
+        n = int(rng.integers(50, 3000))
+        lines = [b"%d\t%d\n" % (i, 8 * i) for i in range(n)]
+        bad = int(rng.integers(0, n))
+        lines[bad] = bad_lines[trial % len(bad_lines)].replace(b"%d", b"%d" % bad)
+        monkeypatch.setattr(idxtext, "_CHUNK", int(rng.integers(64, 5000)))
+        with pytest.raises(RecordIOError, match=rf"^x\.idx: line {bad + 1} "):
+            idxtext.parse_idx(b"".join(lines), "x.idx")
+
+
 # --------------------------------------------------------------------------- reader errors
 def test_missing_idx_and_rec(tmp_path):
     (tmp_path / "x.rec").write_bytes(b"")

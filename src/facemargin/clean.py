@@ -12,7 +12,8 @@
 3. writes into ``out``, which training reads directly, with no re-packing of images:
 
    - RecordIO sets: ``train.idx`` listing the kept image records at their offsets in the original
-     ``train.rec`` (linked, not copied), ``property`` and links to the set's ``*.bin`` files:
+     ``train.rec`` (linked, not copied), ``train.idx.subset`` (says the index leaves records out on
+     purpose), ``property`` and links to the set's ``*.bin`` files:
      ``data=recordio data.root=OUT``;
    - image folders and list files: ``train.lst`` of ``path label`` lines:
      ``data=folder data.root=OUT/train.lst data.num_classes=C``;
@@ -52,7 +53,7 @@ __all__ = ["SourceImages", "clean", "main", "write_cleaned_set", "write_k1_check
 log = logging.getLogger(__name__)
 
 #: files a cleaning run writes into ``out`` (refused when one is already there)
-OUTPUTS = ("train.idx", "train.lst", "k1.ckpt", "clean.json", "cleaning.npz")
+OUTPUTS = ("train.idx", "train.idx.subset", "train.lst", "k1.ckpt", "clean.json", "cleaning.npz")
 
 
 class SourceImages(Dataset):
@@ -115,6 +116,8 @@ def write_cleaned_set(source: FaceSource, keep: np.ndarray, out: Path) -> dict[s
         keys, offsets = source.index.keys[pos], source.index.offsets[pos]
         # no meta record (key 0) in the new index: every listed key is an image (im2rec layout)
         (out / "train.idx").write_text("".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist())))
+        (out / "train.idx.subset").write_text(  # the records left out are not deleted lines: readers skip them
+            f"train.idx lists {len(keys)} of the records of train.rec on purpose (facemargin.clean)\n")
         _link(Path(source.rec_path), out / "train.rec")
         prop = Path(source.property_path)
         h, w = source.image_size or (0, 0)

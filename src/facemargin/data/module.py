@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -13,13 +14,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import to_plain
+from ..errors import UserError
 from ..input_spec import DEFAULT, InputSpec
 from .formats.setfiles import SetFiles
 from .loading.device_decode import EncodedBatch, EncodedBatchReader, JpegBatchDecoder, decode_batch
 from .loading.loader import BatchReader, OnCorrupt, PlanSampler, TrainLoader
 from .loading.plan import PlanSpec
 from .sources.base import FaceSource
-from .sources.folder import FolderSource
+from .sources.photos import PhotoFolder, size_advice
 from .sources.recordio import FaceRecordSet
 from .storage.source import is_remote
 
@@ -75,7 +77,12 @@ class FaceRecordDataModule(pl.LightningDataModule):
         seed: every order and flip comes from ``(seed, epoch, sample index)``.
         flip_p: training horizontal flip probability.
         on_corrupt: ``"raise"`` or ``"skip"`` (see :mod:`facemargin.data.loading.loader`).
-        image_size: ``(height, width)`` of a folder source's images (default: the first image's).
+        image_size: ``(height, width)`` of a folder source's images (default: the first image's, or
+            what ``crop``/``resize``/alignment make of it).
+        crop, resize, resize_quality, landmarks, detect, detect_options, choice, min_score, face_cache: a
+            folder of photos made into faces in the DataLoader workers, as ``pack --crop/--resize/--align``
+            (``detect``: a detector finds the 5 points once per photo, kept in ``face_cache`` by
+            content); see :class:`~facemargin.data.sources.photos.PhotoFolder`.
         num_classes: identities of a RecordIO or folder source (default: ``property``, the number
             of folders, or the largest label of a list file + 1), e.g. for a subset that lost its
             last identities (``python -m facemargin.clean``) and keeps the model's class numbering.
@@ -118,6 +125,15 @@ class FaceRecordDataModule(pl.LightningDataModule):
         decode: str = "cpu",
         remote: Mapping[str, Any] | None = None,
         num_classes: int | None = None,
+        crop: str | None = None,
+        resize: int | None = None,
+        resize_quality: str = "fast",
+        landmarks: str | os.PathLike | None = None,
+        detect: str | Mapping[str, Any] | Any | None = None,
+        detect_options: Mapping[str, Any] | None = None,
+        choice: str = "largest",
+        min_score: float = 0.0,
+        face_cache: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         val_list = [val_sets] if isinstance(val_sets, (str, os.PathLike)) else list(val_sets or [])
@@ -134,6 +150,12 @@ class FaceRecordDataModule(pl.LightningDataModule):
                 source=source if isinstance(source, str) else getattr(source, "__qualname__", repr(source)),
                 image_size=None if image_size is None else [int(x) for x in image_size], decode=decode,
                 remote=to_plain(remote),  # plain: checkpoints load with weights_only
+                crop=None if crop is None else str(crop), resize=resize, resize_quality=str(resize_quality),
+                landmarks=None if landmarks is None else str(landmarks),
+                detect=detect if detect is None or isinstance(detect, str) else (
+                    to_plain(detect) if isinstance(detect, Mapping) else getattr(detect, "cache_key", repr(detect))),
+                detect_options=to_plain(detect_options or {}), choice=choice, min_score=float(min_score),
+                face_cache=None if face_cache is None else str(face_cache),
                 # only when set: it then equals the model's, and Lightning merges the two hparams
                 **({} if num_classes is None else {"num_classes": int(num_classes)}),
             )
@@ -172,18 +194,31 @@ class FaceRecordDataModule(pl.LightningDataModule):
         self._decoder: Any = None
         self._source_kind = source
         self._source: FaceSource | None = None
+        self._photos: PhotoFolder | None = None
         self._num_classes = None if num_classes is None else int(num_classes)
+        photo_options = dict(crop=crop, resize=resize, landmarks=landmarks, detect=detect)
+        given = [f"data.{k}" for k, v in photo_options.items() if v is not None]
+        if given and source != "folder":
+            raise UserError(f"{', '.join(given)}: options of data=folder (photos prepared while training); "
+                            f"a packed set is prepared once: python -m facemargin.data.pack SRC OUT --crop/--resize/--align")
         if source == "recordio":
-            self.num_classes, self.image_size = FaceRecordSet.peek(self.files)
-            self.num_classes = self._num_classes or self.num_classes
+            self.num_classes, self.image_size = FaceRecordSet.peek(self.files, num_classes=self._num_classes)
         else:
             if source == "folder":
-                self._source = FolderSource(self.root, image_size=image_size, num_classes=self._num_classes)
+                self._photos = PhotoFolder(self.root, image_size=image_size, num_classes=self._num_classes,
+                                           detect_options=detect_options, choice=choice, min_score=min_score,
+                                           face_cache=face_cache, on_corrupt=on_corrupt,
+                                           resize_quality=resize_quality, **photo_options)
+                self._source = self._photos.source  # None until the faces are found (setup)
             elif callable(source):
                 self._source = source(str(self.root))
             else:
                 raise ValueError(f"source must be 'recordio', 'folder' or a callable root -> FaceSource, got {source!r}")
-            self.num_classes, self.image_size = self._source.num_classes, self._source.image_size  # type: ignore[assignment]
+            shown = self._photos if self._photos is not None else self._source
+            self.num_classes, self.image_size = shown.num_classes, shown.image_size  # type: ignore[union-attr,assignment]
+        if decode == "gpu" and self._photos is not None and self._photos.framing.changes_pixels:
+            raise UserError(f"data.decode=gpu decodes the stored JPEGs as they are; {', '.join(given)} prepare each "
+                            "photo in the DataLoader workers: use data.decode=cpu, or pack the prepared faces once")
         self._val: list[Path] | None = None  # local copies of the verification files
         self._train_loader: TrainLoader | None = None
         self._resume: dict[str, Any] | None = None  # loader state from a checkpoint, for the next train loader
@@ -191,10 +226,47 @@ class FaceRecordDataModule(pl.LightningDataModule):
     # ---- datasets
     @property
     def source(self) -> FaceSource:
-        """The training source (opened on first use; a RecordIO set maps its cached index)."""
+        """The training source (opened on first use; a RecordIO set maps its cached index; with
+        ``detect``, every photo's face is found first, by all ranks together)."""
         if self._source is None:
-            self._source = FaceRecordSet(self.files, num_classes=self._num_classes)
+            if self._photos is not None:
+                self._source = self._photos.open(**self._collective())
+            else:
+                self._source = FaceRecordSet(self.files, num_classes=self._num_classes)
         return self._source
+
+    def _collective(self) -> dict[str, Any]:
+        """How this process takes part in finding faces: its rank, the all-gather, where lists go."""
+        trainer = self._trainer_or_none()
+        rank, world = self._rank_world()
+        exchange = None
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            def exchange(payload: Any) -> list[Any]:
+                gathered: list[Any] = [None] * world
+                torch.distributed.all_gather_object(gathered, payload)
+                return gathered
+        else:
+            rank, world = 0, 1  # no process group: this process finds every face itself
+        local_rank = int(trainer.local_rank) if trainer is not None else int(os.environ.get("LOCAL_RANK", 0))
+        return dict(rank=rank, world=world, exchange=exchange, fill_gaps=local_rank == 0,
+                    report_dir=None if trainer is None else Path(trainer.default_root_dir) / "faces",
+                    progress=rank == 0 and sys.stderr.isatty())
+
+    def size_hint(self, input_size: int | Sequence[int] = 112) -> str:
+        """How to make this set's images ``input_size`` (for a message about the model's input size)."""
+        n = input_size if isinstance(input_size, int) else int(input_size[0])
+        if self._photos is not None:
+            return f"for a folder of photos: {size_advice((n, n))}"
+        return f"repack the photos: python -m facemargin.data.pack IMAGES OUT --resize {n} (or --align LANDMARKS)"
+
+    def check_input_size(self, input_size: int | Sequence[int]) -> None:
+        """Raise a :class:`~facemargin.errors.UserError` naming both sizes when the set's images are
+        not the ``input_size`` a backbone takes (before training, not at step 1)."""
+        want = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+        if self.image_size is not None and tuple(self.image_size) != want:
+            h, w = self.image_size
+            raise UserError(f"data.root={self.root}: the images are {w}x{h} but the backbone takes {want[1]}x{want[0]}",
+                            hint=self.size_hint(want))
 
     def verification_files(self) -> list[Path]:
         """Local copies of the verification ``.bin`` files, in ``val_sets`` order (remote ones are
@@ -219,8 +291,10 @@ class FaceRecordDataModule(pl.LightningDataModule):
         return getattr(self, "trainer", None)
 
     def prepare_data(self) -> None:
-        """Open the training set once per node (Lightning: local rank 0) to build the index cache."""
-        self.source  # noqa: B018
+        """Open the training set once per node (Lightning: local rank 0) to build the index cache.
+        Faces are found in :meth:`setup`, where every rank takes part."""
+        if self._photos is None or self._photos.source is not None:
+            self.source  # noqa: B018
 
     def setup(self, stage: str | None = None) -> None:
         """Open the training set (fit) and check the verification files."""

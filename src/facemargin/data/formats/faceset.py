@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from ..storage.cache import cached_copy
-from .recordio import _ONE_READ_LIMIT, MAGIC, RecordIOError, RecordIOReader, unframe, unpack_record
+from .recordio import _ONE_READ_LIMIT, MAGIC, RecordIOError, RecordIOReader, unpack_record
 
-__all__ = ["read_property", "read_layout", "read_runs", "MAX_CLASSES", "MAX_SIDE", "INSIGHTFACE", "IM2REC",
+__all__ = ["read_property", "read_layout", "check_classes", "read_runs", "MAX_CLASSES", "MAX_SIDE", "INSIGHTFACE", "IM2REC",
            "LAYOUT_NAMES", "LAYOUT_ARRAYS"]
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ MAX_SIDE = 16384
 INSIGHTFACE, IM2REC = 1, 0
 LAYOUT_NAMES = {INSIGHTFACE: "insightface", IM2REC: "im2rec"}
 #: How many arrays :func:`read_layout` returns.
-LAYOUT_ARRAYS = 6
+LAYOUT_ARRAYS = 4
 _RUN_BYTES = 64 << 20  # most bytes one read of neighbouring records asks for
 
 
@@ -62,16 +62,15 @@ def read_property(path: str | os.PathLike, **remote: Any) -> tuple[int, int, int
     return classes, h, w
 
 
-def read_layout(reader: RecordIOReader, num_classes: int, property_name: str | os.PathLike) -> list[np.ndarray]:
+def read_layout(reader: RecordIOReader) -> list[np.ndarray]:
     """The sample table of a set whose index ``reader`` holds, checked against the meta record.
 
-    Returns the arrays cached per set (:data:`LAYOUT_ARRAYS` of them, int64): ``keys``, ``offsets``
-    (the index, file order), ``samples`` (file positions of the images when they are not one
-    contiguous run, else empty), ``lo``, ``hi`` (identity ranges: identity ``c`` holds image keys
-    ``lo[c] .. hi[c] - 1``; empty for im2rec) and ``meta = [layout, a, b, start, count]``
-    (:data:`INSIGHTFACE` or :data:`IM2REC`, the meta record's ``(a, b)``, the first image's file
-    position and the number of images). ``num_classes`` (from ``property_name``) must cover the
-    identities the meta record lists.
+    Returns the arrays cached per set (:data:`LAYOUT_ARRAYS` of them, int64): ``samples`` (file
+    positions of the images when they are not one contiguous run, else empty), ``lo``, ``hi``
+    (identity ranges: identity ``c`` holds image keys ``lo[c] .. hi[c] - 1``; empty for im2rec) and
+    ``meta = [layout, a, b, start, count]`` (:data:`INSIGHTFACE` or :data:`IM2REC`, the meta record's
+    ``(a, b)``, the first image's file position and the number of images). Reads the meta record and
+    the identity records, no image record.
     """
     index = reader.index
     empty = np.zeros(0, dtype=np.int64)
@@ -79,13 +78,23 @@ def read_layout(reader: RecordIOReader, num_classes: int, property_name: str | o
     if pos0 >= 0:
         header, labels, image = _unpack(reader.payload_at(pos0), reader.where(pos0))
         if header.flag > 0 and len(image) == 0:
-            return _insightface_layout(reader, labels, num_classes, property_name)
-    start, count = 0, len(index)
-    return [index.keys, index.offsets, empty, empty, empty, np.asarray([IM2REC, 0, 0, start, count], np.int64)]
+            return _insightface_layout(reader, labels)
+    return [empty, empty, empty, np.asarray([IM2REC, 0, 0, 0, len(index)], np.int64)]
 
 
-def _insightface_layout(reader: RecordIOReader, meta_labels: np.ndarray, num_classes: int,
-                        property_name: str | os.PathLike) -> list[np.ndarray]:
+def check_classes(num_classes: int, identities: int, given: bool, property_name: str | os.PathLike,
+                  rec_name: str | os.PathLike) -> None:
+    """``num_classes`` (from ``property``, or ``given`` as an argument) must cover the ``identities``
+    the meta record lists (0 for im2rec sets)."""
+    if identities and num_classes < identities:
+        source = f"num_classes={num_classes} (given)" if given else f"{property_name}: {num_classes} classes"
+        raise RecordIOError(f"{source}, but the meta record of {rec_name} lists {identities} identities")
+    if identities and num_classes > identities:
+        log.warning("%s: %d classes, the meta record lists %d identities",
+                    "num_classes" if given else property_name, num_classes, identities)
+
+
+def _insightface_layout(reader: RecordIOReader, meta_labels: np.ndarray) -> list[np.ndarray]:
     index, where = reader.index, f"{reader.rec_path} (key 0)"
     n = len(index)
     a = _as_key(meta_labels[0], where)
@@ -97,15 +106,19 @@ def _insightface_layout(reader: RecordIOReader, meta_labels: np.ndarray, num_cla
             f"{where}: meta record lists {a - 1} images and {b - a} identities (keys 0..{b - 1}) "
             f"but {reader.idx_path} has only {n} records"
         )
-    image_pos = index.positions(np.arange(1, a, dtype=np.int64))
-    ident_pos = index.positions(np.arange(a, b, dtype=np.int64))
-    for name, pos, first in (("image", image_pos, 1), ("identity", ident_pos, a)):
-        if (pos < 0).any():
-            missing = int(np.argmax(pos < 0)) + first
-            raise RecordIOError(
-                f"{reader.idx_path}: meta record (key 0) lists {name} keys {first}..{first + pos.size - 1}, "
-                f"but key {missing} is absent from the index"
-            )
+    image_start, ident_start = index.key_run(1, a), index.key_run(a, b)
+    if image_start is None or ident_start is None:  # not one run each: look every key up
+        image_pos = index.positions(np.arange(1, a, dtype=np.int64))
+        ident_pos = index.positions(np.arange(a, b, dtype=np.int64))
+        for name, pos, first in (("image", image_pos, 1), ("identity", ident_pos, a)):
+            if (pos < 0).any():
+                missing = int(np.argmax(pos < 0)) + first
+                raise RecordIOError(
+                    f"{reader.idx_path}: meta record (key 0) lists {name} keys {first}..{first + pos.size - 1}, "
+                    f"but key {missing} is absent from the index"
+                )
+    else:  # the usual layout: nothing of the size of the image count is made
+        image_pos, ident_pos = None, np.arange(ident_start, ident_start + b - a, dtype=np.int64)
     if n != b:
         extra = np.setdiff1d(index.keys, np.arange(b, dtype=np.int64))
         raise RecordIOError(
@@ -113,20 +126,18 @@ def _insightface_layout(reader: RecordIOReader, meta_labels: np.ndarray, num_cla
             f"identities {a}..{b - 1}), e.g. key {int(extra[0])}; their images would be dropped silently"
         )
     lo, hi = _identity_ranges(reader, ident_pos, a)
-    if lo.size and num_classes < lo.size:
-        raise RecordIOError(
-            f"{property_name}: {num_classes} classes, but the meta record of {reader.rec_path} "
-            f"lists {lo.size} identities"
-        )
-    if lo.size and num_classes > lo.size:
-        log.warning("%s: %d classes, the meta record lists %d identities", property_name, num_classes, lo.size)
-    if image_pos.size > 1 and not bool(np.all(image_pos[1:] > image_pos[:-1])):
-        image_pos = np.sort(image_pos)
-    contiguous = image_pos.size == 0 or int(image_pos[-1] - image_pos[0]) == image_pos.size - 1
-    start = int(image_pos[0]) if image_pos.size else 0
-    samples = np.zeros(0, dtype=np.int64) if contiguous else image_pos
-    meta = np.asarray([INSIGHTFACE, a, b, start, image_pos.size], np.int64)
-    return [index.keys, index.offsets, samples, lo, hi, meta]
+    samples = np.zeros(0, dtype=np.int64)
+    if image_pos is None:
+        start, count = int(image_start), a - 1  # type: ignore[arg-type]
+    else:
+        if image_pos.size > 1 and not bool(np.all(image_pos[1:] > image_pos[:-1])):
+            image_pos = np.sort(image_pos)
+        contiguous = image_pos.size == 0 or int(image_pos[-1] - image_pos[0]) == image_pos.size - 1
+        start, count = (int(image_pos[0]) if image_pos.size else 0), int(image_pos.size)
+        if not contiguous:
+            samples = image_pos
+    return [samples, lo, hi, np.asarray([INSIGHTFACE, a, b, start, count], np.int64)]
+
 
 def _identity_ranges(reader: RecordIOReader, ident_pos: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray]:
     """``(first_key, last_key + 1)`` of every identity, checked to partition the image keys ``1..a-1``."""
@@ -136,8 +147,7 @@ def _identity_ranges(reader: RecordIOReader, ident_pos: np.ndarray, a: int) -> t
         for c, raw in enumerate(read_runs(reader, ident_pos)):
             pos = int(ident_pos[c])
             where = reader.where(pos)
-            payload = unframe(raw, where, at_eof=pos + 1 >= len(reader), file_offset=int(reader.index.offsets[pos]))[0]
-            header, labels, image = _unpack(payload, where)
+            header, labels, image = _unpack(reader.payload_at(pos, raw), where)
             if header.flag < 2 or len(image):
                 raise RecordIOError(f"{where}: identity record {c} must hold labels (first_key, end_key), no image")
             ranges[c] = _as_key(labels[0], where), _as_key(labels[1], where)

@@ -1,180 +1,53 @@
-"""The ``.idx`` of a RecordIO file: strict parsing, and a compact cache every process maps.
+"""The index of a RecordIO file: records in file order, built from the ``.idx`` once and cached.
 
-An ``.idx`` is text, one ``key<TAB>offset`` line per record (any blank/space/CR layout is
-accepted, each non-blank line must hold exactly two decimal integers). :func:`parse_idx` checks
-that in vectorised NumPy (about 1 s for the 5.2 M lines of MS1MV3, no Python object per line) and
-names the line of the first defect: an empty field, a sign or other character, a number of more
-than 18 digits (int64 would overflow), an empty file.
+:class:`RecordIndex` holds the records in *file order* (sorted by offset), so the byte span of
+record ``j`` is ``[offsets[j], offsets[j + 1])`` (the last one ends at the ``.rec`` size) and each
+record is read with one ``pread``. Keys that are ``k0, k0 + 1, ...`` in file order -- what every
+writer produces -- are not stored at all (``first_key`` stands for them).
 
-:class:`RecordIndex` holds the records in *file order* (sorted by offset), so the byte length of
-record ``j`` is ``offsets[j + 1] - offsets[j]`` (the last one ends at the ``.rec`` size) and each
-record is read with one ``pread``. It is saved once as one flat int64 ``.npy`` (header, keys,
-offsets, then sections the caller adds, e.g. identity ranges) and loaded with ``mmap_mode='r'``:
-every rank and DataLoader worker on a node shares the same page-cache pages instead of parsing
-the text again (:func:`save_stamped` / :func:`load_stamped`). The cache is keyed on what a replaced file cannot keep: size, ``mtime_ns``,
-inode and ``ctime_ns`` of the ``.idx`` (``cp -p`` and ``rsync -t`` keep the mtime but not the inode or
-ctime) and the ``.rec`` size plus a hash of sampled record headers.
+:func:`build_index` parses the ``.idx`` text (:mod:`facemargin.data.formats.idxtext`) and streams the
+offsets into a :class:`~facemargin.data.formats.stamped.StampedWriter` chunk by chunk, checking them
+on the way (ascending, 4-byte aligned, inside the ``.rec``, no two keys at one offset, no key twice):
+a 44 M-line ``.idx`` is indexed without a 44 M-element temporary, and the cache it writes is then
+mapped by every rank and worker. Lines out of offset order are sorted in memory instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-__all__ = ["RecordIOError", "parse_idx", "RecordIndex", "cache_dir_for", "file_stamp", "save_stamped", "load_stamped"]
+from .idxtext import RecordIOError, iter_idx, parse_idx
+from .stamped import StampedWriter
 
-_MAX_DIGITS = 18  # every 18-digit decimal fits in int64
-_CHUNK = 8 << 20
-_DIGIT, _TAB, _LF, _CR, _SPACE = 48, 9, 10, 13, 32
-CACHE_VERSION = 2
-_CACHE_MAGIC = 0x46_4D_49_44_58  # "FMIDX"
+__all__ = ["RecordIOError", "RecordIndex", "build_index", "parse_idx", "INDEX_SECTIONS"]
 
-
-class RecordIOError(ValueError):
-    """A malformed .rec/.idx file; the message names the file and the line, key or offset."""
+#: How many cache sections :func:`build_index` writes: offsets, keys (empty when implicit), [first key].
+INDEX_SECTIONS = 3
 
 
-def _fail(text: bytes, pos: int, path: str, why: str) -> RecordIOError:
-    line = text.count(b"\n", 0, pos) + 1
-    start = text.rfind(b"\n", 0, pos) + 1
-    stop = text.find(b"\n", pos)
-    shown = text[start: stop if stop >= 0 else len(text)][:80].decode("latin1")
-    return RecordIOError(f"{path}: line {line} {why}: {shown!r}")
-
-
-def _parse_chunk(text: bytes, start: int, stop: int, path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parse the whole lines in ``text[start:stop]``."""
-    raw = np.frombuffer(text, dtype=np.uint8, count=stop - start, offset=start)
-    digit = (raw - _DIGIT) < 10  # uint8 wrap-around: True for '0'..'9' only
-    newline = raw == _LF
-    bad = ~(digit | newline | (raw == _TAB) | (raw == _SPACE) | (raw == _CR))
-    if bad.any():
-        pos = int(np.argmax(bad))
-        raise _fail(text, start + pos, path, f"is not 'key<TAB>offset' (unexpected {chr(raw[pos])!r})")
-    prev = np.concatenate(([False], digit[:-1]))
-    nxt = np.concatenate((digit[1:], [False]))
-    starts = np.flatnonzero(digit & ~prev)
-    ends = np.flatnonzero(digit & ~nxt) + 1
-    line_ends = np.flatnonzero(newline)
-    per_line = np.bincount(np.searchsorted(line_ends, starts), minlength=line_ends.size + 1)
-    odd = np.flatnonzero((per_line != 0) & (per_line != 2))
-    if odd.size:
-        first = int(odd[0])
-        pos = int(line_ends[first - 1]) + 1 if first > 0 else 0
-        raise _fail(text, start + pos, path, f"is not 'key<TAB>offset' ({int(per_line[first])} fields)")
-    lengths = ends - starts
-    longest = int(lengths.max()) if lengths.size else 0
-    if longest > _MAX_DIGITS:
-        pos = int(starts[np.argmax(lengths > _MAX_DIGITS)])
-        raise _fail(text, start + pos, path, f"has a number of more than {_MAX_DIGITS} digits")
-    # checked above: only digits and blanks, two numbers a line, none longer than int64 holds,
-    # so NumPy's C text parser reads exactly these numbers
-    values = np.fromstring(text[start:stop].decode("ascii"), dtype=np.int64, sep=" ")
-    if values.size != starts.size:  # pragma: no cover - defensive, the checks above make it impossible
-        raise _fail(text, start, path, "and the lines after it could not be read as numbers")
-    return values[0::2], values[1::2]
-
-
-def parse_idx(text: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(keys, offsets)`` int64 arrays in line order; :class:`RecordIOError` names the bad line."""
-    if not text.strip():
-        raise RecordIOError(f"{path}: the index is empty (no 'key<TAB>offset' lines)")
-    keys, offsets = [], []
-    start = 0
-    while start < len(text):  # chunks of whole lines bound the transient memory
-        stop = len(text) if start + _CHUNK >= len(text) else text.rfind(b"\n", start, start + _CHUNK) + 1
-        if stop <= start:  # one line longer than a chunk
-            stop = text.find(b"\n", start) + 1 or len(text)
-        k, o = _parse_chunk(text, start, stop, path)
-        keys.append(k)
-        offsets.append(o)
-        start = stop
-    return np.concatenate(keys), np.concatenate(offsets)
-
-
-def file_stamp(path: str | os.PathLike) -> tuple[int, int, int, int]:
-    """``(size, mtime_ns, inode, ctime_ns)``: changes whenever the file is replaced or edited."""
-    st = os.stat(path)
-    return int(st.st_size), int(st.st_mtime_ns), int(st.st_ino), int(st.st_ctime_ns)
-
-
-def cache_dir_for(path: str | os.PathLike) -> Path:
-    """Where caches derived from ``path`` live: next to it when writable, else under ``$FACEMARGIN_CACHE``."""
-    local = Path(path)
-    if os.access(local.parent, os.W_OK):
-        return local.parent
-    base = Path(os.environ.get("FACEMARGIN_CACHE", Path.home() / ".cache" / "facemargin"))
-    digest = hashlib.sha1(str(local.resolve()).encode()).hexdigest()[:16]
-    return base / "index" / digest
-
-
-def save_stamped(path: Path, stamp: Sequence[int], arrays: Sequence[np.ndarray]) -> bool:
-    """Save int64 ``arrays`` with ``stamp`` as one flat ``.npy``, atomically.
-
-    Returns ``False`` (nothing written) when the folder is not writable: callers keep the data in
-    memory only.
-    """
-    head = [CACHE_VERSION, _CACHE_MAGIC, len(stamp), len(arrays), *map(int, stamp), *(len(a) for a in arrays)]
-    array = np.concatenate([np.asarray(head, dtype=np.int64), *(np.asarray(a, dtype=np.int64) for a in arrays)])
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    except OSError:
-        return False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        return False
-
-
-def load_stamped(path: Path, stamp: Sequence[int], count: int) -> list[np.ndarray] | None:
-    """The ``count`` arrays saved by :func:`save_stamped` (memory-mapped, read-only), or ``None``
-    when the file is absent, unreadable, or was built from other files (``stamp`` differs)."""
-    try:
-        # a plain ndarray over the mapping: np.memmap's Python-level indexing costs microseconds per item
-        flat = np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
-    except (OSError, ValueError):
-        return None
-    stamp = [int(x) for x in stamp]
-    fixed = 4 + len(stamp) + count
-    if flat.dtype != np.int64 or flat.ndim != 1 or flat.size < fixed:
-        return None
-    head = [int(x) for x in flat[:fixed]]
-    if head[:4] != [CACHE_VERSION, _CACHE_MAGIC, len(stamp), count] or head[4: 4 + len(stamp)] != stamp:
-        return None
-    lengths = head[4 + len(stamp):]
-    if min(lengths, default=0) < 0 or flat.size != fixed + sum(lengths):
-        return None
-    out, pos = [], fixed
-    for n in lengths:
-        out.append(flat[pos: pos + n])
-        pos += n
-    return out
+class _NotInOrder(Exception):
+    """The .idx lines are not in increasing offset order, or hold a defect: build in memory instead."""
 
 
 class RecordIndex:
-    """Records of a ``.rec`` in file order: ``keys`` and ``offsets`` (int64, offsets ascending).
+    """Records of a ``.rec`` in file order: ``offsets`` (int64, ascending) and their keys.
 
-    The byte span of the record at file position ``j`` is ``[offsets[j], offsets[j + 1])`` (the
-    last ends at ``rec_size``): everything it holds, read in one call.
+    ``keys`` is an int64 array, or ``None`` when the keys are ``first_key, first_key + 1, ...`` in
+    file order (then :attr:`keys` makes that array on first use; :meth:`key_at`, :meth:`keys_at` and
+    :meth:`positions` never do). The byte span of the record at file position ``j`` is
+    ``[offsets[j], offsets[j + 1])`` (the last ends at ``rec_size``): everything it holds, read in one call.
     """
 
-    def __init__(self, keys: np.ndarray, offsets: np.ndarray, rec_size: int) -> None:
-        self.keys = keys
+    def __init__(self, keys: np.ndarray | None, offsets: np.ndarray, rec_size: int, first_key: int = 0) -> None:
+        if keys is not None and keys.size and keys.size == offsets.size and _consecutive(keys):
+            first_key, keys = int(keys[0]), None
+        self._keys = keys
+        self.first_key = int(first_key)
         self.offsets = offsets
         self.rec_size = int(rec_size)
+        self._made: np.ndarray | None = None  # implicit keys, made on demand
         self._sorted_keys: np.ndarray | None = None
         self._key_pos: np.ndarray | None = None
 
@@ -192,10 +65,7 @@ class RecordIndex:
             why = (f"is past the end of {rec_name} ({rec_size} bytes)" if o[j] >= rec_size
                    else "is not a multiple of 4 (records start 4-byte aligned)")
             raise RecordIOError(f"{idx_name}: key {int(k[j])} -> offset {int(o[j])} {why}")
-        sk = k if k.size < 2 or bool(np.all(k[1:] > k[:-1])) else np.sort(k)
-        dup = np.flatnonzero(np.diff(sk) == 0)
-        if dup.size:
-            raise RecordIOError(f"{idx_name}: key {int(sk[dup[0]])} appears more than once")
+        _check_unique_keys(k, idx_name)
         same = np.flatnonzero(np.diff(o) == 0)
         if same.size:
             j = int(same[0])
@@ -205,32 +75,81 @@ class RecordIndex:
             )
         return cls(k, o, rec_size)
 
+    @classmethod
+    def from_sections(cls, sections: list[np.ndarray], rec_size: int) -> "RecordIndex":
+        """The index from the :data:`INDEX_SECTIONS` sections :func:`build_index` wrote."""
+        offsets, keys, first = sections
+        return cls(keys if first.size == 0 else None, offsets, rec_size, int(first[0]) if first.size else 0)
+
+    def sections(self) -> list[np.ndarray]:
+        """What :meth:`from_sections` takes."""
+        if self._keys is None:
+            return [self.offsets, np.zeros(0, np.int64), np.asarray([self.first_key], np.int64)]
+        return [self.offsets, self._keys, np.zeros(0, np.int64)]
+
     def __len__(self) -> int:
-        return int(self.keys.size)
+        return int(self.offsets.size)
+
+    @property
+    def implicit_keys(self) -> bool:
+        """Whether the keys are ``first_key, first_key + 1, ...`` in file order (not stored)."""
+        return self._keys is None
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Keys in file order (int64; made on first use when implicit)."""
+        if self._keys is not None:
+            return self._keys
+        if self._made is None:
+            self._made = np.arange(self.first_key, self.first_key + len(self), dtype=np.int64)
+            self._made.flags.writeable = False
+        return self._made
+
+    def key_at(self, pos: int) -> int:
+        """Key of the record at file position ``pos``."""
+        return self.first_key + int(pos) if self._keys is None else int(self._keys[pos])
+
+    def keys_at(self, pos: np.ndarray) -> np.ndarray:
+        """Keys of the records at file positions ``pos``."""
+        pos = np.asarray(pos, dtype=np.int64)
+        return pos + self.first_key if self._keys is None else self._keys[pos]
 
     def _lookup(self) -> tuple[np.ndarray, np.ndarray | None]:
         if self._sorted_keys is None:
-            if self.keys.size < 2 or bool(np.all(self.keys[1:] > self.keys[:-1])):
-                self._sorted_keys, self._key_pos = self.keys, None  # file order is key order (the usual case)
+            keys = self.keys
+            if keys.size < 2 or bool(np.all(keys[1:] > keys[:-1])):
+                self._sorted_keys, self._key_pos = keys, None  # file order is key order (the usual case)
             else:
-                pos = np.argsort(self.keys, kind="stable")
-                self._sorted_keys, self._key_pos = self.keys[pos], pos
+                pos = np.argsort(keys, kind="stable")
+                self._sorted_keys, self._key_pos = keys[pos], pos
         return self._sorted_keys, self._key_pos
 
     def positions(self, keys: np.ndarray | int) -> np.ndarray:
         """File positions of ``keys`` (-1 where absent)."""
-        sorted_keys, key_pos = self._lookup()
         keys = np.asarray(keys, dtype=np.int64)
-        n = sorted_keys.size
+        n = len(self)
+        if self._keys is None:
+            pos = keys - self.first_key
+            return np.where((pos >= 0) & (pos < n), pos, -1)
         if n == 0:
             return np.full(keys.shape, -1, dtype=np.int64)
-        if key_pos is None and int(sorted_keys[-1]) - int(sorted_keys[0]) == n - 1:  # keys k0, k0 + 1, ...
-            pos = keys - int(sorted_keys[0])
-            return np.where((pos >= 0) & (pos < n), pos, -1)
+        sorted_keys, key_pos = self._lookup()
         i = np.minimum(np.searchsorted(sorted_keys, keys), n - 1)
         found = sorted_keys[i] == keys
         pos = i if key_pos is None else key_pos[i]
         return np.where(found, pos, -1)
+
+    def key_run(self, first: int, end: int) -> int | None:
+        """File position of key ``first`` when keys ``first .. end - 1`` are consecutive records in file
+        order, else ``None`` (nothing of that size is made for implicit keys)."""
+        if self._keys is None:
+            start = first - self.first_key
+            return start if end <= first or (start >= 0 and end - self.first_key <= len(self)) else None
+        start = int(self.positions(first))
+        if start < 0 or start + end - first > len(self):
+            return None
+        run = self._keys[start: start + end - first]
+        return start if int(run[-1]) - first == end - first - 1 and _consecutive(run) else None
 
     def span(self, pos: int) -> tuple[int, int]:
         """``(offset, end)`` of the record at file position ``pos``."""
@@ -238,4 +157,74 @@ class RecordIndex:
         return int(self.offsets[pos]), end
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_sorted_keys": None, "_key_pos": None}
+        return {**self.__dict__, "_made": None, "_sorted_keys": None, "_key_pos": None}
+
+
+def _increasing(values: np.ndarray) -> bool:
+    return values.size < 2 or bool(np.all(values[1:] > values[:-1]))
+
+
+def _consecutive(keys: np.ndarray) -> bool:
+    """``k, k + 1, k + 2, ...``: strictly increasing integers that span exactly their count."""
+    return keys.size < 2 or (int(keys[-1]) - int(keys[0]) == keys.size - 1 and _increasing(keys))
+
+
+def _check_unique_keys(keys: np.ndarray, idx_name: str) -> None:
+    sk = keys if keys.size < 2 or bool(np.all(keys[1:] > keys[:-1])) else np.sort(keys)
+    dup = np.flatnonzero(np.diff(sk) == 0)
+    if dup.size:
+        raise RecordIOError(f"{idx_name}: key {int(sk[dup[0]])} appears more than once")
+
+
+def build_index(idx_file: str | os.PathLike, idx_name: str, rec_size: int, rec_name: str,
+                writer: StampedWriter) -> RecordIndex:
+    """Index the ``.idx`` file ``idx_file`` against a ``.rec`` of ``rec_size`` bytes.
+
+    Writes the :data:`INDEX_SECTIONS` sections into ``writer`` (it must have none yet) and returns the
+    index over them. Lines in offset order (the usual case) are checked and written chunk by chunk;
+    otherwise the whole index is parsed, sorted and checked in memory. Defects raise
+    :class:`RecordIOError` naming ``idx_name`` and the line or key.
+    """
+    first, expect, last = None, 0, -1
+    explicit: list[np.ndarray] | None = None
+    chunks = iter_idx(idx_file, idx_name)
+    try:
+        for keys, offsets in chunks:
+            if (int(offsets[0]) <= last or int(offsets[-1]) >= rec_size or int(np.bitwise_or.reduce(offsets)) & 3
+                    or not _increasing(offsets)):
+                raise _NotInOrder
+            if explicit is None:
+                if first is None:
+                    first = expect = int(keys[0])
+                if int(keys[0]) == expect and _consecutive(keys):
+                    expect += keys.size
+                else:
+                    explicit = [np.arange(first, expect, dtype=np.int64)]
+            if explicit is not None:
+                explicit.append(keys.copy())  # the parser reuses its buffers
+            writer.add(offsets)
+            last = int(offsets[-1])
+    except _NotInOrder:
+        chunks.close()
+        writer.rewind()
+        return _index_in_memory(idx_file, idx_name, rec_size, rec_name, writer)
+    offsets = writer.end_section()
+    if explicit is None:
+        keys, head = np.zeros(0, np.int64), np.asarray([first], np.int64)
+    else:
+        keys, head = np.concatenate(explicit), np.zeros(0, np.int64)
+        _check_unique_keys(keys, idx_name)
+    keys = writer.section(keys)
+    writer.section(head)
+    return RecordIndex(None if explicit is None else keys, offsets, rec_size, first if explicit is None else 0)
+
+
+def _index_in_memory(idx_file: str | os.PathLike, idx_name: str, rec_size: int, rec_name: str,
+                     writer: StampedWriter) -> RecordIndex:
+    parts = [(k.copy(), o.copy()) for k, o in iter_idx(idx_file, idx_name)]
+    keys = np.concatenate([k for k, _ in parts])
+    offsets = np.concatenate([o for _, o in parts])
+    del parts
+    index = RecordIndex.from_entries(keys, offsets, rec_size, idx_name, rec_name)
+    sections = [writer.section(s) for s in index.sections()]
+    return RecordIndex.from_sections(sections, rec_size)

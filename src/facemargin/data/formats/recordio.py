@@ -2,13 +2,10 @@
 
 File format (dmlc-core ``RecordIOWriter``, as used by ``mx.recordio.MXIndexedRecordIO``):
 
-* ``.rec``: a sequence of *parts*. Each part is ``uint32 magic (0xCED7230A)``, ``uint32 lrec``
-  (low 29 bits: part length, high 3 bits: continuation flag), the part bytes, then zero padding
-  to a multiple of 4. A payload that contains the magic number at a 4-byte-aligned offset is
-  split there (the magic itself is dropped): flag 1 = first part, 2 = middle, 3 = last;
-  0 = a whole record. Readers join the parts with the magic number between them.
+* ``.rec``: a sequence of *parts*, each behind a magic number, a record split where its payload
+  holds the magic (:mod:`facemargin.data.formats.framing`).
 * ``.idx``: text, one ``key<TAB>offset`` line per record (offset of the record's first part);
-  parsed strictly by :mod:`facemargin.data.formats.index`.
+  parsed strictly by :mod:`facemargin.data.formats.idxtext`, indexed by :mod:`facemargin.data.formats.index`.
 * Payload: :class:`IRHeader` packed ``<IfQQ``; if ``flag > 0``, ``flag`` float32 labels follow
   and the header's ``label`` field is unused; the rest is the encoded image.
 
@@ -28,7 +25,10 @@ import numpy as np
 
 from ..storage.cache import cached_copy
 from ..storage.source import ByteSource, open_source
-from .index import RecordIndex, RecordIOError, parse_idx
+from .framing import (_LEN_MASK, MAGIC, MAX_RECORD_LENGTH, TruncatedRecordError, _encode_parts, aligned_magic, unframe,
+                      whole_record)
+from .index import INDEX_SECTIONS, RecordIndex, RecordIOError, build_index
+from .stamped import StampedWriter
 
 __all__ = [
     "MAGIC",
@@ -41,23 +41,15 @@ __all__ = [
     "unpack_record",
     "unframe",
     "load_index",
+    "unindexed_bytes",
+    "unindexed_record",
 ]
 
-MAGIC = 0xCED7230A
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
 _IR_FORMAT = "<IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
 _IR_STRUCT = struct.Struct(_IR_FORMAT)
-_U32 = struct.Struct("<I")
-_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
-_LEN_MASK = (1 << 29) - 1
-MAX_RECORD_LENGTH = 1 << 29
 _SCAN_BLOCK = 4 << 20
 _ONE_READ_LIMIT = 16 << 20  # a record span larger than this (a damaged index) is read header-first
-
-
-class TruncatedRecordError(RecordIOError):
-    """The bytes end before the record does (a truncated file, or more bytes are needed)."""
 
 
 class IRHeader(NamedTuple):
@@ -111,33 +103,7 @@ def unpack_record(payload: bytes | memoryview) -> tuple[IRHeader, float | np.nda
     return header, labels, bytes(payload[end:])
 
 
-# --------------------------------------------------------------------------- writer
-def _encode_parts(payload: bytes) -> bytes:
-    """The exact bytes dmlc-core writes for one record (split at aligned magic numbers, padded)."""
-    n = len(payload)
-    if n >= MAX_RECORD_LENGTH:
-        raise ValueError(f"record of {n} bytes is too large for RecordIO (limit {MAX_RECORD_LENGTH - 1})")
-    i = payload.find(_MAGIC_BYTES)
-    while i != -1 and i % 4:
-        i = payload.find(_MAGIC_BYTES, i + 1)
-    if i == -1:  # the common case: one whole part
-        return b"".join((_MAGIC_BYTES, _U32.pack(n), payload, _PADDING[-n % 4]))
-    out = bytearray()
-    dptr = 0
-    while i != -1:
-        if i % 4 == 0:
-            cflag = 1 if dptr == 0 else 2
-            out += _MAGIC_BYTES + _U32.pack((cflag << 29) | (i - dptr)) + payload[dptr:i]
-            dptr = i + 4
-            i = payload.find(_MAGIC_BYTES, dptr)
-        else:
-            i = payload.find(_MAGIC_BYTES, i + 1)
-    cflag = 3 if dptr != 0 else 0
-    out += _MAGIC_BYTES + _U32.pack((cflag << 29) | (n - dptr)) + payload[dptr:]
-    out += _PADDING[-n % 4]
-    return bytes(out)
-
-
+# --------------------------------------------------------------------------- writer (framing: .framing)
 class RecordIOWriter:
     """Write an indexed RecordIO pair byte-for-byte as ``mx.recordio.MXIndexedRecordIO(..., 'w')``."""
 
@@ -163,12 +129,10 @@ class RecordIOWriter:
         """``write(key, pack_record(IRHeader(0, label, key, 0), image))``, the image copied once."""
         head = _IR_STRUCT.pack(0, label, key, 0)
         n = len(head) + len(image)
-        i = image.find(_MAGIC_BYTES)
-        while i != -1 and i % 4:  # the header is 24 bytes: aligned in the image is aligned in the payload
-            i = image.find(_MAGIC_BYTES, i + 1)
-        if i != -1 or _MAGIC_BYTES in head or n >= MAX_RECORD_LENGTH or int(key) in self._keys:
+        # the header is 24 bytes: a magic number aligned in the image is aligned in the payload
+        if aligned_magic(image) != -1 or aligned_magic(head) != -1 or n >= MAX_RECORD_LENGTH or int(key) in self._keys:
             return self.write(key, head + image)
-        return self._append(int(key), b"".join((_MAGIC_BYTES, _U32.pack(n), head, image, _PADDING[-n % 4])))
+        return self._append(int(key), whole_record(n, head, image))
 
     def _append(self, key: int, data: bytes) -> int:
         offset = self._rec.tell()
@@ -201,60 +165,33 @@ class RecordIOWriter:
         self.close()
 
 
-# --------------------------------------------------------------------------- framing
-def unframe(buf: bytes | bytearray, where: str, at_eof: bool = True, start: int = 0,
-            file_offset: int = 0) -> tuple[bytes, int]:
-    """The payload of the record whose first part starts at ``buf[start]``, and where it ends.
-
-    ``buf`` holds the record's bytes (possibly followed by others); ``file_offset`` is the file
-    offset of ``buf[start]`` (for messages). ``at_eof``: ``buf`` ends where the file ends (a short
-    record is *truncated*); otherwise it ends at the next indexed record (a short record means
-    the index points inside a record). Errors name ``where``.
-    """
-    n = len(buf)
-    pos = start
-    chunks: list[bytes] = []
-
-    def at(p: int) -> int:
-        return file_offset + p - start
-
-    while True:
-        if pos + 8 > n:
-            raise TruncatedRecordError(f"{where}: truncated record (part header at {at(pos)})")
-        magic, lrec = struct.unpack_from("<II", buf, pos)
-        if magic != MAGIC:
-            raise RecordIOError(
-                f"{where}: bad magic 0x{magic:08x} at offset {at(pos)} (expected 0x{MAGIC:08x}); "
-                "the index may not match the .rec file"
-            )
-        cflag, length = lrec >> 29, lrec & _LEN_MASK
-        first = not chunks
-        if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
-            expected = "a record must start with flag 0 or 1" if first else "expected 2 or 3 after a first part"
-            raise RecordIOError(f"{where}: bad continuation flag {cflag} at offset {at(pos)} ({expected})")
-        if pos + 8 + length > n:
-            if at_eof:
-                raise TruncatedRecordError(
-                    f"{where}: truncated record: part at {at(pos)} needs {length} bytes, file has {max(n - pos - 8, 0)}"
-                )
-            raise RecordIOError(
-                f"{where}: the record needs {pos + 8 + length - start} bytes but the next indexed record starts "
-                f"{n - start} bytes after it (an .idx offset points inside a record, or the record is damaged)"
-            )
-        if not first:
-            chunks.append(_MAGIC_BYTES)
-        chunks.append(bytes(buf[pos + 8: pos + 8 + length]))
-        pos += 8 + length + (-length % 4)
-        if cflag in (0, 3):
-            return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), min(pos, n)
-
-
 # --------------------------------------------------------------------------- reader
 def load_index(idx_path: str | os.PathLike, source: ByteSource) -> RecordIndex:
     """Parse and validate an ``.idx`` (no cache: :class:`~facemargin.data.sources.recordio.FaceRecordSet` caches)."""
-    local = cached_copy(idx_path)
-    keys, offsets = parse_idx(Path(local).read_bytes(), str(idx_path))
-    return RecordIndex.from_entries(keys, offsets, source.size, str(idx_path), source.name)
+    memory = StampedWriter(None, [], INDEX_SECTIONS)
+    return build_index(cached_copy(idx_path), str(idx_path), source.size, source.name, memory)
+
+
+def unindexed_record(reader: "RecordIOReader", offset: int) -> RecordIOError:
+    """A record that starts at ``offset`` but that no ``.idx`` line points at, named with its neighbours."""
+    offsets = reader.index.offsets
+    j = int(np.searchsorted(offsets, offset))
+    around = ([f"after key {reader.index.key_at(j - 1)} at offset {int(offsets[j - 1])}"] if j > 0 else []) + (
+        [f"before key {reader.index.key_at(j)} at offset {int(offsets[j])}"] if j < offsets.size else [])
+    return RecordIOError(
+        f"{reader.source.name}: the record at offset {offset} ({', '.join(around)}) is in no .idx line: "
+        "its image is never read (a deleted .idx line?)"
+    )
+
+
+def unindexed_bytes(where: str, stop: int, end: int, rec_size: int) -> RecordIOError:
+    """The record at ``where`` ends at offset ``stop`` but its index span runs to ``end``: the bytes between
+    are a record no ``.idx`` line points at (a deleted line), or garbage."""
+    after = "the end of the file" if end >= rec_size else f"the next indexed record at offset {end}"
+    return RecordIOError(
+        f"{where}: the record ends at offset {stop}, but {after} is {end - stop} bytes further: those bytes are "
+        "in no .idx line (a deleted .idx line leaves its record out of training), or the .rec is damaged"
+    )
 
 
 class RecordIOReader:
@@ -262,12 +199,15 @@ class RecordIOReader:
 
     Each record is read with one ``pread`` of ``[offset, next offset)``. Keys and offsets are
     kept in file order. Instances pickle without open handles (DataLoader workers re-open).
+    ``exact_spans=False``: the index lists a subset of the records on purpose (bytes after a record
+    up to the next indexed one are allowed).
     """
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike,
-                 index: RecordIndex | None = None, source: ByteSource | None = None) -> None:
+                 index: RecordIndex | None = None, source: ByteSource | None = None, exact_spans: bool = True) -> None:
         self.rec_path = rec_path
         self.idx_path = idx_path
+        self.exact_spans = exact_spans
         if index is None and not Path(cached_copy(idx_path)).is_file():
             raise FileNotFoundError(f"RecordIO index not found: {idx_path}")
         self.source = source if source is not None else open_source(rec_path)
@@ -312,10 +252,15 @@ class RecordIOReader:
     # ---- reading
     def where(self, pos: int) -> str:
         """``"<file> at offset O (key K)"`` for the record at file position ``pos``."""
-        return f"{self.source.name} at offset {int(self.index.offsets[pos])} (key {int(self.index.keys[pos])})"
+        return f"{self.source.name} at offset {int(self.index.offsets[pos])} (key {self.index.key_at(pos)})"
 
     def read_span(self, pos: int) -> bytes:
-        """All bytes of the record at file position ``pos`` (one ``pread``; header first if the span is huge)."""
+        """All bytes of the record at file position ``pos`` (one ``pread``).
+
+        A span over ``16 MiB`` (a damaged index) is read header first: a one-part record shorter
+        than its span is read with the 8 bytes after it, enough for :meth:`payload_at` to see that
+        the span holds more than the record.
+        """
         offset, end = self.index.span(pos)
         n = end - offset
         if n > _ONE_READ_LIMIT:
@@ -323,14 +268,23 @@ class RecordIOReader:
             if len(head) == 8 and struct.unpack_from("<I", head, 0)[0] == MAGIC:
                 lrec = struct.unpack_from("<I", head, 4)[0]
                 if lrec >> 29 == 0:
-                    n = min(n, 8 + (lrec & _LEN_MASK))
+                    n = min(n, 16 + (lrec & _LEN_MASK) + (-lrec % 4))
         return self.source.pread(n, offset)
 
     def payload_at(self, pos: int, data: bytes | None = None) -> bytes:
-        """Payload of the record at file position ``pos`` (from ``data`` = its span, if already read)."""
+        """Payload of the record at file position ``pos`` (from ``data`` = its span, if already read).
+
+        The record must fill its span exactly -- end where the next indexed record starts (or the
+        file ends): bytes left over are a record no ``.idx`` line points at, an error naming both
+        offsets (unless ``exact_spans`` is false: an index that lists a subset on purpose).
+        """
         data = self.read_span(pos) if data is None else data
-        at_eof = pos + 1 >= len(self.index)
-        return unframe(data, self.where(pos), at_eof=at_eof, file_offset=int(self.index.offsets[pos]))[0]
+        offset, end = self.index.span(pos)
+        where = self.where(pos)
+        payload, stop = unframe(data, where, at_eof=end >= self.index.rec_size, file_offset=offset)
+        if stop != end - offset and self.exact_spans:
+            raise unindexed_bytes(where, offset + stop, end, self.index.rec_size)
+        return payload
 
     def read(self, key: int) -> bytes:
         """Read the payload stored under ``key``."""
@@ -383,6 +337,28 @@ class RecordIOReader:
                         buf += block
             yield pos, payload
             pos = buf_start + stop
+
+    def walk(self) -> Iterator[tuple[int, int, bytes | None]]:
+        """Every record of the file and every index entry, in file order, reading the file once.
+
+        Yields ``(offset, pos, payload)``: a record an index entry points at (``pos`` its file
+        position); ``(offset, -1, payload)``: a record no ``.idx`` line points at;
+        ``(offset, pos, None)``: an index entry that is not the start of a record. A framing defect
+        raises :class:`RecordIOError`; the entries after it are not yielded.
+        """
+        offsets, n, j = self.index.offsets, len(self.index), 0
+        for offset, payload in self.scan():
+            while j < n and int(offsets[j]) < offset:
+                yield int(offsets[j]), j, None
+                j += 1
+            if j < n and int(offsets[j]) == offset:
+                yield offset, j, payload
+                j += 1
+            else:
+                yield offset, -1, payload
+        while j < n:
+            yield int(offsets[j]), j, None
+            j += 1
 
     def close(self) -> None:
         """Close the file handle (it is re-opened on the next read)."""

@@ -10,7 +10,6 @@ with a file name again or decides local-vs-remote again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Mapping
 from ..storage.cache import cached_copy
 from ..storage.source import ByteSource, is_remote, open_source, remote_options
 from .faceset import read_property
-from .index import cache_dir_for, file_stamp
+from .stamped import cache_dir_for, file_stamp, text_stamp
 
 __all__ = ["SetFiles"]
 
@@ -90,6 +89,21 @@ class SetFiles:
                 f"python -m facemargin.data.pack {root} OUT_DIR and use data.root=OUT_DIR"
             )
 
+    @property
+    def subset_marker(self) -> Path | str:
+        """``<idx>.subset``: present when the ``.idx`` lists a subset of the ``.rec``'s records on purpose
+        (what ``facemargin.clean`` writes): then records no line points at are skipped, not refused."""
+        return Path(f"{self.idx}.subset") if isinstance(self.idx, Path) else f"{self.idx}.subset"
+
+    def lists_subset(self) -> bool:
+        """Whether :attr:`subset_marker` exists (a remote one is asked for once)."""
+        if not self.is_remote:
+            return Path(self.subset_marker).is_file()
+        try:
+            return Path(cached_copy(self.subset_marker, **self.remote)).is_file()
+        except OSError:  # absent (404) or unreachable: a full index, whose gaps are errors
+            return False
+
     def has_property(self) -> bool:
         """Whether the set has a ``property`` file (a remote one is assumed; reading it tells)."""
         return self.is_remote or Path(self.property).is_file()
@@ -120,18 +134,21 @@ class SetFiles:
         ``$FACEMARGIN_CACHE``."""
         return cache_dir_for(local_index) / f"{local_index.name}.{kind}.npy"
 
-    @staticmethod
-    def stamp(source: ByteSource, local_index: Path) -> list[int]:
-        """What the caches are keyed on: the ``.idx``'s stat, the ``.rec`` size, hashes of sampled bytes of both."""
+    def stamp(self, source: ByteSource, local_index: Path) -> list[int]:
+        """What the caches are keyed on: anything that changes with either file.
+
+        The ``.idx``'s stat (size, ``mtime_ns``, inode, ``ctime_ns``; a remote one's local copy is
+        fetched again, into a new file, when it changes) and the ``.rec``'s: its stat when local
+        (an edit in place changes its ctime, ``cp -p`` / ``rsync -t`` its inode), else its size, its
+        validators (ETag / Last-Modified, as ``source.version`` reports them) and a hash of 16 sampled
+        64-byte reads (for servers that send no validator).
+        """
+        index = file_stamp(local_index)
+        if not self.is_remote:
+            return [*index, *file_stamp(self.rec)]
         size = source.size
-        h = hashlib.blake2b(digest_size=8)
-        for k in range(16):
-            h.update(source.pread(64, (size * k // 16) & ~3))
-        with open(local_index, "rb") as f:
-            h.update(f.read(1 << 16))
-            f.seek(max(0, local_index.stat().st_size - (1 << 16)))
-            h.update(f.read())
-        return [*file_stamp(local_index), size, int.from_bytes(h.digest(), "little") >> 1]
+        samples = source.pread_many([(64, (size * k // 16) & ~3) for k in range(16)])
+        return [*index, size, text_stamp(str(getattr(source, "version", ""))), text_stamp(b"".join(samples))]
 
 
 def _under(root: Path | str, name: str) -> Path | str:

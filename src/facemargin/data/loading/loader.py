@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from ..formats.image import CorruptImageError, decode_into
+from ..formats.image import CorruptImageError
 from ..sources.base import FaceSource
 from ..storage.remote import RemoteReadError
 from .plan import EpochPlan, PlanSpec, hash_uniform
@@ -214,10 +214,7 @@ class BatchReader(Dataset):
     def _decode(self, i: int, raw: bytes, out: np.ndarray | None) -> int:
         """Label of sample ``i``; its image decoded into ``out``. Errors name the sample."""
         label, image = self.source.parse(i, raw)
-        try:
-            decode_into(image, out)
-        except CorruptImageError as exc:
-            raise type(exc)(f"{self.source.where(i)}: corrupt image: {exc}") from None
+        self.source.decode_into(i, image, out)  # type: ignore[arg-type]
         return label
 
     def _substitute(self, epoch: int, i: int, out: np.ndarray | None, exc: BaseException) -> tuple[int, int]:

@@ -17,6 +17,10 @@ A sample that cannot be read (a file deleted after the set was opened, a damaged
 loader's to handle like a damaged image (``data.on_corrupt``): :meth:`FaceSource.read_raws_or_errors`
 hands it over as its error. A storage failure (a remote file that changed or stays unreachable:
 :class:`~facemargin.data.storage.remote.RemoteReadError`) is never a damaged sample; it stops.
+
+A source whose stored images are not yet the
+set's images (raw photos to crop, resize or align: :class:`~facemargin.data.sources.framed.FramedSource`)
+overrides ``decode_into``, which the DataLoader workers call.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ...errors import UserError
-from ..formats.image import common_size, declared_size
+from ..formats.image import CorruptImageError, common_size, declared_size, decode_into
 from ..storage.remote import RemoteReadError
 
 __all__ = ["FaceSource", "SourceError", "UnreadableSampleError", "SIZE_SAMPLES"]
@@ -75,6 +79,17 @@ class FaceSource(ABC):
 
         Raises ``ValueError`` subclasses naming :meth:`where`.
         """
+
+    def decode_into(self, i: int, image: bytes, out: np.ndarray) -> None:
+        """Decode sample ``i``'s encoded image (from :meth:`parse`) into ``out`` (uint8 ``[H, W, 3]``,
+        the set's :attr:`image_size`); errors name :meth:`where`. Runs in the DataLoader workers."""
+        try:
+            decode_into(image, out)
+        except CorruptImageError as exc:
+            raise type(exc)(f"{self.where(i)}: corrupt image: {exc}") from None
+
+    #: True when :meth:`decode_into` does more than decode (the stored bytes are not the training image)
+    prepares_images: bool = False
 
     @abstractmethod
     def where(self, i: int) -> str:

@@ -28,10 +28,13 @@ class FolderSource(FaceSource):
             up to 64 images spread over the set (:meth:`~FaceSource.sampled_image_size`).
         num_classes: default: the number of folders, or the largest label + 1 of a list file (whose
             labels must then be below its number of images).
+        stored_sizes: ``False`` when the stored photos are not the training images (they are cropped,
+            resized or aligned first: :class:`~facemargin.data.sources.framed.FramedSource`); then
+            no size is taken from them and ``image_size`` is ``None``.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: Sequence[int] | None = None,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, stored_sizes: bool = True) -> None:
         self.root = Path(root).expanduser()
         self.name = str(self.root)
         if self.root.is_dir():
@@ -53,9 +56,9 @@ class FolderSource(FaceSource):
         self.num_classes = found if num_classes is None else int(num_classes)
         if int(self._labels.max()) >= self.num_classes:
             raise SourceError(f"{self.root}: label {int(self._labels.max())} is outside [0, {self.num_classes})")
-        if image_size is None:
+        if image_size is None and stored_sizes:
             image_size = self.sampled_image_size()
-        self.image_size = (int(image_size[0]), int(image_size[1]))  # type: ignore[index]
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))  # type: ignore[index]
 
     def __len__(self) -> int:
         return int(self._ends.size)

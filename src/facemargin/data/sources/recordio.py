@@ -22,10 +22,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..formats.faceset import INSIGHTFACE, LAYOUT_ARRAYS, LAYOUT_NAMES, MAX_CLASSES, read_layout, read_runs
-from ..formats.index import RecordIndex, load_stamped, parse_idx, save_stamped
-from ..formats.recordio import MAGIC, RecordIOError, RecordIOReader, unframe
+from ..formats.faceset import (INSIGHTFACE, LAYOUT_ARRAYS, LAYOUT_NAMES, MAX_CLASSES, check_classes, read_layout,
+                               read_runs)
+from ..formats.index import INDEX_SECTIONS, RecordIndex, build_index
+from ..formats.recordio import MAGIC, RecordIOError, RecordIOReader, unindexed_record
 from ..formats.setfiles import SetFiles
+from ..formats.stamped import CacheWriteError, StampedWriter, build_lock, load_stamped, save_stamped
 from .base import FaceSource
 
 __all__ = ["FaceRecordSet"]
@@ -33,6 +35,8 @@ __all__ = ["FaceRecordSet"]
 log = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<IIIf")  # magic, lrecord, IRHeader flag, IRHeader label
+#: sections of the cache: the index's, then the layout's
+_SECTIONS = INDEX_SECTIONS + LAYOUT_ARRAYS
 _FLOAT = struct.Struct("<f")
 
 
@@ -58,6 +62,8 @@ class FaceRecordSet(FaceSource):
 
     Attributes: ``num_classes``, ``image_size``, ``image_keys`` (int64, file order), ``layout``
     (``"insightface"`` or ``"im2rec"``), ``identity_range`` (``(a, b)`` or ``None``), ``reader``,
+    ``subset`` (the ``.idx`` lists a subset of the records on purpose: ``train.idx.subset`` exists;
+    otherwise a record must end where the next indexed one starts, else it is an error),
     ``files`` (``root``, ``rec_path``, ``idx_path``, ``property_path`` read from it).
     """
 
@@ -68,6 +74,7 @@ class FaceRecordSet(FaceSource):
         self.name = str(files.rec)
         files.refuse_image_folder()
         self._idx_local = files.local_index()
+        self.subset = files.lists_subset()
         source = files.open_rec()
         if files.has_property():
             classes, h, w = files.read_property()
@@ -84,20 +91,22 @@ class FaceRecordSet(FaceSource):
         self._cache_file = files.cache_file(self._idx_local, "facemargin")
         self._stamp = files.stamp(source, self._idx_local)
         self._open_index(source)
+        check_classes(self.num_classes, int(self._lo.size), num_classes is not None, files.property, files.rec)
         if self.image_size is None:
             self.image_size = self.sampled_image_size()  # the most common of 64 headers, bounded
         self._labels: np.ndarray | None = None
 
     @staticmethod
-    def peek(root: str | os.PathLike | SetFiles, name: str = "train",
-             remote: Mapping[str, Any] | None = None) -> tuple[int, tuple[int, int]]:
-        """``(num_classes, image_size)`` without opening the index: from ``property`` when present."""
+    def peek(root: str | os.PathLike | SetFiles, name: str = "train", remote: Mapping[str, Any] | None = None,
+             num_classes: int | None = None) -> tuple[int, tuple[int, int]]:
+        """``(num_classes, image_size)`` without opening the index when ``property`` is there (else the
+        set is opened: ``num_classes`` then stands in for ``property``'s, as in the constructor)."""
         files = _files(root, name, remote)
         files.refuse_image_folder()
         if files.has_property():
             classes, h, w = files.read_property()
-            return classes, (h, w)
-        fs = FaceRecordSet(files)
+            return (int(num_classes) if num_classes is not None else classes), (h, w)
+        fs = FaceRecordSet(files, num_classes=num_classes)
         return fs.num_classes, fs.image_size  # type: ignore[return-value]
 
     # ---- where the files are (resolved once, in ``files``)
@@ -119,19 +128,23 @@ class FaceRecordSet(FaceSource):
 
     # ---- index and layout (built once, cached)
     def _open_index(self, source) -> None:
-        arrays = load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS)
+        arrays = load_stamped(self._cache_file, self._stamp, _SECTIONS)
         if arrays is None:
-            arrays = self._build_index(source)
-            if save_stamped(self._cache_file, self._stamp, arrays):
-                arrays = load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS) or arrays  # map it: shared pages
-            else:
-                log.info("%s: cannot write the index cache %s; kept in memory", self.idx_path, self._cache_file)
+            with build_lock(self._cache_file):  # one rank builds, the others wait and map its cache
+                arrays = load_stamped(self._cache_file, self._stamp, _SECTIONS)
+                if arrays is None:
+                    try:
+                        arrays = self._build_index(source, StampedWriter(self._cache_file, self._stamp, _SECTIONS))
+                    except CacheWriteError as exc:
+                        log.info("%s: cannot write the index cache (%s); kept in memory", self.idx_path, exc)
+                        arrays = self._build_index(source, StampedWriter(None, self._stamp, _SECTIONS))
         self._set_arrays(arrays, source)
 
     def _set_arrays(self, arrays: list[np.ndarray], source) -> None:
-        keys, offsets, samples, lo, hi, meta = arrays
-        self.index = RecordIndex(keys, offsets, source.size)
-        self.reader = RecordIOReader(self.rec_path, self.idx_path, index=self.index, source=source)
+        self.index = RecordIndex.from_sections(arrays[:INDEX_SECTIONS], source.size)
+        samples, lo, hi, meta = arrays[INDEX_SECTIONS:]
+        self.reader = RecordIOReader(self.rec_path, self.idx_path, index=self.index, source=source,
+                                     exact_spans=not self.subset)
         layout, a, b, start, count = (int(x) for x in meta[:5])
         self.layout = LAYOUT_NAMES[layout]
         self.identity_range = (a, b) if layout == INSIGHTFACE and b > a else None
@@ -140,11 +153,16 @@ class FaceRecordSet(FaceSource):
         self._lo, self._hi = lo, hi
         self._arrays = arrays
 
-    def _build_index(self, source) -> list[np.ndarray]:
-        keys, offsets = parse_idx(self._idx_local.read_bytes(), str(self.idx_path))
-        index = RecordIndex.from_entries(keys, offsets, source.size, str(self.idx_path), source.name)
-        reader = RecordIOReader(self.rec_path, self.idx_path, index=index, source=source)
-        return read_layout(reader, self.num_classes, self.property_path)
+    def _build_index(self, source, writer: StampedWriter) -> list[np.ndarray]:
+        """The cache's sections: the ``.idx`` streamed into ``writer``, then the layout read through it."""
+        try:
+            index = build_index(self._idx_local, str(self.idx_path), source.size, source.name, writer)
+            reader = RecordIOReader(self.rec_path, self.idx_path, index=index, source=source, exact_spans=not self.subset)
+            for array in read_layout(reader):
+                writer.section(array)
+            return writer.finish()
+        finally:
+            writer.abort()
 
     # ---- samples
     def __len__(self) -> int:
@@ -158,7 +176,7 @@ class FaceRecordSet(FaceSource):
     @property
     def image_keys(self) -> np.ndarray:
         """Key of every sample, in sample (file) order."""
-        return np.asarray(self.index.keys[self.positions(np.arange(len(self)))])
+        return self.index.keys_at(self.positions(np.arange(len(self))))
 
     def where(self, i: int) -> str:
         return self.reader.where(int(self.positions(i)))
@@ -174,18 +192,18 @@ class FaceRecordSet(FaceSource):
         if len(raw) >= 36:  # fast path: one part, valid label (anything else: the checks below, with messages)
             magic, lrec, flag, value = _HEAD.unpack_from(raw, 0)
             end = 8 + lrec
-            if magic == MAGIC and lrec >> 29 == 0 and end <= len(raw):
+            fills = ((end + 3) & ~3) == len(raw) or (self.subset and end <= len(raw))  # no bytes in no .idx line
+            if magic == MAGIC and lrec >> 29 == 0 and fills:
                 start = 32 + 4 * flag
                 if flag:
                     (value,) = _FLOAT.unpack_from(raw, 32)
                 label = int(value) if value == value and abs(value) < MAX_CLASSES else -1
-                key = int(self.index.keys[pos])
+                key = self.index.key_at(pos)
                 if (start <= end and label == value and 0 <= label < self.num_classes
                         and (not self._lo.size or (label < self._lo.size and self._lo[label] <= key < self._hi[label]))):
                     return label, raw[start:end]
-        where = self.reader.where(pos)
-        payload = unframe(raw, where, at_eof=pos + 1 >= len(self.index), file_offset=int(self.index.offsets[pos]))[0]
-        return self._label_and_image(payload, int(self.index.keys[pos]), where)
+        payload = self.reader.payload_at(pos, raw)  # names a framing defect, or bytes in no .idx line
+        return self._label_and_image(payload, self.index.key_at(pos), self.reader.where(pos))
 
     def _label_and_image(self, payload: bytes, key: int, where: str) -> tuple[int, bytes]:
         n = len(payload)
@@ -260,14 +278,19 @@ class FaceRecordSet(FaceSource):
         if cached is not None and cached[0].size == len(self):
             self._labels = np.asarray(cached[0])
             return self._labels
-        labels = np.empty(len(self), dtype=np.int64)
-        key_of = dict(zip(self.index.offsets.tolist(), self.index.keys.tolist()))
-        j = 0
-        for offset, payload in self.reader.scan():
-            key = key_of.get(offset)
-            if key is not None:
-                labels[j] = self._label_and_image(payload, key, f"{self.rec_path} at offset {offset} (key {key})")[0]
-                j += 1
+        labels = np.full(len(self), -1, dtype=np.int64)
+        sample = np.full(len(self.index), -1, dtype=np.int64)  # file position -> sample index
+        sample[self.positions(np.arange(len(self)))] = np.arange(len(self))
+        for offset, pos, payload in self.reader.walk():  # one sequential read of the .rec
+            if pos < 0:
+                if self.subset:
+                    continue  # left out of the index on purpose
+                raise unindexed_record(self.reader, offset)
+            if payload is None:
+                self.reader.payload_at(pos)  # names the framing defect
+                raise RecordIOError(f"{self.reader.where(pos)}: not the start of a record (the .idx points inside one)")
+            if sample[pos] >= 0:
+                labels[sample[pos]] = self._label_and_image(payload, self.index.key_at(pos), self.reader.where(pos))[0]
         save_stamped(self.labels_cache_path, [*self._stamp, self.num_classes], [labels])
         self._labels = labels
         return labels
@@ -275,7 +298,7 @@ class FaceRecordSet(FaceSource):
     # ---- pickling (DataLoader workers): re-map the cache instead of copying the arrays
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        if load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS) is not None:
+        if load_stamped(self._cache_file, self._stamp, _SECTIONS) is not None:
             for name in ("index", "reader", "_samples", "_lo", "_hi", "_arrays"):
                 state.pop(name, None)
         return state
@@ -283,7 +306,7 @@ class FaceRecordSet(FaceSource):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if "_arrays" not in state:
-            arrays = load_stamped(self._cache_file, self._stamp, LAYOUT_ARRAYS)
+            arrays = load_stamped(self._cache_file, self._stamp, _SECTIONS)
             if arrays is None:
                 raise RecordIOError(f"{self._cache_file}: the index cache changed while workers were starting")
             self._set_arrays(arrays, self.files.open_rec())

@@ -4,7 +4,8 @@
 
 Opening the set validates ``property``, the ``.idx`` and the meta record (see
 :mod:`facemargin.data.sources.recordio`). Then the whole ``train.rec`` is read once, sequentially: every
-``.idx`` offset must be the start of a valid record and every image label an integer in
+``.idx`` offset must be the start of a valid record, every record must have its ``.idx`` line (a
+deleted line drops the record from training) and every image label must be an integer in
 ``[0, num_classes)`` that matches its identity range (every mismatch is listed). ``--decode N``
 also decodes ``N`` images spread over the set, checking their declared size against ``property``
 before decoding. Exits 1 when a problem is found. Imports numpy only (no torch, Lightning, timm).
@@ -20,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..formats.image import decode_face
-from ..formats.recordio import RecordIOError
+from ..formats.recordio import RecordIOError, unindexed_record
 from ..formats.setfiles import SetFiles
 from ..sources.recordio import FaceRecordSet
 
@@ -32,39 +33,45 @@ _MAX_LISTED = 10
 def _scan(fs: FaceRecordSet, problems: list[str]) -> np.ndarray:
     """Read the .rec once in file order, walking the index alongside; returns the image labels read.
 
-    Reports index offsets that are not record starts and every label problem.
+    Reports index offsets that are not record starts, records no ``.idx`` line points at (a deleted
+    line: the record would never be trained on) and every label problem.
     """
     reader = fs.reader
-    offsets, keys = reader.offset_array, reader.key_array
-    is_image = np.zeros(len(offsets), dtype=bool)
+    is_image = np.zeros(len(reader), dtype=bool)
     is_image[fs.positions(np.arange(len(fs)))] = True
     labels: list[int] = []
     bad: list[int] = []
-    j = 0
+    unindexed: list[int] = []
+    reached = 0
     try:
-        for offset, payload in reader.scan():
-            while j < offsets.size and offsets[j] < offset:
-                bad.append(j)
-                j += 1
-            if j < offsets.size and offsets[j] == offset:
-                if is_image[j]:
-                    try:
-                        labels.append(fs.label_from_head(payload, int(keys[j])))
-                    except ValueError as exc:
-                        problems.append(str(exc))  # every one: each is a silently wrong class otherwise
-                j += 1
+        for offset, pos, payload in reader.walk():
+            if pos < 0:
+                if not fs.subset:  # a subset index (facemargin.clean) leaves records out on purpose
+                    unindexed.append(offset)
+                continue
+            reached = pos + 1
+            if payload is None:
+                bad.append(pos)
+            elif is_image[pos]:
+                try:
+                    labels.append(fs.label_from_head(payload, reader.index.key_at(pos)))
+                except ValueError as exc:
+                    problems.append(str(exc))  # every one: each is a silently wrong class otherwise
     except RecordIOError as exc:
         problems.append(str(exc))
-    bad += range(j, offsets.size)
+    bad += range(reached, len(reader))
     for pos in bad[:_MAX_LISTED]:
         try:
             reader.payload_at(pos)
             why = "is not a record start reached by scanning the file"
         except RecordIOError as exc:
             why = str(exc)
-        problems.append(f"{fs.idx_path}: key {int(keys[pos])} -> offset {int(offsets[pos])}: {why}")
+        problems.append(f"{fs.idx_path}: key {reader.index.key_at(pos)} -> offset {int(reader.index.offsets[pos])}: {why}")
     if len(bad) > _MAX_LISTED:
         problems.append(f"{fs.idx_path}: {len(bad) - _MAX_LISTED} more keys point to invalid offsets")
+    problems += [str(unindexed_record(reader, offset)) for offset in unindexed[:_MAX_LISTED]]
+    if len(unindexed) > _MAX_LISTED:
+        problems.append(f"{fs.rec_path}: {len(unindexed) - _MAX_LISTED} more records are in no .idx line")
     return np.asarray(labels, dtype=np.int64)
 
 

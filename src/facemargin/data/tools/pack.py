@@ -11,10 +11,12 @@ without images are skipped), files are taken in sorted order. ``OUT_DIR`` receiv
 
 Images: a JPEG that needs no crop and already has the target size is copied byte for byte once
 :func:`check_copied_jpeg` has found its end-of-image marker (a truncated file is refused;
-``--verify decode`` decodes each one instead). Anything else is decoded strictly,
-centre-cropped, resized (antialiased bicubic; a JPEG shrunk 2x or more is first decoded at 1/2,
-1/4 or 1/8 scale: ``--resize-quality``, :mod:`facemargin.data.formats.resize`) and encoded as RGB
-JPEG (``--quality``, chroma subsampled 4:2:0 as OpenCV does, or ``--subsampling 444``). ``--crop`` takes ``square`` (the largest centred square), a fraction ``F`` (the centred square
+``--verify decode`` decodes each one instead). Anything else is made into the image
+:class:`~facemargin.data.formats.photo.Framing` gives (``data=folder`` trains on the same pixels
+with the same options): decoded strictly, centre-cropped, resized (antialiased bicubic; a JPEG
+shrunk 2x or more is first decoded at 1/2, 1/4 or 1/8 scale: ``--resize-quality``) or aligned,
+and encoded as RGB JPEG (``--quality``, chroma subsampled 4:2:0 as OpenCV does, or
+``--subsampling 444``). ``--crop`` takes ``square`` (the largest centred square), a fraction ``F`` (the centred square
 of ``F`` x the shorter side: ``--crop 0.5 --resize 112`` frames the face of an LFW-style 250x250
 photo, where the detector box was enlarged about 2x) or ``WxH`` pixels. ``--resize N`` alone
 crops non-square photos to their centred square first, so faces are never squashed.
@@ -34,25 +36,24 @@ import contextlib
 import multiprocessing
 import multiprocessing.pool
 import os
-import re
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ...detect.landmarks import read_landmarks
 from ...errors import UserError
-from ..formats.image import CorruptImageError, declared_size
+from ..formats.image import CorruptImageError
 from ..formats.jpeg import decode_check, walk_jpeg
-from ..formats.resize import RESIZE_QUALITY, decode_region
+from ..formats.photo import RESIZE_QUALITY, CropSpec, Framing, crop_box, parse_crop, photo_size
 from ..sources.folder import list_image_tree
 from .faceset_writer import write_faceset
-from .pack_align import LandmarksOutsideError, aligned_image, check_landmarks_inside, landmarks_by_path
+from .pack_align import LandmarksOutsideError, check_landmarks_inside, landmarks_by_path
 
-__all__ = ["CropSpec", "parse_crop", "read_image_size", "prepare_image", "read_landmarks", "check_copied_jpeg",
-           "check_landmarks_inside", "read_file", "encode_image", "VERIFY", "SUBSAMPLING",
+__all__ = ["CropSpec", "crop_box", "parse_crop", "read_image_size", "prepare_image", "frame_file", "read_landmarks",
+           "check_copied_jpeg", "check_landmarks_inside", "read_file", "encode_image", "VERIFY", "SUBSAMPLING",
            "pack_images", "write_faceset", "main"]
 
 #: how a JPEG copied byte for byte is checked (:func:`check_copied_jpeg`)
@@ -61,52 +62,9 @@ VERIFY = ("markers", "decode")
 SUBSAMPLING = ("420", "444")
 
 
-class CropSpec(NamedTuple):
-    """``kind`` is ``"square"`` (``value`` 1.0), ``"fraction"`` (``value`` F) or ``"box"`` (``box`` = (w, h))."""
-
-    kind: str
-    value: float = 1.0
-    box: tuple[int, int] = (0, 0)
-
-
-def parse_crop(spec: str | None) -> CropSpec | None:
-    """``square`` | ``F`` in (0, 1] | ``WxH`` -> :class:`CropSpec`; ``None`` -> ``None``."""
-    if spec is None:
-        return None
-    text = str(spec).strip().lower()
-    if text == "square":
-        return CropSpec("square")
-    m = re.fullmatch(r"(\d+)x(\d+)", text)
-    if m and int(m.group(1)) > 0 and int(m.group(2)) > 0:
-        return CropSpec("box", box=(int(m.group(1)), int(m.group(2))))
-    try:
-        f = float(text)
-    except ValueError:
-        f = -1.0
-    if 0.0 < f <= 1.0:
-        return CropSpec("fraction", f)
-    raise ValueError(f"--crop must be 'square', a fraction in (0, 1] or WxH pixels, got {spec!r}")
-
-
-def crop_box(height: int, width: int, crop: CropSpec | None) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of the centred crop (the whole image when ``crop`` is None)."""
-    if crop is None:
-        return 0, 0, height, width
-    if crop.kind == "box":
-        w, h = crop.box
-        if w > width or h > height:
-            raise ValueError(f"--crop {w}x{h} is larger than the {width}x{height} image")
-    else:
-        h = w = max(1, int(round(min(height, width) * crop.value)))
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 def read_image_size(data: bytes, path: Path | str = "image") -> tuple[int, int]:
     """``(height, width)`` from the header alone (JPEG via libjpeg-turbo, PNG by hand; nothing decoded)."""
-    try:
-        return declared_size(data)
-    except CorruptImageError as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+    return photo_size(data, path)
 
 
 def read_file(path: str | os.PathLike) -> bytes:
@@ -151,29 +109,32 @@ def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: Crop
                   resize_quality: str = "fast", subsampling: str = "420") -> tuple[bytes, tuple[int, int]]:
     """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes.
 
-    A JPEG already of the target size is copied after :func:`check_copied_jpeg` (``verify``);
-    anything else is decoded strictly, cropped and resized (:func:`~facemargin.data.formats.resize.decode_region`:
-    DCT-scaled decoding where it shrinks by 2x or more, as far as ``resize_quality`` allows, then
-    an antialiased bicubic resize) and encoded (:func:`encode_image`). With ``landmarks`` (``[5, 2]`` pixels, inside the
-    photo) the face is aligned to the ArcFace template instead (:func:`facemargin.align.align_face`,
-    a ``resize`` x ``resize`` crop, 112 by default).
+    ``resize``, ``crop`` and ``resize_quality`` make the :class:`~facemargin.data.formats.photo.Framing`
+    of :func:`frame_file`; with ``landmarks`` (``[5, 2]`` pixels, inside the photo) the face is
+    aligned to the ArcFace template instead (a ``resize`` x ``resize`` crop, 112 by default).
+    """
+    framing = Framing.of(crop, resize, align=landmarks is not None, resize_quality=resize_quality)
+    return frame_file(path, framing, landmarks, quality=quality, verify=verify, subsampling=subsampling)
+
+
+def frame_file(path: str | os.PathLike, framing: Framing, landmarks: np.ndarray | None = None, *, quality: int = 95,
+               verify: str = "markers", subsampling: str = "420") -> tuple[bytes, tuple[int, int]]:
+    """``(JPEG bytes, (height, width))``: the photo at ``path`` made into ``framing``'s image.
+
+    A JPEG the framing keeps as it is is copied after :func:`check_copied_jpeg` (``verify``);
+    anything else becomes :meth:`Framing.apply <facemargin.data.formats.photo.Framing.apply>`'s
+    pixels (the ones ``data=folder`` trains on), encoded by :func:`encode_image`. Aligning
+    ``landmarks`` must lie inside the photo (:func:`check_landmarks_inside`).
     """
     data = read_file(path)
-    h, w = read_image_size(data, path)
+    hw = read_image_size(data, path)
     if landmarks is not None:
-        return aligned_image(data, (h, w), path, landmarks, resize or 112, quality, subsampling)
-    if crop is None and resize is not None and h != w:
-        crop = CropSpec("square")  # never squash a face
-    box = crop_box(h, w, crop)
-    out_hw = (resize, resize) if resize is not None else box[2:]
-    if data[:3] == b"\xff\xd8\xff" and box[2:] == (h, w) == out_hw:
+        check_landmarks_inside(landmarks, hw, path)
+    elif data[:3] == b"\xff\xd8\xff" and framing.keeps(*hw):
         check_copied_jpeg(data, path, verify)
-        return data, (h, w)
-    try:
-        rgb = decode_region(data, (h, w), box, out_hw, resize_quality)
-    except CorruptImageError as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
-    return encode_image(rgb, quality, subsampling), out_hw
+        return data, hw
+    rgb = framing.apply(data, path, landmarks, hw)
+    return encode_image(rgb, quality, subsampling), (int(rgb.shape[0]), int(rgb.shape[1]))
 
 
 def encode_image(rgb: np.ndarray, quality: int = 95, subsampling: str = "420") -> bytes:
@@ -186,10 +147,10 @@ def encode_image(rgb: np.ndarray, quality: int = 95, subsampling: str = "420") -
     return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB", colorsubsampling=subsampling)
 
 
-def _prepare_job(job: tuple[str, np.ndarray | None], landmark_file: str | None = None,
+def _prepare_job(job: tuple[str, np.ndarray | None], framing: Framing, landmark_file: str | None = None,
                  **options) -> tuple[bytes, tuple[int, int]]:
     try:
-        return prepare_image(job[0], landmarks=job[1], **options)
+        return frame_file(job[0], framing, job[1], **options)
     except LandmarksOutsideError as exc:
         raise LandmarksOutsideError(f"{exc} (landmarks from {landmark_file})") from None
 
@@ -269,25 +230,19 @@ def pack_images(
         raise FileExistsError(f"{out / 'train.rec'} exists (pass overwrite=True / --overwrite)")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if resize is not None and resize < 1:
-        raise ValueError(f"--resize must be a positive size, got {resize}")
     if verify not in VERIFY:
         raise ValueError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
     if subsampling not in SUBSAMPLING:
         raise ValueError(f"--subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
-    if resize_quality not in RESIZE_QUALITY:
-        raise ValueError(f"--resize-quality must be one of {', '.join(RESIZE_QUALITY)}, got {resize_quality!r}")
-    spec = crop if isinstance(crop, CropSpec) or crop is None else parse_crop(crop)
-    if align is not None and spec is not None:
-        raise ValueError("--align and --crop exclude each other: alignment decides the crop")
-    if detect is not None and (align is not None or spec is not None):
-        raise ValueError("--detect excludes --align and --crop: the detected landmarks decide the crop")
+    if detect is not None and align is not None:
+        raise ValueError("--detect and --align exclude each other: the detected landmarks decide the crop")
+    # options checked before any file is read (a size the ArcFace template has, when aligning)
+    framing = Framing.of(crop, resize, align=align is not None or detect is not None,
+                         align_option="--detect" if detect is not None else None, resize_quality=resize_quality)
     if detect is not None:
-        from ...align import arcface_template
         from ...detect.base import FACE_CHOICES
         from ...detect.pipeline import load_detector
 
-        arcface_template(resize or 112)  # a size the template has, before any photo is read
         if choice not in FACE_CHOICES:
             raise ValueError(f"--choice must be one of {', '.join(FACE_CHOICES)}, got {choice!r}")
         detector = load_detector(detect)
@@ -296,7 +251,7 @@ def pack_images(
         from .pack_detect import pack_detected
 
         with _one_torch_thread(workers == 1):
-            return pack_detected(root, out, names, items, detector, choice, min_score, resize or 112, quality,
+            return pack_detected(root, out, names, items, detector, choice, min_score, framing.aligned_size, quality,
                                  subsampling, workers, progress)
     labels = [label for _, label in items]
     jobs: list[tuple[str, np.ndarray | None]] = [(path, None) for path, _ in items]
@@ -306,10 +261,10 @@ def pack_images(
         if missing:
             raise ValueError(f"{align} has no landmarks for {len(missing)} image(s), e.g. {missing[0]}")
         jobs = [(path, marks[os.path.abspath(path)]) for path, _ in items]
-    prepare = partial(_prepare_job, resize=resize, crop=spec, quality=quality, verify=verify,
-                      resize_quality=resize_quality, subsampling=subsampling, landmark_file=None if align is None else os.fspath(align))
+    prepare = partial(_prepare_job, framing=framing, quality=quality, verify=verify, subsampling=subsampling,
+                      landmark_file=None if align is None else os.fspath(align))
     # the pool starts before the progress bar's thread, so no thread is running when it forks
-    with _one_torch_thread(workers == 1 and (resize is not None or spec is not None)), \
+    with _one_torch_thread(workers == 1 and framing.changes_pixels), \
             multiprocessing.Pool(workers, _single_thread_worker) if workers > 1 else _no_pool() as pool:
         write_faceset(out, labels, _prepared(jobs, prepare, pool), len(names), None, progress=progress)
     num_classes, h, w = (int(v) for v in (out / "property").read_text().split(","))

@@ -1,4 +1,5 @@
-"""``pack --align``: landmark lists checked against the photos, and faces aligned to the ArcFace template.
+"""``pack --align``: landmark lists checked against the photos (the faces are aligned by
+:class:`~facemargin.data.formats.photo.Framing`, as ``data=folder data.landmarks=`` aligns them).
 
 The list is read by the shared reader (:func:`facemargin.detect.landmarks.read_landmarks`, which
 refuses malformed lines and a photo listed twice with other points); here its rows are keyed by
@@ -15,9 +16,8 @@ import numpy as np
 
 from ...detect.base import LANDMARK_NAMES
 from ...detect.landmarks import LandmarkFileError, read_landmarks
-from ..formats.image import CorruptImageError
 
-__all__ = ["LandmarksOutsideError", "aligned_image", "check_landmarks_inside", "landmarks_by_path"]
+__all__ = ["LandmarksOutsideError", "check_landmarks_inside", "landmarks_by_path"]
 
 
 def landmarks_by_path(align: str | os.PathLike, root: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -48,22 +48,3 @@ def check_landmarks_inside(landmarks: np.ndarray, hw: tuple[int, int], path: str
 
 class LandmarksOutsideError(ValueError):
     """``--align`` landmarks that do not fall inside their photo."""
-
-
-def aligned_image(data: bytes, hw: tuple[int, int], path: str | os.PathLike, landmarks: np.ndarray, size: int,
-                  quality: int, subsampling: str) -> tuple[bytes, tuple[int, int]]:
-    """The ``size`` x ``size`` ArcFace crop of the ``hw`` photo ``data`` from its ``landmarks``, encoded."""
-    from ...align import align_face
-    from ..formats.image import decode_image
-    from .pack import encode_image
-
-    check_landmarks_inside(landmarks, hw, path)
-    try:
-        rgb = decode_image(data)
-    except CorruptImageError as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
-    try:
-        face = align_face(rgb, landmarks, size)
-    except ValueError as exc:
-        raise ValueError(f"cannot align {path}: {exc}") from None
-    return encode_image(face, quality, subsampling), (size, size)

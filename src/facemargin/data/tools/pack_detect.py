@@ -1,6 +1,7 @@
 """``pack --detect``: raw photos in, aligned faces out -- detect, choose one face, align it, pack it.
 
-Each photo is decoded (strictly), its faces detected with a detector of ``conf/detector/``
+Each photo is decoded (strictly, :func:`~facemargin.data.formats.photo.decode_photo`, as
+``data=folder data.detect=`` decodes it), its faces detected with a detector of ``conf/detector/``
 (:func:`facemargin.detect.pipeline.load_detector`, MTCNN by default, offline), one chosen (the
 largest, or the most central: ``choice``), and aligned to the ArcFace template at ``size`` x
 ``size`` (:func:`facemargin.detect.pipeline.detect_and_align`), then encoded. Photos where no face
@@ -26,7 +27,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..formats.image import CorruptImageError, decode_image
+from ..formats.photo import decode_photo
 
 __all__ = ["NO_FACE_LIST", "SEVERAL_LIST", "pack_detected"]
 
@@ -59,10 +60,7 @@ def detect_photo(path: str, choice: str = "largest", min_score: float = 0.0, siz
     from ...detect.pipeline import detect_and_align
     from .pack import encode_image, read_file
 
-    try:
-        image = decode_image(read_file(path))
-    except CorruptImageError as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from None
+    image = decode_photo(read_file(path), path)
     crop, found = detect_and_align(detector if detector is not None else _detector, image, choice, min_score, size)
     if crop is None:
         return Detected(None, 0, found.describe())
