@@ -3,6 +3,7 @@
     bash benchmarks/setup_mxnet_peer.sh ~/peers/mxnet          # once: prints the peer's python
     python benchmarks/pack_throughput.py --mxnet-python ~/peers/mxnet/bin/python \\
         [--faces DIR] [--images 5000] [--photos DIR] [--photo-count 2000] [--repeats 5] [--workers 2]
+        [--baseline-src OLD/src]
 
 Each run is a fresh process of its tool's real command line, timed inside after the interpreter
 has imported the tool (``runpy`` of ``im2rec.py``; ``facemargin.data.pack.main``): CPU seconds of
@@ -22,13 +23,20 @@ Paths (rows interleaved, ``--repeats`` rounds, medians):
   photos made from the faces: the face scaled to 125 px in the centre of a blurred, noisy
   250-px context, quality 90): ``im2rec --resize 112 --quality 95`` (``cv2.imread``,
   ``cv2.resize`` bilinear without antialiasing, ``cv2.imencode`` q95; ``--center-crop`` added for
-  non-square photos) vs ``pack --resize 112 --quality 95`` (Pillow decode, centred square, bicubic
-  antialiased resize, simplejpeg q95). ``pack --crop 0.5 --resize 112`` (the face's framing in an
-  LFW photo) is shown too: it resizes a 125-px crop, less work than im2rec's row.
+  non-square photos) vs ``pack --resize 112 --quality 95`` (simplejpeg decode, at 1/2 scale in the
+  DCT domain where the photo shrinks 2x or more (``--resize-quality fast``, the default), centred
+  square, antialiased bicubic by torch's uint8 kernel, simplejpeg q95). ``pack --resize-quality
+  full`` decodes in full (the best fidelity); ``pack --crop 0.5 --resize 112`` (the face's
+  framing in an LFW photo) is shown too: it resizes a 125-px crop, other work than im2rec's row.
+* **pass-through, checked**: ``pack --verify decode`` also decodes every copied JPEG strictly (at
+  1/8 scale); im2rec checks nothing (its row is the same as above).
 * ``--workers N`` (0 skips): ``im2rec --num-thread N`` vs ``pack --workers N`` on both paths.
+* ``--baseline-src DIR`` adds ``base: fm pack`` rows: the same commands from another source tree
+  (``PYTHONPATH=DIR``, e.g. ``git worktree add DIR <commit>`` then ``DIR/src``), interleaved with
+  the others, for a before/after ratio.
 
 The resize rows also report each output's PSNR against a float reference (the original decoded
-by Pillow, centred square, Lanczos to 112: what an ideal resize gives). Peer rows need
+by simplejpeg, centred square, Pillow's Lanczos to 112: what an ideal resize gives). Peer rows need
 ``--mxnet-python`` / ``$FACEMARGIN_MXNET_PYTHON``; without it they are listed as not run and
 the exit status is 1 (``--allow-missing-peers``: 0).
 """
@@ -78,7 +86,7 @@ print(json.dumps({"cpu": cpu1 - cpu0, "wall": wall1 - wall0}))
 # facemargin's command line (its imports, including the lazy ones, paid before the clock)
 PACK = _CLOCK + r"""
 import contextlib, io
-import PIL.Image, simplejpeg
+import PIL.Image, simplejpeg, torch
 from facemargin.data import pack
 cpu0, wall0 = _clock()
 with contextlib.redirect_stdout(io.StringIO()):
@@ -151,6 +159,8 @@ def main() -> int:
     ap.add_argument("--photo-count", type=int, default=2000, help="photos to resize (made or used in turn)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2, help="im2rec --num-thread N vs pack --workers N (0: skip)")
+    ap.add_argument("--baseline-src", default=None, metavar="DIR",
+                    help="also run 'fm pack' rows from this source tree (PYTHONPATH), interleaved: before/after")
     ap.add_argument("--json", default=None, metavar="OUT")
     peers.add_peer_args(ap)
     args = ap.parse_args()
@@ -193,10 +203,19 @@ def main() -> int:
         ours("fm pack", tag["pass"])
         ours("fm pack --resize 112", tag["resize"], "--resize", "112")
         ours("fm pack --crop 0.5 --resize 112", tag["resize"], "--crop", "0.5", "--resize", "112")
+        ours("fm pack --verify decode", tag["pass"], "--verify", "decode")
+        ours("fm pack --resize 112 --resize-quality full", tag["resize"], "--resize", "112", "--resize-quality", "full")
         if args.workers:
             ours(f"fm pack --workers {args.workers}", tag["pass"], "--workers", str(args.workers))
             ours(f"fm pack --resize 112 --workers {args.workers}", tag["resize"], "--resize", "112",
                  "--workers", str(args.workers))
+        if args.baseline_src:  # the same command from another source tree (e.g. the commit before a change)
+            base_env = {**ours_env, "PYTHONPATH": str(Path(args.baseline_src).resolve())}
+            for name, tree, extra in (("base: fm pack", "faces", ()), ("base: fm pack --resize 112", "photos",
+                                                                       ("--resize", "112"))):
+                per_row[name] = count[tree]
+                rows[name] = lambda out, tree=tree, extra=extra: run(
+                    [*fm, str(work / tree), out, "--overwrite", "--quiet", *extra], base_env)
         missing: dict[str, str] = {}
         mx_rows = {"im2rec --pass-through": ("pass", ["--pass-through"]),
                    "im2rec --resize 112": ("resize", ["--resize", "112", "--quality", "95"]
@@ -227,7 +246,10 @@ def main() -> int:
                 "pass-through payloads differ from im2rec's"
             print("pass-through: image payloads byte-identical to im2rec's")
             sample = list(range(0, len(photos), max(1, len(photos) // 200)))
-            for name in ("fm pack --resize 112", "im2rec --resize 112"):
+            for name in ("fm pack --resize 112", "fm pack --resize 112 --resize-quality full", "base: fm pack --resize 112",
+                         "im2rec --resize 112"):
+                if name not in outs:
+                    continue
                 d = Path(outs[name])
                 got = payloads(d / "train.rec", d / "train.idx")
                 first = min(got)
@@ -253,6 +275,10 @@ def main() -> int:
     n = args.workers
     pairs = [("pass-through", "fm pack", "im2rec --pass-through", "1 process each"),
              ("resize 250 -> 112", "fm pack --resize 112", "im2rec --resize 112", "1 process each"),
+             ("resize, --resize-quality full", "fm pack --resize 112 --resize-quality full", "im2rec --resize 112",
+              "1 process each; pack decodes in full (best fidelity)"),
+             ("pass-through, --verify decode", "fm pack --verify decode", "im2rec --pass-through",
+              "1 process each; pack also decodes every JPEG (im2rec checks none)"),
              ("crop 0.5 + resize vs im2rec's resize", "fm pack --crop 0.5 --resize 112", "im2rec --resize 112",
               "not the same work: pack resizes a crop"),
              (f"pass-through, {n} workers", f"fm pack --workers {n}", f"im2rec --pass-through --num-thread {n}",
@@ -260,6 +286,11 @@ def main() -> int:
              (f"resize, {n} workers", f"fm pack --resize 112 --workers {n}", f"im2rec --resize 112 --num-thread {n}",
               f"{n} worker processes each")]
     ratios = peers.print_ratios(med, pairs, "facemargin / im2rec (goal >= 1.0)")
+    if args.baseline_src:
+        ratios.update(peers.print_ratios(med, [
+            ("pass-through", "fm pack", "base: fm pack", "the same command, this tree vs --baseline-src"),
+            ("resize 250 -> 112", "fm pack --resize 112", "base: fm pack --resize 112", "the same command")],
+            f"this tree / {args.baseline_src}"))
     if args.json:
         Path(args.json).write_text(json.dumps({"loads": loads, "runs": runs, "median_per_image": med, "ratios": ratios,
                                                "psnr": quality, "missing": missing}, indent=1))

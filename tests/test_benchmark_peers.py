@@ -83,6 +83,7 @@ def test_pack_throughput_names_a_missing_peer_and_fails(faces):
     for row in ("im2rec --pass-through", "im2rec --resize 112"):
         assert f"  {row}: no MXNet peer given" in res.stderr
     assert "| fm pack |" in res.stdout and "| fm pack --resize 112 |" in res.stdout
+    assert "| fm pack --verify decode |" in res.stdout and "| fm pack --resize 112 --resize-quality full |" in res.stdout
     assert bench("pack_throughput.py", *args, "--allow-missing-peers").returncode == 0
 
 

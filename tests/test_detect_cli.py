@@ -239,6 +239,7 @@ def test_benchmark_scripts_run_on_the_packaged_photos(tmp_path) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["photos"] == 5 and result["with_face"] == 3 and result["face_found_share"] == 1.0
     assert result["false_detection_share"] == 0.0 and result["detect_per_cpu_s"] > 0
+    assert result["pack_detect_per_cpu_s"] > 0 and result["pack_face_share"] == 1.0  # the packer's command
     out = tmp_path / "faces"
     proc = run_script(bench / "real_faces.py", "--out", str(out), "--count", "7", cwd=tmp_path)
     assert json.loads(proc.stdout)["people"] == 3

@@ -21,16 +21,11 @@ TINY_TRAIN = ["trainer.max_epochs=1", "data.batch_size=4", "data.num_workers=0",
               "val_num_workers=0", "val_batch_size=8"]
 
 
-def pack_has_detect() -> bool:
-    """Whether ``pack`` takes ``--detect`` in this tree (another lane adds it)."""
-    return "--detect" in run("facemargin.data.pack", "--help", cwd=TESTS).stdout
-
-
 @pytest.mark.slow
 def test_readme_from_your_own_photos_runs(tmp_path) -> None:
     commands, _ = readme_section("## From your own photos")
     work = tmp_path / "work"
-    identity_folder(work / "photos", no_face=False)  # TODO(packer): keep the no-face photo once pack --detect exists
+    identity_folder(work / "photos")  # 10 photos, one without a face (grace_hopper/coffee.png)
     hopper = packaged_photo("grace_hopper")
     Image.fromarray(scaled(hopper, 0.5)).save(work / "a.jpg", quality=90)
     Image.fromarray(scaled(np.ascontiguousarray(hopper[30:560, 20:500]), 0.45)).save(work / "b.jpg", quality=85)
@@ -38,23 +33,22 @@ def test_readme_from_your_own_photos_runs(tmp_path) -> None:
     lfw_like_bin(data / "ms1m-retinaface-t1" / "lfw.bin", work / "photos")
     env = {"FACEMARGIN_DATA": str(data), "FACEMARGIN_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": f"{TESTS.parent / 'src'}"}
-    detect_in_pack = pack_has_detect()
     outputs = []
     for argv in commands:
         module, args = argv[2], argv[3:]
         if module == "facemargin.train":
             args = args + TINY_TRAIN
-        if module == "facemargin.data.pack" and "--detect" in args and not detect_in_pack:
-            # TODO(packer): pack --detect is another lane's; until it is here, the landmarks of step 1 align
-            args = [a for a in args if a != "--detect"] + ["--align", "landmarks.txt", "--quiet"]
         outputs.append(run(module, *args, cwd=work, env=env).stdout)
 
-    assert len((work / "landmarks.txt").read_text().splitlines()) == 9  # every photo has a face
-    assert (work / "faces" / "property").read_text() == "3,112,112"
+    assert len((work / "landmarks.txt").read_text().splitlines()) == 9  # every photo but the coffee cup
+    assert (work / "landmarks.noface.txt").read_text().split() == ["grace_hopper/coffee.png"]
+    assert (work / "faces" / "property").read_text() == "3,112,112"  # pack --detect: 9 faces of 3 people
+    assert (work / "faces" / "no_face.txt").read_text() == "grace_hopper/coffee.png\n"
+    assert "no face in 1" in outputs[1]
     for run_dir in ("runs/mine", "runs/direct"):
         metrics = json.loads((work / run_dir / "metrics.json").read_text())
         assert metrics["global_step"] == 9 // 4 and 0.0 <= metrics["val/acc"] <= 1.0  # scored on lfw.bin
-    assert (work / "runs" / "direct" / "faces" / "noface.txt").read_text() == ""
+    assert "coffee.png" in (work / "runs" / "direct" / "faces" / "noface.txt").read_text()
     (evaluated,) = (work / "outputs" / "evaluate").glob("*/*/eval.json")
     assert 0.0 <= json.loads(evaluated.read_text())["sets"]["lfw"]["acc"] <= 1.0
     assert (work / "model.onnx").is_file()

@@ -82,8 +82,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
         on_corrupt: ``"raise"`` or ``"skip"`` (see :mod:`facemargin.data.loading.loader`).
         image_size: ``(height, width)`` of a folder source's images (default: the first image's, or
             what ``crop``/``resize``/alignment make of it).
-        crop, resize, landmarks, detect, detect_options, choice, min_score, face_cache: a folder
-            of photos made into faces in the DataLoader workers, as ``pack --crop/--resize/--align``
+        crop, resize, resize_quality, landmarks, detect, detect_options, choice, min_score, face_cache: a
+            folder of photos made into faces in the DataLoader workers, as ``pack --crop/--resize/--align``
             (``detect``: a detector finds the 5 points once per photo, kept in ``face_cache`` by
             content); see :class:`~facemargin.data.sources.photos.PhotoFolder`.
         num_classes: identities of a RecordIO or folder source (default: ``property``, the number
@@ -132,6 +132,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
         num_classes: int | None = None,
         crop: str | None = None,
         resize: int | None = None,
+        resize_quality: str = "fast",
         landmarks: str | os.PathLike | None = None,
         detect: str | Mapping[str, Any] | Any | None = None,
         detect_options: Mapping[str, Any] | None = None,
@@ -154,7 +155,7 @@ class FaceRecordDataModule(pl.LightningDataModule):
                 source=source if isinstance(source, str) else getattr(source, "__qualname__", repr(source)),
                 image_size=None if image_size is None else [int(x) for x in image_size], decode=decode,
                 remote=to_plain(remote),  # plain: checkpoints load with weights_only
-                crop=None if crop is None else str(crop), resize=resize,
+                crop=None if crop is None else str(crop), resize=resize, resize_quality=str(resize_quality),
                 landmarks=None if landmarks is None else str(landmarks),
                 detect=detect if detect is None or isinstance(detect, str) else (
                     to_plain(detect) if isinstance(detect, Mapping) else getattr(detect, "cache_key", repr(detect))),
@@ -211,7 +212,8 @@ class FaceRecordDataModule(pl.LightningDataModule):
             if source == "folder":
                 self._photos = PhotoFolder(self.root, image_size=image_size, num_classes=self._num_classes,
                                            detect_options=detect_options, choice=choice, min_score=min_score,
-                                           face_cache=face_cache, on_corrupt=on_corrupt, **photo_options)
+                                           face_cache=face_cache, on_corrupt=on_corrupt,
+                                           resize_quality=resize_quality, **photo_options)
                 self._source = self._photos.source  # None until the faces are found (setup)
             elif callable(source):
                 self._source = source(str(self.root))

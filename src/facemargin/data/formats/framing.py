@@ -14,16 +14,31 @@ import struct
 
 from .idxtext import RecordIOError
 
-__all__ = ["MAGIC", "MAX_RECORD_LENGTH", "TruncatedRecordError", "unframe"]
+__all__ = ["MAGIC", "MAX_RECORD_LENGTH", "TruncatedRecordError", "aligned_magic", "unframe", "whole_record"]
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LEN_MASK = (1 << 29) - 1
 MAX_RECORD_LENGTH = 1 << 29
+_U32 = struct.Struct("<I")
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
 class TruncatedRecordError(RecordIOError):
     """The bytes end before the record does (a truncated file, or more bytes are needed)."""
+
+
+def aligned_magic(data: bytes, start: int = 0) -> int:
+    """The first 4-byte-aligned offset ``>= start`` where ``data`` holds the magic number (-1: none)."""
+    i = data.find(_MAGIC_BYTES, start)
+    while i != -1 and i % 4:
+        i = data.find(_MAGIC_BYTES, i + 1)
+    return i
+
+
+def whole_record(n: int, *chunks: bytes) -> bytes:
+    """A record of ``n`` bytes (``chunks`` joined) with no aligned magic number: one part, padded."""
+    return b"".join((_MAGIC_BYTES, _U32.pack(n), *chunks, _PADDING[-n % 4]))
 
 
 def _encode_parts(payload: bytes) -> bytes:
@@ -31,20 +46,18 @@ def _encode_parts(payload: bytes) -> bytes:
     n = len(payload)
     if n >= MAX_RECORD_LENGTH:
         raise ValueError(f"record of {n} bytes is too large for RecordIO (limit {MAX_RECORD_LENGTH - 1})")
+    i = aligned_magic(payload)
+    if i == -1:  # the common case: one whole part
+        return whole_record(n, payload)
     out = bytearray()
     dptr = 0
-    i = payload.find(_MAGIC_BYTES)
     while i != -1:
-        if i % 4 == 0:
-            cflag = 1 if dptr == 0 else 2
-            out += _MAGIC_BYTES + struct.pack("<I", (cflag << 29) | (i - dptr)) + payload[dptr:i]
-            dptr = i + 4
-            i = payload.find(_MAGIC_BYTES, dptr)
-        else:
-            i = payload.find(_MAGIC_BYTES, i + 1)
-    cflag = 3 if dptr != 0 else 0
-    out += _MAGIC_BYTES + struct.pack("<I", (cflag << 29) | (n - dptr)) + payload[dptr:]
-    out += b"\0" * (-n % 4)
+        cflag = 1 if dptr == 0 else 2
+        out += _MAGIC_BYTES + _U32.pack((cflag << 29) | (i - dptr)) + payload[dptr:i]
+        dptr = i + 4
+        i = aligned_magic(payload, dptr)
+    out += _MAGIC_BYTES + _U32.pack((3 << 29) | (n - dptr)) + payload[dptr:]
+    out += _PADDING[-n % 4]
     return bytes(out)
 
 

@@ -3,9 +3,12 @@
 The one implementation behind ``python -m facemargin.data.pack --crop/--resize/--align`` (which
 encodes the result as JPEG into a RecordIO set) and ``data=folder data.crop/resize/landmarks/detect``
 (which does it in the DataLoader workers, every epoch, from the photo itself): the same options
-give the same pixels. A photo is decoded by :func:`~facemargin.data.formats.image.decode_image`
-(RGB); a crop is taken in whole pixels, a resize is Pillow's bicubic, an alignment is
-:func:`facemargin.align.align_face` onto the ``size`` x ``size`` ArcFace template.
+give the same pixels. A crop is taken in whole pixels; a crop and resize is
+:func:`~facemargin.data.formats.resize.decode_region` (a JPEG shrunk 2x or more decoded at 1/2,
+1/4 or 1/8 scale in the DCT domain, as far as ``resize_quality`` allows, then an antialiased
+bicubic resize: Pillow's filter, by torch's uint8 kernel); an alignment decodes the photo in full
+(:func:`decode_photo`) and warps it with :func:`facemargin.align.align_face` onto the ``size`` x
+``size`` ArcFace template.
 
 Crops (:func:`parse_crop`): ``square`` (the largest centred square), a fraction ``F`` in (0, 1]
 (the centred square of ``F`` x the shorter side: ``0.5`` with a resize to 112 frames the face of an
@@ -22,8 +25,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .image import CorruptImageError, declared_size, decode_image
+from .resize import RESIZE_QUALITY, decode_region
 
-__all__ = ["CropSpec", "Framing", "MAX_PHOTO_PIXELS", "crop_box", "decode_photo", "parse_crop", "photo_size"]
+__all__ = ["CropSpec", "Framing", "MAX_PHOTO_PIXELS", "RESIZE_QUALITY", "crop_box", "decode_photo", "parse_crop",
+           "photo_size"]
 
 #: The largest photo decoded for framing or alignment (100 megapixels; a 48 MP phone photo fits).
 MAX_PHOTO_PIXELS = 100_000_000
@@ -83,11 +88,14 @@ def photo_size(data: bytes, name: object = "image") -> tuple[int, int]:
         raise ValueError(f"cannot read image {name}: {exc}") from None
 
 
+def _check_pixels(height: int, width: int, name: object) -> None:
+    if height * width > MAX_PHOTO_PIXELS:
+        raise ValueError(f"image {name} is {width}x{height}, more than the {MAX_PHOTO_PIXELS} pixels a photo may have")
+
+
 def decode_photo(data: bytes, name: object = "image") -> np.ndarray:
     """A photo of any size up to :data:`MAX_PHOTO_PIXELS` as uint8 ``[H, W, 3]`` RGB; errors name it."""
-    h, w = photo_size(data, name)
-    if h * w > MAX_PHOTO_PIXELS:
-        raise ValueError(f"image {name} is {w}x{h}, more than the {MAX_PHOTO_PIXELS} pixels a photo may have")
+    _check_pixels(*photo_size(data, name), name)
     try:
         return decode_image(data)
     except CorruptImageError as exc:
@@ -97,24 +105,30 @@ def decode_photo(data: bytes, name: object = "image") -> np.ndarray:
 @dataclass(frozen=True)
 class Framing:
     """How a photo becomes a training image: ``crop`` then ``resize`` (``N`` x ``N``), or, with
-    ``align``, a warp of its 5 landmarks onto the ``resize`` (default 112) ArcFace template."""
+    ``align``, a warp of its 5 landmarks onto the ``resize`` (default 112) ArcFace template.
+    ``resize_quality`` (:data:`~facemargin.data.formats.resize.RESIZE_QUALITY`: ``fast``, ``high``,
+    ``full``) says how far a JPEG being shrunk is decoded at reduced scale."""
 
     crop: CropSpec | None = None
     resize: int | None = None
     align: bool = False
+    resize_quality: str = "fast"
 
     @classmethod
     def of(cls, crop: str | CropSpec | None = None, resize: int | None = None, align: bool = False,
-           prefix: str = "--", align_option: str | None = None) -> "Framing":
+           prefix: str = "--", align_option: str | None = None, resize_quality: str = "fast") -> "Framing":
         """Checked options; ``prefix`` names them in errors (``--`` for ``pack``, ``data.`` for training),
         ``align_option`` the option that asked for alignment (default ``<prefix>align``)."""
         spec = parse_crop(crop, f"{prefix}crop")
         if resize is not None and (isinstance(resize, bool) or int(resize) != resize or int(resize) < 1):
             raise ValueError(f"{prefix}resize must be a positive size, got {resize!r}")
+        if resize_quality not in RESIZE_QUALITY:
+            option = f"{prefix}resize{'-' if prefix == '--' else '_'}quality"
+            raise ValueError(f"{option} must be one of {', '.join(RESIZE_QUALITY)}, got {resize_quality!r}")
         if align and spec is not None:
             raise ValueError(f"{align_option or prefix + 'align'} and {prefix}crop exclude each other: "
                              "alignment decides the crop")
-        framing = cls(spec, None if resize is None else int(resize), bool(align))
+        framing = cls(spec, None if resize is None else int(resize), bool(align), resize_quality)
         if align:
             from ...align import arcface_template
 
@@ -153,33 +167,32 @@ class Framing:
         box, out = self.plan(height, width)
         return not self.align and box == (0, 0, height, width) and out == (height, width)
 
-    def apply(self, data: bytes, name: object = "image", landmarks: np.ndarray | None = None) -> np.ndarray:
-        """The training image (uint8 ``[h, w, 3]`` RGB) made from the encoded photo ``data``.
+    def apply(self, data: bytes, name: object = "image", landmarks: np.ndarray | None = None,
+              size: tuple[int, int] | None = None) -> np.ndarray:
+        """The training image (uint8 ``[h, w, 3]`` RGB, C-contiguous) made from the encoded photo ``data``.
 
-        ``landmarks`` (``[5, 2]`` pixels) are required with ``align``. Errors name ``name``: an
+        ``landmarks`` (``[5, 2]`` pixels) are required with ``align``; ``size``: the photo's
+        ``(height, width)`` where the caller has read its header already. Errors name ``name``: an
         unreadable photo, one over :data:`MAX_PHOTO_PIXELS`, a crop larger than the photo,
         landmarks that define no transform.
         """
-        h, w = photo_size(data, name)
+        h, w = size if size is not None else photo_size(data, name)
         try:
             box, out = self.plan(h, w)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-        rgb = decode_photo(data, name)
         if self.align:
             if landmarks is None:
                 raise ValueError(f"{name}: alignment needs the photo's 5 landmarks")
             from ...align import align_face
 
+            rgb = decode_photo(data, name)
             try:
                 return align_face(rgb, landmarks, self.aligned_size)
             except ValueError as exc:
                 raise ValueError(f"cannot align {name}: {exc}") from None
-        top, left, ch, cw = box
-        if (ch, cw) != rgb.shape[:2]:
-            rgb = rgb[top: top + ch, left: left + cw]
-        if out != (ch, cw):
-            from PIL import Image
-
-            rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((out[1], out[0]), Image.BICUBIC))
-        return np.ascontiguousarray(rgb, dtype=np.uint8)
+        _check_pixels(h, w, name)
+        try:
+            return decode_region(data, (h, w), box, out, self.resize_quality)
+        except CorruptImageError as exc:
+            raise CorruptImageError(f"cannot decode image {name}: {exc}") from None

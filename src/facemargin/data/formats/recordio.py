@@ -25,7 +25,8 @@ import numpy as np
 
 from ..storage.cache import cached_copy
 from ..storage.source import ByteSource, open_source
-from .framing import _LEN_MASK, MAGIC, MAX_RECORD_LENGTH, TruncatedRecordError, _encode_parts, unframe
+from .framing import (_LEN_MASK, MAGIC, MAX_RECORD_LENGTH, TruncatedRecordError, _encode_parts, aligned_magic, unframe,
+                      whole_record)
 from .index import INDEX_SECTIONS, RecordIndex, RecordIOError, build_index
 from .stamped import StampedWriter
 
@@ -46,6 +47,7 @@ __all__ = [
 
 _IR_FORMAT = "<IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
+_IR_STRUCT = struct.Struct(_IR_FORMAT)
 _SCAN_BLOCK = 4 << 20
 _ONE_READ_LIMIT = 16 << 20  # a record span larger than this (a damaged index) is read header-first
 
@@ -121,17 +123,40 @@ class RecordIOWriter:
             raise ValueError(
                 f"record {key} of {len(payload)} bytes is too large for RecordIO (limit {MAX_RECORD_LENGTH - 1})"
             )
-        data = _encode_parts(bytes(payload))
+        return self._append(key, _encode_parts(bytes(payload)))
+
+    def write_image(self, key: int, label: float, image: bytes) -> int:
+        """``write(key, pack_record(IRHeader(0, label, key, 0), image))``, the image copied once."""
+        head = _IR_STRUCT.pack(0, label, key, 0)
+        n = len(head) + len(image)
+        # the header is 24 bytes: a magic number aligned in the image is aligned in the payload
+        if aligned_magic(image) != -1 or aligned_magic(head) != -1 or n >= MAX_RECORD_LENGTH or int(key) in self._keys:
+            return self.write(key, head + image)
+        return self._append(int(key), whole_record(n, head, image))
+
+    def _append(self, key: int, data: bytes) -> int:
         offset = self._rec.tell()
-        self._rec.write(data)
-        self._idx.write(f"{key}\t{offset}\n")
+        try:
+            self._rec.write(data)
+        except OSError as exc:  # a full disk, a file size limit: name the file
+            raise OSError(exc.errno, exc.strerror, str(self.rec_path)) from None
+        try:
+            self._idx.write(f"{key}\t{offset}\n")
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.idx_path)) from None
         self._keys.add(key)
         return offset
 
     def close(self) -> None:
-        """Flush and close both files."""
-        self._rec.close()
-        self._idx.close()
+        """Flush and close both files (a failed flush names its file)."""
+        failed = None
+        for f, path in ((self._rec, self.rec_path), (self._idx, self.idx_path)):
+            try:
+                f.close()
+            except OSError as exc:
+                failed = failed or OSError(exc.errno, exc.strerror, str(path))
+        if failed is not None:
+            raise failed
 
     def __enter__(self) -> "RecordIOWriter":
         return self

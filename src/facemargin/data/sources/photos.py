@@ -56,7 +56,9 @@ class PhotoFolder:
         root, num_classes: as :class:`~.folder.FolderSource`.
         image_size: ``(height, width)`` every training image must have (checked against what the
             options make of the photos).
-        crop, resize: a centred crop (``square``, a fraction ``F``, ``WxH``) and ``N`` x ``N``.
+        crop, resize: a centred crop (``square``, a fraction ``F``, ``WxH``) and ``N`` x ``N``;
+            ``resize_quality`` (``fast`` | ``high`` | ``full``): how far a JPEG being shrunk is decoded
+            at reduced scale, as ``pack --resize-quality``.
         landmarks: a landmark list (paths relative to ``root``): align every listed photo.
         detect, detect_options: a detector (a name in ``conf/detector/``, a ``_target_`` mapping or
             a built detector) and its options; ``choice`` (``largest`` | ``central``) and
@@ -71,7 +73,7 @@ class PhotoFolder:
                  crop: str | None = None, resize: int | None = None, landmarks: str | os.PathLike | None = None,
                  detect: str | Mapping[str, Any] | Any | None = None, detect_options: Mapping[str, Any] | None = None,
                  choice: str = "largest", min_score: float = 0.0, face_cache: str | os.PathLike | None = None,
-                 on_corrupt: str = "raise") -> None:
+                 on_corrupt: str = "raise", resize_quality: str = "fast") -> None:
         from ...detect.base import FACE_CHOICES
 
         if choice not in FACE_CHOICES:
@@ -80,7 +82,8 @@ class PhotoFolder:
             raise PhotoOptionError("data.detect and data.landmarks exclude each other: the landmarks come from one of them")
         try:
             self.framing = Framing.of(crop, resize, align=detect is not None or landmarks is not None, prefix="data.",
-                                      align_option="data.detect" if detect is not None else "data.landmarks")
+                                      align_option="data.detect" if detect is not None else "data.landmarks",
+                                      resize_quality=resize_quality)
         except ValueError as exc:
             raise PhotoOptionError(str(exc)) from None
         self.expected = None if image_size is None else (int(image_size[0]), int(image_size[1]))

@@ -1,24 +1,30 @@
 """Pack an identity-per-folder image tree into an insightface RecordIO set.
 
     python -m facemargin.data.pack IMAGE_ROOT OUT_DIR [--resize 112] [--crop square|F|WxH]
-                                   [--align LANDMARKS] [--quality 95] [--workers N] [--overwrite]
+        [--resize-quality fast|high|full] [--align LANDMARKS | --detect [--detector mtcnn]
+        [--choice largest|central]] [--verify markers|decode] [--quality 95] [--subsampling 420|444]
+        [--workers N] [--overwrite]
 
 ``IMAGE_ROOT/<identity>/<image>``: sorted folder names become labels ``0 .. C-1`` (folders
-without images are skipped), files are taken in sorted order. ``OUT_DIR`` receives
-``train.rec``, ``train.idx`` and ``property`` in the insightface layout: key 0 is the meta record
-(labels ``(a, b)``, ``a = 1 + num_images``, ``b = a + C``), images are keys ``1 .. a-1`` with
-their identity as label, identity ``c`` is key ``a + c`` with labels ``(first_key, last_key + 1)``.
+without images are skipped), files are taken in sorted order. ``OUT_DIR`` receives ``train.rec``,
+``train.idx`` and ``property`` in the insightface layout (:mod:`.faceset_writer`).
 
-Images: a JPEG that needs no crop and already has the target size is copied byte for byte (its
-size is read from the JPEG header, nothing is decoded); anything else is decoded, centre-cropped,
-resized (bicubic) and encoded as RGB JPEG. ``--crop`` takes ``square`` (the largest centred
-square), a fraction ``F`` (the centred square of ``F`` x the shorter side: ``--crop 0.5 --resize
-112`` frames the face of an LFW-style 250x250 photo, where the detector box was enlarged about
-2x) or ``WxH`` pixels. ``--resize N`` alone crops non-square photos to their centred square first,
-so faces are never squashed. ``--align LANDMARKS`` aligns every face instead: a list of ``PATH x1
-y1 ... x5 y5`` lines (the 5 points of the ArcFace template: eyes, nose, mouth corners) maps each
-face onto the ``--resize`` (default 112) template with :mod:`facemargin.align`, as insightface's
-training sets were made. ``--workers N`` prepares images in N processes; the output is
+Images: a JPEG that needs no crop and already has the target size is copied byte for byte once
+:func:`check_copied_jpeg` has found its end-of-image marker (a truncated file is refused;
+``--verify decode`` decodes each one instead). Anything else is made into the image
+:class:`~facemargin.data.formats.photo.Framing` gives (``data=folder`` trains on the same pixels
+with the same options): decoded strictly, centre-cropped, resized (antialiased bicubic; a JPEG
+shrunk 2x or more is first decoded at 1/2, 1/4 or 1/8 scale: ``--resize-quality``) or aligned,
+and encoded as RGB JPEG (``--quality``, chroma subsampled 4:2:0 as OpenCV does, or
+``--subsampling 444``). ``--crop`` takes ``square`` (the largest centred square), a fraction ``F`` (the centred square
+of ``F`` x the shorter side: ``--crop 0.5 --resize 112`` frames the face of an LFW-style 250x250
+photo, where the detector box was enlarged about 2x) or ``WxH`` pixels. ``--resize N`` alone
+crops non-square photos to their centred square first, so faces are never squashed.
+``--align LANDMARKS`` aligns every face instead: a list of ``PATH x1 y1 ... x5 y5`` lines (the 5
+points of the ArcFace template: eyes, nose, mouth corners; inside the photo, one row per photo)
+maps each face onto the ``--resize`` (default 112) template with :mod:`facemargin.align`, as
+insightface's training sets were made. ``--detect`` finds the landmarks itself
+(:mod:`.pack_detect`). ``--workers N`` prepares images in N processes; the output is
 byte-identical to one worker. Files are written under temporary names and renamed at the end: an
 error leaves no partial ``train.rec`` / ``train.idx`` / ``property`` behind.
 """
@@ -31,22 +37,28 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ...detect.landmarks import read_landmarks
-from ..formats.photo import CropSpec, Framing, crop_box, parse_crop, photo_size
-from ..formats.recordio import IRHeader, RecordIOWriter, pack_record
+from ..formats.image import CorruptImageError
+from ..formats.jpeg import decode_check, walk_jpeg
+from ..formats.photo import RESIZE_QUALITY, CropSpec, Framing, crop_box, parse_crop, photo_size
 from ..sources.folder import list_image_tree
+from .faceset_writer import write_faceset
+from .pack_align import LandmarksOutsideError, check_landmarks_inside, landmarks_by_path
 
-__all__ = ["CropSpec", "crop_box", "parse_crop", "read_image_size", "prepare_image", "read_landmarks",
+__all__ = ["CropSpec", "crop_box", "parse_crop", "read_image_size", "prepare_image", "frame_file", "read_landmarks",
+           "check_copied_jpeg", "check_landmarks_inside", "read_file", "encode_image", "VERIFY", "SUBSAMPLING",
            "pack_images", "write_faceset", "main"]
 
-_MAX_EXACT_KEY = 1 << 24  # float32 labels hold integer keys exactly only below 2**24
+#: how a JPEG copied byte for byte is checked (:func:`check_copied_jpeg`)
+VERIFY = ("markers", "decode")
+#: chroma subsampling of re-encoded images (:func:`encode_image`)
+SUBSAMPLING = ("420", "444")
 
 
 def read_image_size(data: bytes, path: Path | str = "image") -> tuple[int, int]:
@@ -54,112 +66,97 @@ def read_image_size(data: bytes, path: Path | str = "image") -> tuple[int, int]:
     return photo_size(data, path)
 
 
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path`` (one ``open``, ``fstat`` and ``read``: no buffered-reader object)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) > size:  # the file grew since fstat: read the rest
+            parts = [data]
+            while more := os.read(fd, 1 << 20):
+                parts.append(more)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
+def check_copied_jpeg(data: bytes, path: str | os.PathLike, verify: str = "markers") -> None:
+    """Refuse a JPEG about to be copied byte for byte that would not decode (``ValueError`` naming ``path``).
+
+    ``verify="markers"`` (libjpeg has already read its header): it must end with its end-of-image
+    marker; where it does not, its marker segments and scan data are walked
+    (:func:`~facemargin.data.formats.jpeg.walk_jpeg`) to tell a truncated file (refused, saying
+    where it ends) from one with bytes after its end-of-image marker (copied). ``verify="decode"``:
+    each one is decoded, strictly, at 1/8 scale (all of its entropy-coded data: damage inside the
+    scan is found too; ~60 us more per 112x112 face).
+    """
+    if verify not in VERIFY:
+        raise ValueError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
+    try:
+        if verify == "decode":
+            decode_check(data)
+        elif data[-2:] != b"\xff\xd9":
+            walk_jpeg(data)
+    except CorruptImageError as exc:
+        raise ValueError(f"cannot pack {path}: {exc}") from None
+
+
 def prepare_image(path: str | os.PathLike, resize: int | None = None, crop: CropSpec | None = None,
-                  quality: int = 95, landmarks: np.ndarray | None = None) -> tuple[bytes, tuple[int, int]]:
+                  quality: int = 95, landmarks: np.ndarray | None = None, *, verify: str = "markers",
+                  resize_quality: str = "fast", subsampling: str = "420") -> tuple[bytes, tuple[int, int]]:
     """``(JPEG bytes, (height, width))`` of one source file: its own bytes when nothing changes.
 
-    With ``landmarks`` (``[5, 2]`` pixels) the face is aligned to the ArcFace template instead
-    (a ``resize`` x ``resize`` crop, 112 by default). The pixels are those of
-    :meth:`~facemargin.data.formats.photo.Framing.apply`, which ``data=folder`` uses too.
+    ``resize``, ``crop`` and ``resize_quality`` make the :class:`~facemargin.data.formats.photo.Framing`
+    of :func:`frame_file`; with ``landmarks`` (``[5, 2]`` pixels, inside the photo) the face is
+    aligned to the ArcFace template instead (a ``resize`` x ``resize`` crop, 112 by default).
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    framing = Framing.of(crop, resize, align=landmarks is not None)
-    if landmarks is None:
-        h, w = read_image_size(data, path)
-        if data[:3] == b"\xff\xd8\xff" and framing.keeps(h, w):
-            return data, (h, w)
+    framing = Framing.of(crop, resize, align=landmarks is not None, resize_quality=resize_quality)
+    return frame_file(path, framing, landmarks, quality=quality, verify=verify, subsampling=subsampling)
+
+
+def frame_file(path: str | os.PathLike, framing: Framing, landmarks: np.ndarray | None = None, *, quality: int = 95,
+               verify: str = "markers", subsampling: str = "420") -> tuple[bytes, tuple[int, int]]:
+    """``(JPEG bytes, (height, width))``: the photo at ``path`` made into ``framing``'s image.
+
+    A JPEG the framing keeps as it is is copied after :func:`check_copied_jpeg` (``verify``);
+    anything else becomes :meth:`Framing.apply <facemargin.data.formats.photo.Framing.apply>`'s
+    pixels (the ones ``data=folder`` trains on), encoded by :func:`encode_image`. Aligning
+    ``landmarks`` must lie inside the photo (:func:`check_landmarks_inside`).
+    """
+    data = read_file(path)
+    hw = read_image_size(data, path)
+    if landmarks is not None:
+        check_landmarks_inside(landmarks, hw, path)
+    elif data[:3] == b"\xff\xd8\xff" and framing.keeps(*hw):
+        check_copied_jpeg(data, path, verify)
+        return data, hw
+    rgb = framing.apply(data, path, landmarks, hw)
+    return encode_image(rgb, quality, subsampling), (int(rgb.shape[0]), int(rgb.shape[1]))
+
+
+def encode_image(rgb: np.ndarray, quality: int = 95, subsampling: str = "420") -> bytes:
+    """RGB JPEG bytes: libjpeg-turbo at ``quality``, chroma at half resolution (``"420"``: what
+    OpenCV and so insightface's sets use; smaller and faster to decode) or full (``"444"``)."""
     import simplejpeg
 
-    rgb = framing.apply(data, path, landmarks)
-    return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB"), (int(rgb.shape[0]), int(rgb.shape[1]))
+    if subsampling not in SUBSAMPLING:
+        raise ValueError(f"--subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
+    return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB", colorsubsampling=subsampling)
 
 
-def _new_file_mode() -> int:
-    """The permissions an ordinary new file gets under the process's umask (0644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _replace_atomically(out: Path, files: dict[str, Path]) -> None:
-    """Rename finished temporaries to their final names (``train.rec`` last: readers look for it),
-    with the umask's permissions (``mkstemp`` creates them 0600, readable by their owner only)."""
-    mode = _new_file_mode()
-    for final in sorted(files, key=lambda name: name == "train.rec"):
-        os.chmod(files[final], mode)
-        os.replace(files[final], out / final)
-
-
-def write_faceset(
-    out_dir: str | os.PathLike,
-    labels: Sequence[int],
-    images: Iterable[bytes],
-    num_classes: int,
-    image_size: tuple[int, int] | None,
-    progress: bool = False,
-) -> Path:
-    """Write ``train.rec/.idx/property`` in the insightface layout, under temporary names renamed at the end.
-
-    ``labels`` (known up front, sorted, every class ``0 .. num_classes-1`` present) gives the
-    identity of each image; ``images`` yields the encoded bytes in the same order (may be lazy; an
-    exception it raises aborts the write and removes the temporaries). ``image_size=None`` reads
-    the size from the first image's header.
-    """
-    out = Path(out_dir)
-    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
-    n = int(lab.size)
-    if n == 0:
-        raise ValueError("write_faceset: no images")
-    if np.any(np.diff(lab) < 0) or lab[0] != 0 or lab[-1] != num_classes - 1 or np.any(np.diff(lab) > 1):
-        raise ValueError("write_faceset: labels must be sorted and cover every class 0 .. num_classes-1")
-    a, b = 1 + n, 1 + n + num_classes
-    if b > _MAX_EXACT_KEY:
-        raise ValueError(f"write_faceset: {n} images + {num_classes} classes exceed 2**24 keys (float32 labels)")
-    starts = np.searchsorted(lab, np.arange(num_classes), side="left") + 1
-    ends = np.searchsorted(lab, np.arange(num_classes), side="right") + 1
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp: dict[str, Path] = {}
-    for name in ("train.rec", "train.idx", "property"):
-        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=out)
-        os.close(fd)
-        tmp[name] = Path(path)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="img", desc=f"packing {out}")
+def _prepare_job(job: tuple[str, np.ndarray | None], framing: Framing, landmark_file: str | None = None,
+                 **options) -> tuple[bytes, tuple[int, int]]:
     try:
-        with RecordIOWriter(tmp["train.rec"], tmp["train.idx"]) as writer:
-            writer.write(0, pack_record(IRHeader(0, 0.0, 0, 0), b"", labels=[a, b]))
-            count = 0
-            for key, (label, data) in enumerate(zip(lab.tolist(), images), start=1):
-                if image_size is None:
-                    image_size = read_image_size(data, f"image {key}")
-                writer.write(key, pack_record(IRHeader(0, float(label), key, 0), data))
-                count += 1
-                if bar is not None:
-                    bar.update(1)
-            if count != n:
-                raise ValueError(f"write_faceset: {n} labels but {count} images")
-            for c in range(num_classes):
-                writer.write(a + c, pack_record(IRHeader(0, 0.0, a + c, 0), b"", labels=[starts[c], ends[c]]))
-        assert image_size is not None
-        tmp["property"].write_text(f"{num_classes},{image_size[0]},{image_size[1]}", encoding="ascii")
-        _replace_atomically(out, tmp)
-    finally:
-        if bar is not None:
-            bar.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-    return out
+        return frame_file(job[0], framing, job[1], **options)
+    except LandmarksOutsideError as exc:
+        raise LandmarksOutsideError(f"{exc} (landmarks from {landmark_file})") from None
 
 
-def _prepare_job(job: tuple[str, np.ndarray | None], **options) -> tuple[bytes, tuple[int, int]]:
-    return prepare_image(job[0], landmarks=job[1], **options)
+def _single_thread_worker() -> None:
+    if "torch" in sys.modules:  # a forked worker resizes on one torch thread
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _prepared(jobs: list[tuple[str, np.ndarray | None]], prepare: partial,
@@ -181,6 +178,22 @@ def _no_pool() -> Iterator[None]:
     yield None
 
 
+@contextlib.contextmanager
+def _one_torch_thread(needed: bool) -> Iterator[None]:
+    """torch on one thread while images are resized or faces detected here (restored after)."""
+    if not needed:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pack_images(
     root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -191,31 +204,67 @@ def pack_images(
     crop: str | CropSpec | None = None,
     workers: int = 1,
     align: str | os.PathLike | None = None,
+    *,
+    verify: str = "markers",
+    resize_quality: str = "fast",
+    subsampling: str = "420",
+    detect: str | Mapping[str, Any] | Any | None = None,
+    choice: str = "largest",
+    min_score: float = 0.0,
 ) -> dict:
     """Pack ``root/<identity>/<image>`` into ``out_dir``; returns a summary dict.
 
     All images must end up one size: equal already, or made equal by ``resize`` (and ``crop``).
     ``align``: a landmark list (:func:`read_landmarks`) holding every image: each face is aligned
-    to the ``resize`` x ``resize`` (default 112) ArcFace template.
+    to the ``resize`` x ``resize`` (default 112) ArcFace template. ``verify``: how a JPEG copied
+    byte for byte is checked (:func:`check_copied_jpeg`). ``resize_quality``: how far a resized
+    JPEG is decoded at reduced scale (:data:`~facemargin.data.formats.resize.RESIZE_QUALITY`:
+    ``fast``, ``high``, ``full``). ``subsampling``: the chroma of re-encoded images
+    (:func:`encode_image`). ``detect``: a detector (name in
+    ``conf/detector/``, ``_target_`` mapping or built detector): photos in, aligned faces out
+    (:mod:`~facemargin.data.tools.pack_detect`; ``choice`` and ``min_score`` pick the face).
     """
     out = Path(out_dir)
     if (out / "train.rec").exists() and not overwrite:
         raise FileExistsError(f"{out / 'train.rec'} exists (pass overwrite=True / --overwrite)")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    spec = Framing.of(crop, resize, align=align is not None).crop  # options checked before any file is read
+    if verify not in VERIFY:
+        raise ValueError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
+    if subsampling not in SUBSAMPLING:
+        raise ValueError(f"--subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
+    if detect is not None and align is not None:
+        raise ValueError("--detect and --align exclude each other: the detected landmarks decide the crop")
+    # options checked before any file is read (a size the ArcFace template has, when aligning)
+    framing = Framing.of(crop, resize, align=align is not None or detect is not None,
+                         align_option="--detect" if detect is not None else None, resize_quality=resize_quality)
+    if detect is not None:
+        from ...detect.base import FACE_CHOICES
+        from ...detect.pipeline import load_detector
+
+        if choice not in FACE_CHOICES:
+            raise ValueError(f"--choice must be one of {', '.join(FACE_CHOICES)}, got {choice!r}")
+        detector = load_detector(detect)
     names, items = list_image_tree(root)
+    if detect is not None:
+        from .pack_detect import pack_detected
+
+        with _one_torch_thread(workers == 1):
+            return pack_detected(root, out, names, items, detector, choice, min_score, framing.aligned_size, quality,
+                                 subsampling, workers, progress)
     labels = [label for _, label in items]
     jobs: list[tuple[str, np.ndarray | None]] = [(path, None) for path, _ in items]
     if align is not None:
-        marks = read_landmarks(align, root)
-        missing = [path for path, _ in items if os.path.normpath(path) not in marks]
+        marks = landmarks_by_path(align, root)
+        missing = [path for path, _ in items if os.path.abspath(path) not in marks]
         if missing:
             raise ValueError(f"{align} has no landmarks for {len(missing)} image(s), e.g. {missing[0]}")
-        jobs = [(path, marks[os.path.normpath(path)]) for path, _ in items]
-    prepare = partial(_prepare_job, resize=resize, crop=spec, quality=quality)
+        jobs = [(path, marks[os.path.abspath(path)]) for path, _ in items]
+    prepare = partial(_prepare_job, framing=framing, quality=quality, verify=verify, subsampling=subsampling,
+                      landmark_file=None if align is None else os.fspath(align))
     # the pool starts before the progress bar's thread, so no thread is running when it forks
-    with multiprocessing.Pool(workers) if workers > 1 else _no_pool() as pool:
+    with _one_torch_thread(workers == 1 and framing.changes_pixels), \
+            multiprocessing.Pool(workers, _single_thread_worker) if workers > 1 else _no_pool() as pool:
         write_faceset(out, labels, _prepared(jobs, prepare, pool), len(names), None, progress=progress)
     num_classes, h, w = (int(v) for v in (out / "property").read_text().split(","))
     return {"out_dir": out, "num_images": len(items), "num_classes": num_classes, "image_size": (h, w), "identities": names}
@@ -229,9 +278,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resize", type=int, default=None, metavar="N", help="make every image N x N")
     parser.add_argument("--crop", default=None, metavar="SPEC",
                         help="centre crop before resizing: 'square', a fraction F of the shorter side, or WxH pixels")
+    parser.add_argument("--resize-quality", default="fast", choices=tuple(RESIZE_QUALITY),
+                        help="JPEGs decoded at 1/2-1/8 scale down to the output size (fast), to 2x it (high), or in full")
     parser.add_argument("--align", default=None, metavar="LIST",
                         help="align every face to the ArcFace template from 5 landmarks: lines 'PATH x1 y1 ... x5 y5'")
+    parser.add_argument("--detect", action="store_true",
+                        help="raw photos: detect the faces, align one per photo (lists no_face.txt, several_faces.txt)")
+    parser.add_argument("--detector", default="mtcnn", metavar="NAME", help="with --detect: conf/detector/NAME.yaml")
+    parser.add_argument("--choice", default="largest", choices=("largest", "central"),
+                        help="with --detect: the face of a photo with several")
+    parser.add_argument("--min-score", type=float, default=0.0, help="with --detect: ignore faces scoring lower")
+    parser.add_argument("--verify", default="markers", choices=VERIFY,
+                        help="JPEGs copied as they are: walk their markers to the end (markers) or also decode them")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
+    parser.add_argument("--subsampling", default="420", choices=SUBSAMPLING,
+                        help="chroma of re-encoded images: half resolution (420, as OpenCV/insightface) or full (444)")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="processes preparing images (same output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing train.rec")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -241,10 +302,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # pack's own checks raise ValueError / OSError naming the image, option or folder: one line, status 2
     info = run_cli(lambda: pack_images(args.image_root, args.out_dir, resize=args.resize, quality=args.quality,
                                        progress=not args.quiet, overwrite=args.overwrite, crop=args.crop,
-                                       workers=args.workers, align=args.align),
+                                       workers=args.workers, align=args.align, verify=args.verify,
+                                       resize_quality=args.resize_quality, subsampling=args.subsampling,
+                                       detect=args.detector if args.detect else None, choice=args.choice,
+                                       min_score=args.min_score),
                    "facemargin.data.pack", user_errors=(OSError, ValueError))
     h, w = info["image_size"]
     print(f"wrote {info['num_images']} images of {info['num_classes']} identities ({w}x{h}) to {info['out_dir']}")
+    if "no_face" in info:
+        print(f"{info['photos']} photos: no face in {len(info['no_face'])} (listed in {info['no_face_list']}), "
+              f"several faces in {len(info['several'])} (the {args.choice} taken; listed in {info['several_list']})")
+        if info["dropped_identities"]:
+            shown = ", ".join(info["dropped_identities"][:5])
+            print(f"left out {len(info['dropped_identities'])} identities with no face in any photo: {shown}")
     return 0
 
 
