@@ -101,9 +101,11 @@ def test_a_truncated_jpeg_of_the_target_size_is_refused_not_copied(tmp_path, cap
     paths = tree_of_jpegs(tmp_path / "images")
     whole = paths[1].read_bytes()
     paths[1].write_bytes(whole[: len(whole) * 2 // 3])  # the header is intact: only the scan is cut
-    assert pack_main([str(tmp_path / "images"), str(tmp_path / "out"), "--quiet"]) == 1
+    with pytest.raises(SystemExit) as refused:
+        pack_main([str(tmp_path / "images"), str(tmp_path / "out"), "--quiet"])
+    assert refused.value.code == 2
     err = capsys.readouterr().err
-    assert f"cannot pack {paths[1]}: truncated JPEG" in err and "end-of-image marker" in err
+    assert f"facemargin.data.pack: error: cannot pack {paths[1]}: truncated JPEG" in err and "end-of-image marker" in err
     assert not (tmp_path / "out").exists()
     paths[1].write_bytes(whole[:-2])  # only the EOI missing
     with pytest.raises(ValueError, match=rf"cannot pack {paths[1]}: truncated JPEG"):
