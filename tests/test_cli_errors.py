@@ -17,7 +17,7 @@ import simplejpeg
 
 from conftest import write_face_set
 
-ENTRY_POINTS = ["train", "evaluate", "export", "clean", "sweep", "data.pack", "data.inspect"]
+ENTRY_POINTS = ["train", "evaluate", "export", "clean", "sweep", "data.pack", "data.inspect", "embed", "compare", "detect"]
 SMALL_DEMO = ["+data.demo_options.num_identities=8", "+data.demo_options.images_per_identity=2",
               "+data.demo_options.num_val_identities=4", "+data.demo_options.num_val_pairs=20",
               "+data.demo_options.image_size=32", "+backbone.input_size=32", "data.batch_size=8"]
