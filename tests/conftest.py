@@ -127,6 +127,20 @@ TINY_CASES = {
 }
 
 
+def pytest_configure(config) -> None:
+    """The suite never writes into the user's ``~/.cache/facemargin``: one cache folder per test
+    process (each pytest-xdist worker its own), inherited by the subprocesses it starts."""
+    import tempfile
+
+    config._facemargin_cache = os.environ["FACEMARGIN_CACHE"] = tempfile.mkdtemp(prefix="facemargin-test-cache-")
+
+
+def pytest_unconfigure(config) -> None:
+    import shutil
+
+    shutil.rmtree(getattr(config, "_facemargin_cache", ""), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def demo_env(tmp_path_factory) -> dict[str, str]:
     """One demo-set cache for the session (in-process runs and subprocesses); one torch thread in
