@@ -39,7 +39,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -155,8 +155,17 @@ def _prepare_job(job: tuple[str, np.ndarray | None], framing: Framing, landmark_
 
 
 def _single_thread_worker() -> None:
-    if "torch" in sys.modules:  # a forked worker resizes on one torch thread
+    """A pool worker resizes on one torch thread (set before torch is imported there)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+
+
+def worker_pool(workers: int, initializer: Callable[..., None], initargs: tuple = ()) -> multiprocessing.pool.Pool:
+    """``workers`` spawned processes. Not forked: a fork of a process that runs threads (torch's
+    OpenMP pool, a test runner's or an application's) can leave the child waiting forever on a
+    lock that no thread holds there."""
+    return multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
 
 
 def _prepared(jobs: list[tuple[str, np.ndarray | None]], prepare: partial,
@@ -262,9 +271,8 @@ def pack_images(
         jobs = [(path, marks[os.path.abspath(path)]) for path, _ in items]
     prepare = partial(_prepare_job, framing=framing, quality=quality, verify=verify, subsampling=subsampling,
                       landmark_file=None if align is None else os.fspath(align))
-    # the pool starts before the progress bar's thread, so no thread is running when it forks
     with _one_torch_thread(workers == 1 and framing.changes_pixels), \
-            multiprocessing.Pool(workers, _single_thread_worker) if workers > 1 else _no_pool() as pool:
+            worker_pool(workers, _single_thread_worker) if workers > 1 else _no_pool() as pool:
         write_faceset(out, labels, _prepared(jobs, prepare, pool), len(names), None, progress=progress)
     num_classes, h, w = (int(v) for v in (out / "property").read_text().split(","))
     return {"out_dir": out, "num_images": len(items), "num_classes": num_classes, "image_size": (h, w), "identities": names}

@@ -19,7 +19,6 @@ its networks, which load on its first photo) and runs torch on one thread.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import tempfile
 from pathlib import Path
@@ -97,7 +96,9 @@ def pack_detected(root: str | os.PathLike, out: Path, names: Sequence[str], item
     several: list[str] = []
     try:
         with tempfile.TemporaryFile(dir=out, prefix=".faces.", suffix=".spool") as spool:
-            pool = multiprocessing.Pool(workers, _init_worker, (detector,)) if workers > 1 else None
+            from .pack import worker_pool
+
+            pool = worker_pool(workers, _init_worker, (detector,)) if workers > 1 else None
             try:
                 if pool is None:
                     _init_worker(detector, single_thread=False)
