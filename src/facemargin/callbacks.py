@@ -137,6 +137,7 @@ class LastCheckpoint(Checkpoint):
         self.filename = filename
         self.resume_command = resume_command
         self.saved_step: int | None = None  # global step of the last save
+        self.saved_epoch: int | None = None  # the epoch that save records (Lightning's current_epoch then)
         self._validated_step: int | None = None
         self._signal: int | None = None  # the signal that stopped the run
         self._handlers: dict[int, Any] = {}  # signal -> the handler to put back at teardown
@@ -204,7 +205,7 @@ class LastCheckpoint(Checkpoint):
             log.warning("stopped by %s before any state was saved; exiting with status %d", name, exception.code)
         else:
             log.warning("stopped by %s at epoch %d, step %d: the state is saved in %s; exiting with status %d. "
-                        "Resume with:\n  %s", name, trainer.current_epoch, self.saved_step, self.path,
+                        "Resume with:\n  %s", name, self.saved_epoch, self.saved_step, self.path,
                         exception.code, self.resume_hint())
 
     def _save(self, trainer: pl.Trainer, force: bool = False) -> None:
@@ -221,7 +222,7 @@ class LastCheckpoint(Checkpoint):
             trainer.save_checkpoint(tmp, weights_only=False)  # collective; rank 0 writes
             if trainer.is_global_zero:
                 os.replace(tmp, final)  # a kill while writing leaves the previous last.ckpt intact
-        self.saved_step = trainer.global_step
+        self.saved_step, self.saved_epoch = trainer.global_step, trainer.current_epoch
         self._announce_resume(trainer)
 
     def _announce_resume(self, trainer: pl.Trainer) -> None:
