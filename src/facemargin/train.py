@@ -184,21 +184,19 @@ def preflight(cfg: DictConfig, model: FaceRecognitionModule, datamodule: Any) ->
     check_input_size(getattr(datamodule, "image_size", None), model.backbone, getattr(datamodule, "root", None), name,
                      hint)
     device, processes = _training_device(cfg)
+    world = processes * int(cfg.trainer.get("num_nodes", 1) or 1)
     known = getattr(datamodule, "known_num_samples", None)
     samples = known() if callable(known) else None  # photos to detect faces in: counted at setup, by every rank
     if samples is not None:
-        world = processes * int(cfg.trainer.get("num_nodes", 1) or 1)
         check_batches(samples, int(cfg.data.batch_size), world)
     if not cfg.get("memory_check", True):
         return
-    side = getattr(model.backbone, "input_size", None)
     if side is None:
         return
     if device.startswith("cuda") and "fork" in str(cfg.trainer.get("strategy", "")):
         return  # measuring CUDA memory would initialise CUDA before the fork
     head = model.head
     rows = getattr(getattr(head, "weight", None), "shape", (0,))[0]
-    world = processes * int(cfg.trainer.get("num_nodes", 1) or 1)
     sharded = callable(getattr(head, "setup_distributed", None)) and world > 1
     logits = int(rows / world * float(getattr(head, "sample_rate", 1.0) or 1.0)) if sharded else None
     estimate = estimate_memory(model.backbone, head, int(side), optimizer_states(cfg.get("optimizer")),
